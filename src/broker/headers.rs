@@ -1,0 +1,178 @@
+//! The `x-labbook-*` headers: the attempt count a retried message carries, and the reasons a
+//! dead letter carries (CONTRACT.md §2).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+pub const ERROR: &str = "x-labbook-error";
+pub const STAGE: &str = "x-labbook-stage";
+pub const ATTEMPTS: &str = "x-labbook-attempts";
+pub const FAILED_AT: &str = "x-labbook-failed-at";
+
+/// Longest `x-labbook-error` value.
+pub const MAX_ERROR_CHARS: usize = 500;
+
+/// Headers the broker adds when it dead-letters or redelivers; not part of the original message.
+const BROKER_HEADERS: [&str; 6] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+    "x-last-death-reason",
+];
+
+/// Reads an integer header, whatever integer type the publisher used.
+pub fn int_header(props: &BasicProperties, name: &str) -> Option<i64> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.parse().ok(),
+        AMQPValue::ShortString(s) => s.as_str().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a string header.
+pub fn str_header(props: &BasicProperties, name: &str) -> Option<String> {
+    let value = props.headers().as_ref()?.inner().get(name)?;
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+/// Attempts already made, as carried by a retried message (0 for a first delivery).
+pub fn attempts_done(props: &BasicProperties) -> u32 {
+    int_header(props, ATTEMPTS).map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32)
+}
+
+/// The original message's headers, without what the broker or labbook added.
+pub fn original_headers(props: &BasicProperties) -> FieldTable {
+    let mut out = FieldTable::default();
+    if let Some(headers) = props.headers() {
+        for (k, v) in headers {
+            let key = k.as_str();
+            if !BROKER_HEADERS.contains(&key) && !key.starts_with("x-labbook-") {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Properties for the retry copy: the original ones, persistent, with the attempts made.
+pub fn for_retry(props: &BasicProperties, attempts: u32) -> BasicProperties {
+    let mut headers = original_headers(props);
+    headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    props.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+/// Properties for the dead letter: the original ones, persistent, with why it failed.
+pub fn for_dead_letter(
+    props: &BasicProperties,
+    stage: &str,
+    attempts: u32,
+    error: &str,
+    at: DateTime<Utc>,
+) -> BasicProperties {
+    let mut headers = original_headers(props);
+    headers.insert(ERROR.into(), long_string(&one_line(error, MAX_ERROR_CHARS)));
+    headers.insert(STAGE.into(), long_string(stage));
+    headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    headers.insert(
+        FAILED_AT.into(),
+        long_string(&at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    );
+    props.clone().with_headers(headers).with_delivery_mode(2)
+}
+
+/// Properties for a replayed dead letter: the original ones, attempt count reset.
+pub fn for_replay(props: &BasicProperties) -> BasicProperties {
+    props
+        .clone()
+        .with_headers(original_headers(props))
+        .with_delivery_mode(2)
+}
+
+/// `text` on one line, control characters replaced, at most `max` characters.
+pub fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= max {
+        return flat;
+    }
+    let mut cut: String = flat.chars().take(max - 1).collect();
+    cut.push('…');
+    cut
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props_with(headers: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut t = FieldTable::default();
+        for (k, v) in headers {
+            t.insert((*k).into(), v.clone());
+        }
+        BasicProperties::default()
+            .with_headers(t)
+            .with_message_id("m1".into())
+            .with_correlation_id("c1".into())
+            .with_content_type("application/json".into())
+    }
+
+    #[test]
+    fn dead_letter_keeps_the_original_and_adds_the_reason() {
+        let original = props_with(&[
+            ("trace", long_string("abc")),
+            ("x-death", AMQPValue::LongString("x".into())),
+            (ATTEMPTS, AMQPValue::LongInt(3)),
+        ]);
+        let at = "2026-11-26T10:00:00Z".parse().unwrap();
+        let dl = for_dead_letter(&original, "notify", 4, "line one\nline two", at);
+        assert_eq!(dl.message_id().as_ref().unwrap().as_str(), "m1");
+        assert_eq!(dl.correlation_id().as_ref().unwrap().as_str(), "c1");
+        assert_eq!(str_header(&dl, "trace").as_deref(), Some("abc"));
+        assert_eq!(str_header(&dl, ERROR).as_deref(), Some("line one line two"));
+        assert_eq!(str_header(&dl, STAGE).as_deref(), Some("notify"));
+        assert_eq!(
+            str_header(&dl, FAILED_AT).as_deref(),
+            Some("2026-11-26T10:00:00Z")
+        );
+        assert_eq!(int_header(&dl, ATTEMPTS), Some(4));
+        assert!(str_header(&dl, "x-death").is_none());
+    }
+
+    #[test]
+    fn errors_are_capped() {
+        let long = "é".repeat(2000);
+        assert_eq!(
+            one_line(&long, MAX_ERROR_CHARS).chars().count(),
+            MAX_ERROR_CHARS
+        );
+    }
+
+    #[test]
+    fn retry_counts_attempts_and_replay_resets_them() {
+        let p = for_retry(&BasicProperties::default(), 2);
+        assert_eq!(attempts_done(&p), 2);
+        assert_eq!(attempts_done(&for_replay(&p)), 0);
+        assert_eq!(attempts_done(&BasicProperties::default()), 0);
+    }
+}

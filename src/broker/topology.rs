@@ -1,0 +1,195 @@
+//! The broker topology of CONTRACT.md §2, declared idempotently.
+//!
+//! - exchange `labbook` (direct, durable); each stage queue bound with its own name;
+//! - stage queues and their `<queue>.dlq` dead-letter queues: durable quorum queues;
+//! - one delay queue per stage and retry tier, `<queue>.retry.<delay>` (e.g.
+//!   `booking-created.retry.10s`): a quorum queue whose fixed message TTL sends the message back
+//!   to its stage queue through the default exchange when it expires. Every message in a tier
+//!   waits the same time, so none waits behind a longer one.
+
+use std::fmt;
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+/// The exchange every stage queue is bound to.
+pub const EXCHANGE: &str = "labbook";
+
+/// The five stage queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageQueue {
+    BookingCreated,
+    CredentialsReady,
+    ProvisionDue,
+    Notify,
+    TeardownDue,
+}
+
+impl StageQueue {
+    pub const ALL: [StageQueue; 5] = [
+        StageQueue::BookingCreated,
+        StageQueue::CredentialsReady,
+        StageQueue::ProvisionDue,
+        StageQueue::Notify,
+        StageQueue::TeardownDue,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StageQueue::BookingCreated => "booking-created",
+            StageQueue::CredentialsReady => "credentials-ready",
+            StageQueue::ProvisionDue => "provision-due",
+            StageQueue::Notify => "notify",
+            StageQueue::TeardownDue => "teardown-due",
+        }
+    }
+
+    pub fn dlq(self) -> String {
+        format!("{}.dlq", self.name())
+    }
+
+    /// Accepts a stage queue's name or its `.dlq` name.
+    pub fn parse(name: &str) -> Option<Self> {
+        let base = name.strip_suffix(".dlq").unwrap_or(name);
+        Self::ALL.into_iter().find(|q| q.name() == base)
+    }
+}
+
+impl fmt::Display for StageQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The retry tiers in force; everything else about the topology is fixed.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub retry_delays: Vec<Duration>,
+}
+
+impl Topology {
+    pub fn new(retry_delays: Vec<Duration>) -> Self {
+        assert!(!retry_delays.is_empty(), "at least one retry tier");
+        Self { retry_delays }
+    }
+
+    /// The delay before attempt `attempts_done + 1`, and the queue that holds the message
+    /// meanwhile. The last tier repeats.
+    pub fn delay_for(&self, queue: StageQueue, attempts_done: u32) -> (Duration, String) {
+        let tier = (attempts_done.max(1) as usize - 1).min(self.retry_delays.len() - 1);
+        let delay = self.retry_delays[tier];
+        (delay, delay_queue_name(queue, delay))
+    }
+
+    /// Every queue name the topology declares, for documentation and checks.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for q in StageQueue::ALL {
+            names.push(q.name().to_owned());
+            names.push(q.dlq());
+            names.extend(self.retry_delays.iter().map(|d| delay_queue_name(q, *d)));
+        }
+        names
+    }
+
+    /// Declares the whole topology. Safe to call any number of times, from any process.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                EXCHANGE.into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        for q in StageQueue::ALL {
+            channel
+                .queue_declare(q.name().into(), durable, quorum())
+                .await?;
+            channel
+                .queue_bind(
+                    q.name().into(),
+                    EXCHANGE.into(),
+                    q.name().into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            channel
+                .queue_declare(q.dlq().into(), durable, quorum())
+                .await?;
+            for delay in &self.retry_delays {
+                let mut args = quorum();
+                args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(delay.as_millis() as i64),
+                );
+                args.insert("x-dead-letter-exchange".into(), long_string(""));
+                args.insert("x-dead-letter-routing-key".into(), long_string(q.name()));
+                args.insert(
+                    "x-dead-letter-strategy".into(),
+                    long_string("at-least-once"),
+                );
+                args.insert("x-overflow".into(), long_string("reject-publish"));
+                channel
+                    .queue_declare(delay_queue_name(q, *delay).into(), durable, args)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `booking-created.retry.10s`, `notify.retry.500ms`.
+pub fn delay_queue_name(queue: StageQueue, delay: Duration) -> String {
+    let ms = delay.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}.retry.{}s", queue.name(), ms / 1000)
+    } else {
+        format!("{}.retry.{ms}ms", queue.name())
+    }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        assert_eq!(StageQueue::parse("notify.dlq"), Some(StageQueue::Notify));
+        assert_eq!(
+            StageQueue::parse("booking-created"),
+            Some(StageQueue::BookingCreated)
+        );
+        assert_eq!(StageQueue::parse("nope"), None);
+        assert_eq!(StageQueue::TeardownDue.dlq(), "teardown-due.dlq");
+    }
+
+    #[test]
+    fn tiers_grow_then_repeat_the_last() {
+        let t = Topology::new(vec![Duration::from_secs(1), Duration::from_millis(1500)]);
+        assert_eq!(t.delay_for(StageQueue::Notify, 1).1, "notify.retry.1s");
+        assert_eq!(t.delay_for(StageQueue::Notify, 2).1, "notify.retry.1500ms");
+        assert_eq!(t.delay_for(StageQueue::Notify, 9).1, "notify.retry.1500ms");
+        assert_eq!(t.queue_names().len(), 5 * 4);
+    }
+}

@@ -1,0 +1,155 @@
+//! The operator's `labbook` command.
+
+mod publish;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sqlx::migrate::MigrateDatabase;
+
+use crate::broker::{Topology, connect};
+use crate::config::Settings;
+use crate::startup::{Application, Worker, shutdown_signal};
+use crate::store::Store;
+
+/// labbook: books lab machines on AWS EC2 for training events.
+///
+/// Configuration comes from the environment (AMQP_URL, DATABASE_URL, SMTP_URL, MAIL_FROM,
+/// LABBOOK_* and the AWS SDK's variables); LABBOOK_CONFIG may name a KEY=VALUE file that fills
+/// in what the environment does not set. See the README for the full table.
+#[derive(Parser, Debug)]
+#[command(name = "labbook", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create the database if needed and apply the schema migrations.
+    Migrate,
+    /// Declare the broker topology (exchange, stage queues, retry tiers, dead-letter queues).
+    Topology,
+    /// Validate a booking file (JSON) and publish it to `booking-created`, with a confirm.
+    Publish {
+        /// The booking JSON file; `-` reads standard input.
+        file: PathBuf,
+    },
+    /// Show what is stored about a booking: state, schedule, instances, emails. Never a password.
+    Status {
+        booking_id: String,
+        /// Machine-readable JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run workers in this process until SIGTERM/SIGINT.
+    Run {
+        /// `all`, or the workers to run.
+        #[arg(required = true, value_name = "all|WORKER")]
+        workers: Vec<RunTarget>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RunTarget {
+    /// Every stage.
+    All,
+    /// `booking-created`.
+    Credentials,
+}
+
+/// Runs the command line; the exit code follows CONTRACT.md §4 (2: configuration error).
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    let quiet = !matches!(cli.command, Command::Run { .. });
+    let filter = if quiet {
+        "warn"
+    } else {
+        crate::telemetry::DEFAULT_FILTER
+    };
+    crate::telemetry::init(settings.json_logs, filter, std::io::stderr);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        match run(cli.command, settings).await {
+            Ok(code) => code,
+            Err(err) => {
+                if let Some(cfg) = err.downcast_ref::<crate::config::ConfigError>() {
+                    eprintln!("{cfg}");
+                    return ExitCode::from(2);
+                }
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Migrate => {
+            let url = &settings.database_url;
+            if !sqlx::Postgres::database_exists(url)
+                .await
+                .context("cannot reach the database")?
+            {
+                sqlx::Postgres::create_database(url)
+                    .await
+                    .context("cannot create the database")?;
+                println!("created the database");
+            }
+            let store = Store::connect(url)
+                .await
+                .context("cannot connect to the database")?;
+            store.migrate().await.context("migration failed")?;
+            println!("database schema is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topology => {
+            let conn = connect(&settings.broker.amqp_url, "labbook cli")
+                .await
+                .context("cannot reach the broker")?;
+            let channel = conn.create_channel().await?;
+            let topology = Topology::new(settings.broker.retry_delays.clone());
+            topology
+                .declare(&channel)
+                .await
+                .context("declaring the topology")?;
+            println!("declared exchange {} and queues:", crate::broker::EXCHANGE);
+            for name in topology.queue_names() {
+                println!("  {name}");
+            }
+            let _ = conn.close(200, "done".into()).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish { file } => publish::run(&settings, &file).await,
+        Command::Status { booking_id, json } => status::run(&settings, &booking_id, json).await,
+        Command::Run { workers } => {
+            let workers: Vec<Worker> = if workers.contains(&RunTarget::All) {
+                Worker::ALL.to_vec()
+            } else {
+                workers
+                    .iter()
+                    .map(|w| match w {
+                        RunTarget::Credentials | RunTarget::All => Worker::Credentials,
+                    })
+                    .collect()
+            };
+            let app = Application::build(&settings, &workers)?;
+            app.run_until_stopped(shutdown_signal()).await;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,389 @@
+//! The booking message of CONTRACT.md §3: parsing and validation into [`Booking`].
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, SubsecRound, Utc};
+use serde_json::{Map, Value};
+
+/// Largest body accepted on `booking-created`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The upstream's booking id: 1–64 characters of `A-Z a-z 0-9 . _ : -`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BookingId(String);
+
+impl BookingId {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-');
+        if raw.is_empty() || raw.len() > 64 {
+            return Err(format!(
+                "booking_id must be 1 to 64 characters (got {})",
+                raw.chars().count()
+            ));
+        }
+        if !raw.chars().all(ok_char) {
+            return Err("booking_id may only contain A-Z a-z 0-9 . _ : -".into());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for BookingId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One email address without a display name, at most 254 characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmailAddress(String);
+
+impl EmailAddress {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.len() > 254 {
+            return Err("email must be at most 254 characters".into());
+        }
+        if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("email must be one address, without spaces or line breaks".into());
+        }
+        if raw.contains(['<', '>', ',', ';']) {
+            return Err("email must be one plain address, without a display name".into());
+        }
+        raw.parse::<lettre::Address>()
+            .map_err(|_| "email is not a valid address".to_string())?;
+        Ok(Self(raw.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EmailAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// How many trainee accounts a booking asks for: 1 ..= the configured maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserCount(u32);
+
+impl UserCount {
+    pub fn new(n: u32, max: u32) -> Result<Self, String> {
+        if n == 0 || n > max {
+            return Err(format!(
+                "number_of_users must be an integer from 1 to {max} (got {n})"
+            ));
+        }
+        Ok(Self(n))
+    }
+
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+/// The configured limits a booking is checked against.
+#[derive(Debug, Clone, Copy)]
+pub struct BookingRules {
+    pub max_users: u32,
+    pub default_duration_minutes: u32,
+}
+
+impl Default for BookingRules {
+    fn default() -> Self {
+        Self {
+            max_users: 50,
+            default_duration_minutes: 180,
+        }
+    }
+}
+
+pub const MIN_DURATION_MINUTES: u32 = 15;
+pub const MAX_DURATION_MINUTES: u32 = 1440;
+
+/// A valid booking, with defaults applied and the time in UTC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Booking {
+    pub id: BookingId,
+    pub email: EmailAddress,
+    pub booking_time: DateTime<Utc>,
+    pub number_of_users: UserCount,
+    pub duration_minutes: u32,
+}
+
+impl Booking {
+    pub fn ends_at(&self) -> DateTime<Utc> {
+        self.booking_time + Duration::minutes(i64::from(self.duration_minutes))
+    }
+}
+
+/// Why a booking message was refused. The text is safe for a dead-letter header: it names the
+/// rule that was broken, never a large piece of the body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidBooking(pub String);
+
+/// Parses a `booking-created` body under `rules`, as of `now`.
+pub fn parse_booking(
+    body: &[u8],
+    content_type: Option<&str>,
+    rules: &BookingRules,
+    now: DateTime<Utc>,
+) -> Result<Booking, InvalidBooking> {
+    let invalid = |s: String| InvalidBooking(s);
+    if let Some(ct) = content_type {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(invalid(format!(
+                "content type must be application/json (got {})",
+                truncate(ct, 60)
+            )));
+        }
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(invalid(format!(
+            "body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
+            body.len()
+        )));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| invalid("body is not UTF-8".into()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        invalid(format!(
+            "body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(invalid("body must be a JSON object".into()));
+    };
+
+    let id = BookingId::parse(required_str(&fields, "booking_id")?).map_err(invalid)?;
+    let email = EmailAddress::parse(required_str(&fields, "email")?).map_err(invalid)?;
+    let time_raw = required_str(&fields, "booking_time")?;
+    let booking_time = DateTime::parse_from_rfc3339(time_raw)
+        .map_err(|_| {
+            invalid("booking_time must be an RFC 3339 time with an offset, e.g. 2026-12-01T09:00:00+08:00".into())
+        })?
+        .with_timezone(&Utc)
+        // PostgreSQL keeps microseconds: compare what can be stored.
+        .trunc_subsecs(6);
+    let users = integer(&fields, "number_of_users")?
+        .ok_or_else(|| invalid("number_of_users is required".into()))?;
+    let number_of_users = UserCount::new(u32::try_from(users).unwrap_or(u32::MAX), rules.max_users)
+        .map_err(|_| {
+            invalid(format!(
+                "number_of_users must be an integer from 1 to {} (got {users})",
+                rules.max_users
+            ))
+        })?;
+    let duration_minutes = match integer(&fields, "duration_minutes")? {
+        None => rules.default_duration_minutes,
+        Some(d)
+            if (i64::from(MIN_DURATION_MINUTES)..=i64::from(MAX_DURATION_MINUTES)).contains(&d) =>
+        {
+            d as u32
+        }
+        Some(d) => {
+            return Err(invalid(format!(
+                "duration_minutes must be an integer from {MIN_DURATION_MINUTES} to {MAX_DURATION_MINUTES} (got {d})"
+            )));
+        }
+    };
+
+    let booking = Booking {
+        id,
+        email,
+        booking_time,
+        number_of_users,
+        duration_minutes,
+    };
+    if booking.ends_at() <= now {
+        return Err(invalid(format!(
+            "the booking ended at {} and is already past",
+            crate::format_time(booking.ends_at())
+        )));
+    }
+    Ok(booking)
+}
+
+fn required_str<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, InvalidBooking> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Err(InvalidBooking(format!("{name} is required"))),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(InvalidBooking(format!(
+            "{name} must be a string (got {})",
+            kind_of(other)
+        ))),
+    }
+}
+
+/// A JSON integer field; `null` or absent is `None`. `3.0` and `"3"` are refused.
+fn integer(fields: &Map<String, Value>, name: &str) -> Result<Option<i64>, InvalidBooking> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+            Ok(Some(n.as_i64().unwrap_or(i64::MAX)))
+        }
+        Some(other) => Err(InvalidBooking(format!(
+            "{name} must be a JSON integer (got {})",
+            kind_of(other)
+        ))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a non-integer number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().filter(|c| !c.is_control()).take(max).collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-26T00:00:00Z".parse().unwrap()
+    }
+
+    fn parse(body: &str) -> Result<Booking, InvalidBooking> {
+        parse_booking(
+            body.as_bytes(),
+            Some("application/json"),
+            &BookingRules::default(),
+            now(),
+        )
+    }
+
+    const VALID: &str = r#"{"booking_id":"course-42-session-7","email":"trainer@example.org",
+        "booking_time":"2026-12-01T09:00:00+08:00","number_of_users":12,"duration_minutes":180}"#;
+
+    #[test]
+    fn a_valid_booking_is_parsed_into_utc() {
+        let b = parse(VALID).unwrap();
+        assert_eq!(b.id.as_str(), "course-42-session-7");
+        assert_eq!(
+            b.booking_time,
+            "2026-12-01T01:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(b.number_of_users.get(), 12);
+        assert_eq!(b.duration_minutes, 180);
+    }
+
+    #[test]
+    fn duration_defaults_when_absent_or_null() {
+        let body = VALID.replace(r#","duration_minutes":180"#, "");
+        assert_eq!(parse(&body).unwrap().duration_minutes, 180);
+        let body = VALID.replace("180", "null");
+        assert_eq!(parse(&body).unwrap().duration_minutes, 180);
+    }
+
+    #[test]
+    fn every_rule_is_enforced() {
+        let cases = [
+            (VALID.replace("course-42-session-7", ""), "booking_id"),
+            (
+                VALID.replace("course-42-session-7", &"x".repeat(65)),
+                "booking_id",
+            ),
+            (VALID.replace("course-42-session-7", "a b"), "booking_id"),
+            (
+                VALID.replace("trainer@example.org", "not-an-address"),
+                "email",
+            ),
+            (
+                VALID.replace("trainer@example.org", "Bob <b@example.org>"),
+                "email",
+            ),
+            (
+                VALID.replace("trainer@example.org", "a@example.org\\r\\nBcc: x@y.z"),
+                "email",
+            ),
+            (VALID.replace("+08:00", ""), "booking_time"),
+            (VALID.replace("12,", "0,"), "number_of_users"),
+            (VALID.replace("12,", "51,"), "number_of_users"),
+            (VALID.replace("12,", "3.0,"), "number_of_users"),
+            (VALID.replace("12,", r#""3","#), "number_of_users"),
+            (VALID.replace("180", "14"), "duration_minutes"),
+            (VALID.replace("180", "1441"), "duration_minutes"),
+            (VALID.replace("2026-12-01", "2020-01-01"), "past"),
+            ("[1,2]".to_string(), "object"),
+            ("{not json".to_string(), "JSON"),
+        ];
+        for (body, needle) in cases {
+            let err = parse(&body).expect_err(&body).0;
+            assert!(err.contains(needle), "{err:?} should mention {needle}");
+            assert!(err.len() <= 500);
+        }
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        for field in ["booking_id", "email", "booking_time", "number_of_users"] {
+            let mut v: Value = serde_json::from_str(VALID).unwrap();
+            v.as_object_mut().unwrap().remove(field);
+            let err = parse(&v.to_string()).unwrap_err().0;
+            assert_eq!(err, format!("{field} is required"));
+        }
+    }
+
+    #[test]
+    fn content_type_size_and_encoding_are_checked() {
+        let rules = BookingRules::default();
+        assert!(parse_booking(VALID.as_bytes(), None, &rules, now()).is_ok());
+        assert!(
+            parse_booking(
+                VALID.as_bytes(),
+                Some("application/json; charset=utf-8"),
+                &rules,
+                now()
+            )
+            .is_ok()
+        );
+        assert!(parse_booking(VALID.as_bytes(), Some("text/plain"), &rules, now()).is_err());
+        let big = format!("{}{}", " ".repeat(MAX_BODY_BYTES), VALID);
+        assert!(
+            parse_booking(big.as_bytes(), None, &rules, now())
+                .unwrap_err()
+                .0
+                .contains("bytes")
+        );
+        assert!(
+            parse_booking(b"\xff\xfe", None, &rules, now())
+                .unwrap_err()
+                .0
+                .contains("UTF-8")
+        );
+    }
+
+    #[test]
+    fn a_started_booking_that_has_not_ended_is_accepted() {
+        let body = VALID.replace("2026-12-01T09:00:00+08:00", "2026-11-25T23:00:00Z");
+        assert!(parse(&body).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let body = VALID.replace("{", r#"{"colour":"blue","#);
+        assert!(parse(&body).is_ok());
+    }
+}

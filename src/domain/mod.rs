@@ -1,0 +1,14 @@
+//! Domain types: values that cannot hold an invalid booking, credential or message.
+//!
+//! Everything that crosses a process edge is parsed here first (`booking`), so the stages work
+//! only with types whose invariants already hold.
+
+pub mod booking;
+pub mod credentials;
+pub mod messages;
+
+pub use booking::{
+    Booking, BookingId, BookingRules, EmailAddress, InvalidBooking, UserCount, parse_booking,
+};
+pub use credentials::{Credential, Password, Username};
+pub use messages::{BookingRef, EmailKind, NotifyMessage};

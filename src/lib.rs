@@ -1,0 +1,35 @@
+//! labbook books lab machines on AWS EC2 for training events.
+//!
+//! Upstream systems publish bookings to RabbitMQ; a pipeline of workers, each one stage, takes
+//! them through:
+//!
+//! ```text
+//! booking-created ─▶ credentials ─▶ credentials-ready ─▶ scheduler ─▶ provision-due ─▶ provisioner ─▶ notify ─▶ notifier
+//!                         └───────────────────────────────── notify (confirmation) ──────────────────────────▶┘
+//!                                                             scheduler ─▶ teardown-due ─▶ provisioner
+//! ```
+//!
+//! Layout:
+//! - [`domain`]: parsed, valid values (bookings, credentials, messages);
+//! - [`broker`]: topology, confirmed publishing and the consumer runtime every stage runs on;
+//! - [`store`]: PostgreSQL (bookings, credentials, schedule, slots, email log);
+//! - [`stages`]: one module per stage, each a step function over one queue;
+//! - [`config`], [`telemetry`], [`crypto`]: settings, logs and the encryption of stored passwords;
+//! - [`startup`]: wiring the workers and running them until a shutdown signal;
+//! - [`cli`]: the operator's `labbook` command.
+
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod domain;
+pub mod mail;
+pub mod stages;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+/// Times as the emails and the CLI write them: UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}

@@ -1,0 +1,117 @@
+//! Stage 1, `booking-created`: validate the booking, store it with one credential per user
+//! (once), then ask for scheduling and the confirmation email.
+
+use chrono::Utc;
+
+use crate::broker::{Incoming, Outgoing, Stage, StageQueue};
+use crate::crypto::SecretKey;
+use crate::domain::{
+    Booking, BookingRef, BookingRules, Credential, EmailKind, NotifyMessage, parse_booking,
+};
+use crate::stages::StageError;
+use crate::store::{Intake, Store, StoredCredential, bookings};
+
+pub struct CredentialsStage {
+    store: Store,
+    key: SecretKey,
+    rules: BookingRules,
+}
+
+impl CredentialsStage {
+    pub fn new(store: Store, key: SecretKey, rules: BookingRules) -> Self {
+        Self { store, key, rules }
+    }
+}
+
+impl Stage for CredentialsStage {
+    fn queue(&self) -> StageQueue {
+        StageQueue::BookingCreated
+    }
+
+    async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
+        let booking = parse_booking(&msg.body, msg.content_type(), &self.rules, Utc::now())
+            .map_err(|e| StageError::Permanent(e.0))?;
+        let intake = match bookings::check_existing(&self.store.pool, &booking).await? {
+            Some(existing) => existing,
+            None => {
+                let stored = seal_credentials(&booking, &self.key).await?;
+                bookings::insert(&self.store.pool, &booking, &stored).await?
+            }
+        };
+        match intake {
+            Intake::Conflict(fields) => {
+                return Err(StageError::Permanent(format!(
+                    "conflict: booking {} is already stored with a different {}; the stored booking is unchanged",
+                    booking.id,
+                    fields.join(", ")
+                )));
+            }
+            Intake::Created => tracing::info!(
+                users = booking.number_of_users.get(),
+                booking_time = %crate::format_time(booking.booking_time),
+                "booking stored with its credentials"
+            ),
+            Intake::Duplicate => {
+                tracing::info!(
+                    "booking already stored with the same content; its follow-ups are published again"
+                )
+            }
+        }
+        Ok(follow_ups(booking.id.as_str()))
+    }
+}
+
+/// What intake asks of the rest of the pipeline. Downstream stages are idempotent, so these
+/// are published again when a booking comes twice (the first publish may not have happened).
+pub fn follow_ups(booking_id: &str) -> Vec<Outgoing> {
+    vec![
+        Outgoing::json(
+            StageQueue::CredentialsReady,
+            format!("credentials-ready/{booking_id}"),
+            &BookingRef {
+                booking_id: booking_id.to_owned(),
+            },
+        ),
+        Outgoing::json(
+            StageQueue::Notify,
+            format!("notify/{booking_id}/confirmation"),
+            &NotifyMessage {
+                booking_id: booking_id.to_owned(),
+                kind: EmailKind::Confirmation,
+            },
+        ),
+    ]
+}
+
+/// Generates, encrypts and hashes the booking's credentials off the async runtime (hashing
+/// is CPU work). The plaintext passwords are dropped here.
+async fn seal_credentials(
+    booking: &Booking,
+    key: &SecretKey,
+) -> Result<Vec<StoredCredential>, StageError> {
+    let n = booking.number_of_users.get() as usize;
+    let booking_id = booking.id.as_str().to_owned();
+    let key = key.clone();
+    tokio::task::spawn_blocking(move || {
+        Credential::generate_set(n)
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| StoredCredential {
+                position: i as i32,
+                password_encrypted: key.encrypt(
+                    &c.password,
+                    &password_context(&booking_id, c.username.as_str()),
+                ),
+                password_hash: c.password.sha512_crypt(),
+                username: c.username.as_str().to_owned(),
+            })
+            .collect()
+    })
+    .await
+    .map_err(StageError::transient)
+}
+
+/// The associated data a stored password is encrypted under.
+pub fn password_context(booking_id: &str, username: &str) -> String {
+    format!("{booking_id}/{username}")
+}

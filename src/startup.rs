@@ -1,0 +1,135 @@
+//! Wiring: builds the workers a process runs from [`Settings`], and runs them until a
+//! shutdown signal. `build` does every check that can fail on configuration (exit code 2);
+//! `run_until_stopped` only runs.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::run_stage;
+use crate::config::{ConfigError, Settings};
+use crate::stages::credentials::CredentialsStage;
+use crate::store::Store;
+
+/// The kinds of worker a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Worker {
+    /// `booking-created`: validate, store, generate credentials.
+    Credentials,
+}
+
+impl Worker {
+    pub const ALL: [Worker; 1] = [Worker::Credentials];
+}
+
+type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Workers built and ready to run. Their futures do nothing until
+/// [`Application::run_until_stopped`] polls them.
+pub struct Application {
+    tasks: Vec<(&'static str, Task)>,
+    stop: CancellationToken,
+}
+
+impl Application {
+    /// Checks the configuration each worker needs and builds its clients (no I/O yet).
+    pub fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
+        let store = Store::connect_lazy(&settings.database_url)
+            .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
+        let stop = CancellationToken::new();
+        let mut tasks: Vec<(&'static str, Task)> = Vec::new();
+        for worker in workers {
+            match worker {
+                Worker::Credentials => {
+                    let stage = Arc::new(CredentialsStage::new(
+                        store.clone(),
+                        settings.require_secret_key()?.clone(),
+                        settings.rules,
+                    ));
+                    let broker = settings.broker.clone();
+                    tasks.push((
+                        "credentials",
+                        Box::pin(run_stage(stage, broker, stop.clone())),
+                    ));
+                }
+            }
+        }
+        Ok(Self { tasks, stop })
+    }
+
+    /// Runs every worker until `shutdown` completes, then waits until each has drained its
+    /// in-flight messages.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send) {
+        let mut set = JoinSet::new();
+        for (name, task) in self.tasks {
+            tracing::info!(worker = name, "starting");
+            set.spawn(task);
+        }
+        let stop = self.stop;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop.cancelled() => {}
+        }
+        stop.cancel();
+        while let Some(result) = set.join_next().await {
+            if let Err(err) = result {
+                tracing::error!(error = %err, "a worker task failed");
+            }
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// The whole life of a worker process: settings, telemetry, build, run, exit code.
+pub fn worker_main(workers: &[Worker]) -> ExitCode {
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(err) => {
+            eprintln!("{err}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(
+        settings.json_logs,
+        crate::telemetry::DEFAULT_FILTER,
+        std::io::stderr,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let app = match Application::build(&settings, workers) {
+            Ok(app) => app,
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::from(2);
+            }
+        };
+        app.run_until_stopped(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,50 @@
+//! PostgreSQL through sqlx: bookings, credentials, the schedule, slots and the email log.
+//! Migrations are embedded and applied by `labbook migrate`.
+
+pub mod bookings;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use bookings::{BookingRecord, BookingState, Intake, StoredCredential};
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The database handle every stage shares.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub pool: PgPool,
+}
+
+impl Store {
+    /// A pool that connects lazily: a worker starts while the database is away and its
+    /// handlers fail transiently (and retry) until it is back.
+    pub fn connect_lazy(url: &str) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(url)?;
+        Ok(Self { pool })
+    }
+
+    pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        MIGRATOR.run(&self.pool).await
+    }
+
+    /// Whether the database answers (for readiness).
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+}

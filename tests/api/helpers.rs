@@ -1,0 +1,308 @@
+//! Test harness: every test gets its own RabbitMQ vhost and its own PostgreSQL database, and
+//! runs labbook's workers in-process against them.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use labbook::broker::{Topology, connect};
+use labbook::config::Settings;
+use labbook::crypto::SecretKey;
+use labbook::startup::{Application, Worker};
+use labbook::store::Store;
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use sqlx::{Connection as _, Executor, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+pub fn amqp_base() -> String {
+    std::env::var("TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
+}
+
+pub fn pg_base() -> String {
+    std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test's own broker vhost and database, removed when dropped.
+pub struct TestEnv {
+    pub vhost: String,
+    pub db_name: String,
+    pub vars: HashMap<String, String>,
+    pub key: SecretKey,
+    shutdown: CancellationToken,
+    app: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestEnv {
+    /// A fresh vhost and migrated database, with fast retry tiers.
+    pub async fn new() -> Self {
+        Self::with(&[]).await
+    }
+
+    pub async fn with(extra: &[(&str, &str)]) -> Self {
+        let env = Self::without_database(extra);
+        env.create_database().await;
+        env
+    }
+
+    /// Settings for a database that does not exist yet ([`TestEnv::create_database`] makes it).
+    pub fn without_database(extra: &[(&str, &str)]) -> Self {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let vhost = format!("labbook-test-{id}");
+        rabbitmqctl(&["add_vhost", &vhost]);
+        rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+        let db_name = format!("labbook_test_{id}");
+        let key_b64 = SecretKey::generate_base64();
+        let mut vars: HashMap<String, String> = [
+            ("AMQP_URL", format!("{}/{vhost}", amqp_base())),
+            ("DATABASE_URL", format!("{}/{db_name}", pg_base())),
+            ("LABBOOK_SECRET_KEY", key_b64.clone()),
+            ("LABBOOK_RETRY_DELAYS_MS", "200,400".into()),
+            ("LABBOOK_MAX_ATTEMPTS", "3".into()),
+            ("LABBOOK_METRICS_ADDR", "off".into()),
+            ("LABBOOK_SCHEDULER_TICK_MS", "100".into()),
+            ("LABBOOK_SHUTDOWN_TIMEOUT_SECONDS", "10".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k.to_string(), v.to_string());
+        }
+        Self {
+            vhost,
+            db_name,
+            vars,
+            key: SecretKey::from_base64(&key_b64).unwrap(),
+            shutdown: CancellationToken::new(),
+            app: None,
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        Settings::from_map(&self.vars).expect("test settings are valid")
+    }
+
+    pub fn amqp_url(&self) -> String {
+        self.vars["AMQP_URL"].clone()
+    }
+
+    pub fn database_url(&self) -> String {
+        self.vars["DATABASE_URL"].clone()
+    }
+
+    pub async fn create_database(&self) {
+        let mut admin = PgConnection::connect(&format!("{}/postgres", pg_base()))
+            .await
+            .unwrap();
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                r#"CREATE DATABASE "{}""#,
+                self.db_name
+            )))
+            .await
+            .unwrap();
+        Store::connect(&self.database_url())
+            .await
+            .unwrap()
+            .migrate()
+            .await
+            .unwrap();
+    }
+
+    pub async fn store(&self) -> Store {
+        Store::connect(&self.database_url()).await.unwrap()
+    }
+
+    /// Starts `workers` in this process.
+    pub fn spawn(&mut self, workers: &[Worker]) {
+        let app = Application::build(&self.settings(), workers).expect("workers build");
+        self.app = Some(tokio::spawn(
+            app.run_until_stopped(self.shutdown.clone().cancelled_owned()),
+        ));
+    }
+
+    /// Stops the in-process workers and waits until they have drained.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(app) = self.app.take() {
+            tokio::time::timeout(Duration::from_secs(30), app)
+                .await
+                .expect("workers stop")
+                .unwrap();
+        }
+    }
+
+    pub async fn channel(&self) -> (Connection, Channel) {
+        let conn = connect(&self.amqp_url(), "labbook test").await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        Topology::new(self.settings().broker.retry_delays)
+            .declare(&channel)
+            .await
+            .unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        (conn, channel)
+    }
+
+    /// Publishes raw bytes to a queue through the `labbook` exchange, as an upstream would.
+    pub async fn publish_raw(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        let (conn, channel) = self.channel().await;
+        let confirm = channel
+            .basic_publish(
+                "labbook".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+        conn.close(200, "done".into()).await.ok();
+    }
+
+    pub async fn publish_booking(&self, body: &str) {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(format!("test-{}", uuid::Uuid::new_v4()).into());
+        self.publish_raw("booking-created", body.as_bytes(), props)
+            .await;
+    }
+
+    /// Takes (acks) up to `n` messages from `queue`, waiting at most `wait`.
+    pub async fn take(
+        &self,
+        queue: &str,
+        n: usize,
+        wait: Duration,
+    ) -> Vec<lapin::message::Delivery> {
+        let (conn, channel) = self.channel().await;
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        while out.len() < n && Instant::now() < deadline {
+            match channel
+                .basic_get(queue.into(), BasicGetOptions::default())
+                .await
+                .unwrap()
+            {
+                Some(msg) => {
+                    msg.delivery
+                        .acker
+                        .ack(BasicAckOptions::default())
+                        .await
+                        .unwrap();
+                    out.push(msg.delivery);
+                }
+                None => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        conn.close(200, "done".into()).await.ok();
+        out
+    }
+
+    /// How many messages are ready in `queue` now.
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let (conn, channel) = self.channel().await;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        conn.close(200, "done".into()).await.ok();
+        q.message_count()
+    }
+
+    /// Closes every broker connection of this test's vhost, as a broker restart would.
+    pub fn drop_connections(&self) {
+        rabbitmqctl(&[
+            "close_all_connections",
+            "--vhost",
+            &self.vhost,
+            "labbook test: dropping connections",
+        ]);
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.vhost])
+            .output();
+        let _ = Command::new("psql")
+            .args([
+                &format!("{}/postgres", pg_base()),
+                "-qc",
+                &format!(r#"DROP DATABASE IF EXISTS "{}" WITH (FORCE)"#, self.db_name),
+            ])
+            .output();
+    }
+}
+
+/// A valid booking body, `users` users, starting `hours_ahead` from now.
+pub fn booking_json(id: &str, users: u32, hours_ahead: i64) -> String {
+    let at = chrono::Utc::now() + chrono::Duration::hours(hours_ahead);
+    serde_json::json!({
+        "booking_id": id,
+        "email": "trainer@example.org",
+        "booking_time": at.to_rfc3339(),
+        "number_of_users": users,
+        "duration_minutes": 180,
+    })
+    .to_string()
+}
+
+pub fn header(d: &lapin::message::Delivery, name: &str) -> Option<String> {
+    labbook::broker::headers::str_header(&d.properties, name)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `wait`.
+pub async fn eventually<T, F, Fut>(wait: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn attempts(d: &lapin::message::Delivery) -> Option<i64> {
+    labbook::broker::headers::int_header(&d.properties, "x-labbook-attempts")
+}
