@@ -51,6 +51,12 @@ pub struct Ec2Settings {
     pub admin_username: Username,
     pub launch_concurrency: usize,
     pub running_timeout: Duration,
+    /// `AWS_REGION` (else the SDK's chain decides).
+    pub region: Option<String>,
+    /// `AWS_ENDPOINT_URL`: an EC2 API emulator in tests.
+    pub endpoint_url: Option<String>,
+    /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` when both are set (else the SDK's chain).
+    pub static_credentials: Option<(String, secrecy::SecretString)>,
 }
 
 /// Retry tiers and consumer limits, shared by every stage.
@@ -219,6 +225,15 @@ impl Settings {
                     1,
                     7200,
                 )?),
+                region: v
+                    .get("AWS_REGION")
+                    .or(v.get("AWS_DEFAULT_REGION"))
+                    .map(str::to_owned),
+                endpoint_url: v.get("AWS_ENDPOINT_URL").map(str::to_owned),
+                static_credentials: v
+                    .get("AWS_ACCESS_KEY_ID")
+                    .zip(v.get("AWS_SECRET_ACCESS_KEY"))
+                    .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
             },
             rules: BookingRules {
                 max_users,

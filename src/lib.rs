@@ -23,6 +23,7 @@ pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod domain;
+pub mod ec2;
 pub mod mail;
 pub mod stages;
 pub mod startup;

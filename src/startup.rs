@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::run_stage;
 use crate::config::{ConfigError, Settings};
+use crate::ec2::Ec2;
 use crate::stages::credentials::CredentialsStage;
+use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage};
+use crate::stages::scheduler::{SchedulerStage, run_timer};
 use crate::store::Store;
 
 /// The kinds of worker a process can run.
@@ -20,10 +23,14 @@ use crate::store::Store;
 pub enum Worker {
     /// `booking-created`: validate, store, generate credentials.
     Credentials,
+    /// `credentials-ready` and the durable timer (`provision-due`, `teardown-due`).
+    Scheduler,
+    /// `provision-due` and `teardown-due`: EC2 instances.
+    Provisioner,
 }
 
 impl Worker {
-    pub const ALL: [Worker; 1] = [Worker::Credentials];
+    pub const ALL: [Worker; 3] = [Worker::Credentials, Worker::Scheduler, Worker::Provisioner];
 }
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -37,10 +44,11 @@ pub struct Application {
 
 impl Application {
     /// Checks the configuration each worker needs and builds its clients (no I/O yet).
-    pub fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
+    pub async fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
         let store = Store::connect_lazy(&settings.database_url)
             .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
         let stop = CancellationToken::new();
+        let broker = &settings.broker;
         let mut tasks: Vec<(&'static str, Task)> = Vec::new();
         for worker in workers {
             match worker {
@@ -50,10 +58,41 @@ impl Application {
                         settings.require_secret_key()?.clone(),
                         settings.rules,
                     ));
-                    let broker = settings.broker.clone();
                     tasks.push((
                         "credentials",
-                        Box::pin(run_stage(stage, broker, stop.clone())),
+                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
+                    ));
+                }
+                Worker::Scheduler => {
+                    let stage =
+                        Arc::new(SchedulerStage::new(store.clone(), settings.provision_lead));
+                    tasks.push((
+                        "scheduler",
+                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
+                    ));
+                    let timer = run_timer(
+                        store.clone(),
+                        broker.clone(),
+                        settings.scheduler_tick,
+                        stop.clone(),
+                    );
+                    tasks.push(("scheduler timer", Box::pin(timer)));
+                }
+                Worker::Provisioner => {
+                    let ami_id = settings.require_ami_id()?.to_owned();
+                    let key = settings.require_secret_key()?.clone();
+                    let ec2 = Ec2::new(settings.ec2.clone()).await;
+                    let provisioner =
+                        Provisioner::new(store.clone(), ec2, key, settings.ec2.clone(), ami_id);
+                    let provision = Arc::new(ProvisionStage(provisioner.clone()));
+                    let teardown = Arc::new(TeardownStage(provisioner));
+                    tasks.push((
+                        "provisioner",
+                        Box::pin(run_stage(provision, broker.clone(), stop.clone())),
+                    ));
+                    tasks.push((
+                        "teardown",
+                        Box::pin(run_stage(teardown, broker.clone(), stop.clone())),
                     ));
                 }
             }
@@ -122,7 +161,7 @@ pub fn worker_main(workers: &[Worker]) -> ExitCode {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async {
-        let app = match Application::build(&settings, workers) {
+        let app = match Application::build(&settings, workers).await {
             Ok(app) => app,
             Err(err) => {
                 eprintln!("{err}");
@@ -132,4 +171,31 @@ pub fn worker_main(workers: &[Worker]) -> ExitCode {
         app.run_until_stopped(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// The `--help` text of a worker binary.
+pub fn about(worker: Worker) -> String {
+    let what = match worker {
+        Worker::Credentials => {
+            "Consumes booking-created: validates each booking, stores it once with one generated \
+             credential per user (passwords encrypted), then publishes credentials-ready and the \
+             confirmation notify. Needs AMQP_URL, DATABASE_URL, LABBOOK_SECRET_KEY."
+        }
+        Worker::Scheduler => {
+            "Consumes credentials-ready and runs the durable timer: stores when each booking is \
+             to be provisioned (booking time minus LABBOOK_PROVISION_LEAD_SECONDS) and torn down, \
+             and publishes provision-due / teardown-due when due. Any number of replicas. Needs \
+             AMQP_URL, DATABASE_URL."
+        }
+        Worker::Provisioner => {
+            "Consumes provision-due (launches the booking's EC2 instances, once, and publishes \
+             the instance-details notify) and teardown-due (terminates them). Needs AMQP_URL, \
+             DATABASE_URL, LABBOOK_SECRET_KEY, LABBOOK_AMI_ID and AWS credentials."
+        }
+    };
+    format!(
+        "{what}\n\nConfigured by the environment (see the README); LABBOOK_CONFIG may name a \
+         KEY=VALUE file for what the environment leaves unset. Stops on SIGTERM/SIGINT after \
+         finishing the messages in flight (exit 0); a configuration error exits 2."
+    )
 }

@@ -59,6 +59,10 @@ enum RunTarget {
     All,
     /// `booking-created`.
     Credentials,
+    /// `credentials-ready` and the durable timer.
+    Scheduler,
+    /// `provision-due` and `teardown-due`.
+    Provisioner,
 }
 
 /// Runs the command line; the exit code follows CONTRACT.md §4 (2: configuration error).
@@ -144,10 +148,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     .iter()
                     .map(|w| match w {
                         RunTarget::Credentials | RunTarget::All => Worker::Credentials,
+                        RunTarget::Scheduler => Worker::Scheduler,
+                        RunTarget::Provisioner => Worker::Provisioner,
                     })
                     .collect()
             };
-            let app = Application::build(&settings, &workers)?;
+            let app = Application::build(&settings, &workers).await?;
             app.run_until_stopped(shutdown_signal()).await;
             Ok(ExitCode::SUCCESS)
         }

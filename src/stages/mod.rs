@@ -2,6 +2,8 @@
 //! function over one queue's messages that the shared runtime drives.
 
 pub mod credentials;
+pub mod provisioner;
+pub mod scheduler;
 
 /// How a stage failed, which decides what the runtime does with the message.
 #[derive(Debug, thiserror::Error)]

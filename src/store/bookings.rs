@@ -172,23 +172,34 @@ pub async fn credentials(
     .await
 }
 
-/// Moves a booking to `state`. A booking that failed or ended stays so, except that a failed
-/// one can still end (its teardown ran).
-pub async fn set_state(
+/// Moves a booking to `state` if it is in one of the states that may lead there; returns
+/// whether it moved. Failed and ended bookings do not come back.
+pub async fn transition(
     pool: &PgPool,
     booking_id: &str,
     state: BookingState,
     reason: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<bool, sqlx::Error> {
+    use BookingState::*;
+    let from: &[BookingState] = match state {
+        Received => &[],
+        Scheduled => &[Received],
+        Provisioning => &[Received, Scheduled],
+        Provisioned => &[Received, Scheduled, Provisioning],
+        Failed => &[Received, Scheduled, Provisioning, Provisioned],
+        Ended => &[Received, Scheduled, Provisioning, Provisioned, Failed],
+    };
+    let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+    let moved = sqlx::query(
         "UPDATE bookings SET state = $2, failure_reason = COALESCE($3, failure_reason), updated_at = now()
-         WHERE booking_id = $1
-           AND (state NOT IN ('failed', 'ended') OR ($2 = 'ended' AND state = 'failed') OR state = $2)",
+         WHERE booking_id = $1 AND state = ANY($4)",
     )
     .bind(booking_id)
     .bind(state.as_str())
     .bind(reason)
+    .bind(&from)
     .execute(pool)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(moved > 0)
 }

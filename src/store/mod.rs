@@ -2,6 +2,8 @@
 //! Migrations are embedded and applied by `labbook migrate`.
 
 pub mod bookings;
+pub mod schedule;
+pub mod slots;
 
 use std::time::Duration;
 

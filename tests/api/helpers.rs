@@ -23,6 +23,50 @@ pub fn amqp_base() -> String {
     std::env::var("TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
+pub fn moto_url() -> String {
+    std::env::var("TEST_MOTO_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
+}
+
+/// A plain SDK client on the emulator, to look at instances as EC2 sees them.
+pub async fn raw_ec2() -> aws_sdk_ec2::Client {
+    let conf = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(moto_url())
+        .credentials_provider(aws_sdk_ec2::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    aws_sdk_ec2::Client::new(&conf)
+}
+
+/// Instances EC2 has for a booking, any state.
+pub async fn instances_for(booking_id: &str) -> Vec<aws_sdk_ec2::types::Instance> {
+    let out = raw_ec2()
+        .await
+        .describe_instances()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("tag:labbook:booking-id")
+                .values(booking_id)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    out.reservations()
+        .iter()
+        .flat_map(|r| r.instances().to_vec())
+        .collect()
+}
+
+pub fn state_of(i: &aws_sdk_ec2::types::Instance) -> String {
+    i.state()
+        .and_then(|s| s.name())
+        .map(|n| n.as_str().to_owned())
+        .unwrap_or_default()
+}
+
 pub fn pg_base() -> String {
     std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
@@ -46,7 +90,7 @@ pub struct TestEnv {
     pub vars: HashMap<String, String>,
     pub key: SecretKey,
     shutdown: CancellationToken,
-    app: Option<tokio::task::JoinHandle<()>>,
+    apps: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl TestEnv {
@@ -78,6 +122,12 @@ impl TestEnv {
             ("LABBOOK_METRICS_ADDR", "off".into()),
             ("LABBOOK_SCHEDULER_TICK_MS", "100".into()),
             ("LABBOOK_SHUTDOWN_TIMEOUT_SECONDS", "10".into()),
+            ("AWS_ENDPOINT_URL", moto_url()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("LABBOOK_AMI_ID", "ami-03cf127a".into()),
+            ("LABBOOK_PROVISION_LEAD_SECONDS", "0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -91,7 +141,7 @@ impl TestEnv {
             vars,
             key: SecretKey::from_base64(&key_b64).unwrap(),
             shutdown: CancellationToken::new(),
-            app: None,
+            apps: Vec::new(),
         }
     }
 
@@ -131,22 +181,36 @@ impl TestEnv {
     }
 
     /// Starts `workers` in this process.
-    pub fn spawn(&mut self, workers: &[Worker]) {
-        let app = Application::build(&self.settings(), workers).expect("workers build");
-        self.app = Some(tokio::spawn(
-            app.run_until_stopped(self.shutdown.clone().cancelled_owned()),
-        ));
+    pub async fn spawn(&mut self, workers: &[Worker]) {
+        self.spawn_with(workers, &[]).await;
+    }
+
+    /// Starts `workers` in this process with some settings changed.
+    pub async fn spawn_with(&mut self, workers: &[Worker], extra: &[(&str, &str)]) {
+        let mut vars = self.vars.clone();
+        vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let settings = Settings::from_map(&vars).expect("test settings are valid");
+        let app = Application::build(&settings, workers)
+            .await
+            .expect("workers build");
+        let stopped = self.shutdown.clone().cancelled_owned();
+        self.apps.push(tokio::spawn(app.run_until_stopped(stopped)));
     }
 
     /// Stops the in-process workers and waits until they have drained.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
-        if let Some(app) = self.app.take() {
+        for app in self.apps.drain(..) {
             tokio::time::timeout(Duration::from_secs(30), app)
                 .await
                 .expect("workers stop")
                 .unwrap();
         }
+    }
+
+    /// The settings' EC2 client (against the emulator).
+    pub async fn ec2(&self) -> labbook::ec2::Ec2 {
+        labbook::ec2::Ec2::new(self.settings().ec2).await
     }
 
     pub async fn channel(&self) -> (Connection, Channel) {
@@ -272,13 +336,22 @@ impl Drop for TestEnv {
 
 /// A valid booking body, `users` users, starting `hours_ahead` from now.
 pub fn booking_json(id: &str, users: u32, hours_ahead: i64) -> String {
-    let at = chrono::Utc::now() + chrono::Duration::hours(hours_ahead);
+    booking_at(
+        id,
+        users,
+        chrono::Utc::now() + chrono::Duration::hours(hours_ahead),
+        180,
+    )
+}
+
+/// A valid booking body at `at` for `minutes`.
+pub fn booking_at(id: &str, users: u32, at: chrono::DateTime<chrono::Utc>, minutes: u32) -> String {
     serde_json::json!({
         "booking_id": id,
         "email": "trainer@example.org",
         "booking_time": at.to_rfc3339(),
         "number_of_users": users,
-        "duration_minutes": 180,
+        "duration_minutes": minutes,
     })
     .to_string()
 }
@@ -305,4 +378,12 @@ where
 
 pub fn attempts(d: &lapin::message::Delivery) -> Option<i64> {
     labbook::broker::headers::int_header(&d.properties, "x-labbook-attempts")
+}
+
+/// A unique booking id for a test (moto is shared by every test).
+pub fn unique_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
 }

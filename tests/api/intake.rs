@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(20);
 #[tokio::test]
 async fn a_valid_booking_is_stored_with_its_credentials_and_follow_ups() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("course-1", 5, 48)).await;
 
     let ready = env.take("credentials-ready", 1, WAIT).await;
@@ -67,7 +67,7 @@ async fn a_valid_booking_is_stored_with_its_credentials_and_follow_ups() {
 #[tokio::test]
 async fn the_same_booking_twice_stores_one_set_of_credentials() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     let body = booking_json("twice", 3, 24);
     env.publish_booking(&body).await;
     env.take("credentials-ready", 1, WAIT).await;
@@ -104,7 +104,7 @@ async fn the_same_booking_twice_stores_one_set_of_credentials() {
 #[tokio::test]
 async fn a_conflicting_booking_is_dead_lettered_and_the_stored_one_kept() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("clash", 3, 24)).await;
     env.take("credentials-ready", 1, WAIT).await;
     env.publish_booking(&booking_json("clash", 4, 24)).await;
@@ -141,7 +141,7 @@ async fn a_conflicting_booking_is_dead_lettered_and_the_stored_one_kept() {
 #[tokio::test]
 async fn every_broken_rule_lands_in_the_dlq_with_its_reason_and_the_worker_goes_on() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     let good = booking_json("rules", 2, 24);
     let cases: Vec<(String, &str)> = vec![
         (good.replace("\"rules\"", "\"\""), "booking_id"),
@@ -197,7 +197,7 @@ async fn every_broken_rule_lands_in_the_dlq_with_its_reason_and_the_worker_goes_
 #[tokio::test]
 async fn a_wrong_content_type_is_dead_lettered() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     let props = lapin::BasicProperties::default().with_content_type("text/plain".into());
     env.publish_raw(
         "booking-created",
@@ -220,7 +220,7 @@ async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
         ("LABBOOK_RETRY_DELAYS_MS", "1500,1500"),
         ("LABBOOK_MAX_ATTEMPTS", "4"),
     ]);
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("later", 2, 24)).await;
     // The first attempt fails (no database): the message waits in the first tier.
     eventually(WAIT, "a message in the retry tier", || async {
@@ -245,7 +245,7 @@ async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
 #[tokio::test]
 async fn attempts_used_up_end_in_the_dlq_with_the_count() {
     let mut env = TestEnv::without_database(&[]);
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("never", 2, 24)).await;
     let dead = env.take("booking-created.dlq", 1, WAIT).await;
     assert_eq!(dead.len(), 1);

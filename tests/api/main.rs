@@ -3,5 +3,7 @@
 
 mod helpers;
 mod intake;
+mod provisioning;
 mod runtime;
 mod shutdown;
+mod userdata;

@@ -9,7 +9,7 @@ use crate::helpers::{TestEnv, booking_json};
 #[tokio::test]
 async fn the_consumer_reconnects_after_the_connection_is_dropped() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials]);
+    env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("before-drop", 1, 24))
         .await;
     assert_eq!(

@@ -1,0 +1,462 @@
+//! EC2 behind a narrow client: the handful of calls labbook makes, with errors sorted into
+//! permanent and transient. Tested against an EC2 API emulator through `AWS_ENDPOINT_URL`.
+
+pub mod userdata;
+
+use aws_sdk_ec2::Client;
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification,
+};
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use crate::config::Ec2Settings;
+
+pub const TAG_BOOKING: &str = "labbook:booking-id";
+pub const TAG_SLOT: &str = "labbook:slot";
+pub const TAG_MANAGED: &str = "labbook:managed";
+/// The security group labbook finds or creates when none is configured.
+pub const SECURITY_GROUP_NAME: &str = "labbook-lab";
+
+/// An EC2 failure, sorted for the retry policy.
+#[derive(Debug, thiserror::Error)]
+pub enum Ec2Error {
+    /// Will not change on retry: a missing AMI or subnet, a bad parameter, no permission.
+    #[error("EC2 refused {operation}: {code}: {message}")]
+    Permanent {
+        operation: &'static str,
+        code: String,
+        message: String,
+    },
+    /// Throttling, capacity, the network, EC2's own errors.
+    #[error("EC2 {operation} failed for now: {detail}")]
+    Transient {
+        operation: &'static str,
+        detail: String,
+    },
+}
+
+impl Ec2Error {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Ec2Error::Permanent { .. })
+    }
+
+    fn code(&self) -> Option<&str> {
+        match self {
+            Ec2Error::Permanent { code, .. } => Some(code),
+            Ec2Error::Transient { .. } => None,
+        }
+    }
+}
+
+/// Error codes that may pass on their own.
+const TRANSIENT_CODES: &[&str] = &[
+    "RequestLimitExceeded",
+    "Throttling",
+    "ThrottlingException",
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "InsufficientHostCapacity",
+    "InsufficientReservedInstanceCapacity",
+    "Unavailable",
+    "ServiceUnavailable",
+    "InternalError",
+    "InternalFailure",
+    "RequestTimeout",
+    "IdempotentParameterMismatch",
+];
+
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+    operation: &'static str,
+    err: SdkError<E, R>,
+) -> Ec2Error {
+    match &err {
+        SdkError::ServiceError(service) => {
+            let e = service.err();
+            let code = e.code().unwrap_or("Unknown").to_owned();
+            let message = e.message().unwrap_or("").to_owned();
+            if TRANSIENT_CODES.contains(&code.as_str()) || code.starts_with("Internal") {
+                metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "transient").increment(1);
+                Ec2Error::Transient {
+                    operation,
+                    detail: format!("{code}: {message}"),
+                }
+            } else {
+                metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "permanent").increment(1);
+                Ec2Error::Permanent {
+                    operation,
+                    code,
+                    message,
+                }
+            }
+        }
+        _ => {
+            metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "transient").increment(1);
+            let detail =
+                std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
+            Ec2Error::Transient { operation, detail }
+        }
+    }
+}
+
+fn ok(operation: &'static str) {
+    metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "ok")
+        .increment(1);
+}
+
+/// What labbook knows of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    pub instance_id: String,
+    pub state: String,
+    pub public_dns: Option<String>,
+    pub public_ip: Option<String>,
+    pub slot: Option<i32>,
+}
+
+impl InstanceInfo {
+    pub fn is_gone(&self) -> bool {
+        matches!(self.state.as_str(), "shutting-down" | "terminated")
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == "running" && (self.public_dns.is_some() || self.public_ip.is_some())
+    }
+}
+
+fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
+    let non_empty = |s: Option<&str>| s.filter(|s| !s.is_empty()).map(str::to_owned);
+    Some(InstanceInfo {
+        instance_id: i.instance_id()?.to_owned(),
+        state: i
+            .state()
+            .and_then(|s| s.name())
+            .map_or("unknown".into(), |n| n.as_str().to_owned()),
+        public_dns: non_empty(i.public_dns_name()),
+        public_ip: non_empty(i.public_ip_address()),
+        slot: i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(TAG_SLOT))
+            .and_then(|t| t.value()?.parse().ok()),
+    })
+}
+
+/// One instance to launch.
+#[derive(Debug, Clone)]
+pub struct LaunchRequest<'a> {
+    pub booking_id: &'a str,
+    pub slot: i32,
+    /// cloud-init user-data (holds password hashes only).
+    pub user_data: &'a str,
+}
+
+/// The `ClientToken` for a booking's slot: EC2 returns the same instance for the same token.
+pub fn client_token(booking_id: &str, slot: i32) -> String {
+    let digest = Sha256::digest(format!("{booking_id}/{slot}").as_bytes());
+    let hex: String = digest.iter().take(24).map(|b| format!("{b:02x}")).collect();
+    format!("labbook-{hex}")
+}
+
+/// The EC2 calls labbook makes.
+#[derive(Debug, Clone)]
+pub struct Ec2 {
+    client: Client,
+    settings: Ec2Settings,
+    security_groups: std::sync::Arc<OnceCell<Vec<String>>>,
+}
+
+impl Ec2 {
+    /// A client from the standard AWS chain, with the region, endpoint and static credentials
+    /// of `settings` where they are set.
+    pub async fn new(settings: Ec2Settings) -> Self {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        if let Some(region) = &settings.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(url) = &settings.endpoint_url {
+            loader = loader.endpoint_url(url.clone());
+        }
+        if let Some((id, secret)) = &settings.static_credentials {
+            use secrecy::ExposeSecret;
+            loader = loader.credentials_provider(aws_sdk_ec2::config::Credentials::new(
+                id.clone(),
+                secret.expose_secret().to_owned(),
+                None,
+                None,
+                "labbook-settings",
+            ));
+        }
+        let config = loader.load().await;
+        Self {
+            client: Client::new(&config),
+            settings,
+            security_groups: Default::default(),
+        }
+    }
+
+    /// Instances tagged with the booking that are not terminated, with their slot tags.
+    pub async fn find_for_booking(&self, booking_id: &str) -> Result<Vec<InstanceInfo>, Ec2Error> {
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_BOOKING}"))
+                    .values(booking_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_MANAGED}"))
+                    .values("true")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("DescribeInstances", e))?;
+            for r in page.reservations() {
+                out.extend(
+                    r.instances()
+                        .iter()
+                        .filter_map(info)
+                        .filter(|i| !i.is_gone()),
+                );
+            }
+        }
+        ok("DescribeInstances");
+        Ok(out)
+    }
+
+    pub async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, Ec2Error> {
+        let out = self
+            .client
+            .describe_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeInstances", e))?;
+        ok("DescribeInstances");
+        Ok(out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().iter().filter_map(info))
+            .collect())
+    }
+
+    /// Launches one instance for a slot, tagged, IMDSv2 required, with a `ClientToken`.
+    pub async fn launch(&self, req: &LaunchRequest<'_>, ami_id: &str) -> Result<String, Ec2Error> {
+        let security_groups = self.security_groups().await?;
+        let tags = [
+            (TAG_BOOKING, req.booking_id.to_owned()),
+            (TAG_SLOT, req.slot.to_string()),
+            (TAG_MANAGED, "true".to_owned()),
+            ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
+        ];
+        let tag_spec = |kind: ResourceType| {
+            tags.iter()
+                .fold(
+                    TagSpecification::builder().resource_type(kind),
+                    |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
+                )
+                .build()
+        };
+        let out = self
+            .client
+            .run_instances()
+            .image_id(ami_id)
+            .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(client_token(req.booking_id, req.slot))
+            .set_subnet_id(self.settings.subnet_id.clone())
+            .set_security_group_ids(Some(security_groups))
+            .set_key_name(self.settings.key_name.clone())
+            .user_data(base64::engine::general_purpose::STANDARD.encode(req.user_data))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance))
+            .tag_specifications(tag_spec(ResourceType::Volume))
+            .send()
+            .await
+            .map_err(|e| classify("RunInstances", e))?;
+        ok("RunInstances");
+        out.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_owned)
+            .ok_or(Ec2Error::Transient {
+                operation: "RunInstances",
+                detail: "no instance in the answer".into(),
+            })
+    }
+
+    /// Terminates instances; ones already gone are fine.
+    pub async fn terminate(&self, ids: &[String]) -> Result<(), Ec2Error> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        match self
+            .client
+            .terminate_instances()
+            .set_instance_ids(Some(ids.to_vec()))
+            .send()
+            .await
+        {
+            Ok(_) => {
+                ok("TerminateInstances");
+                Ok(())
+            }
+            Err(e) => {
+                let err = classify("TerminateInstances", e);
+                if err
+                    .code()
+                    .is_some_and(|c| c.starts_with("InvalidInstanceID"))
+                {
+                    // Some are already gone: terminate the rest one by one.
+                    for id in ids {
+                        let one = self
+                            .client
+                            .terminate_instances()
+                            .instance_ids(id)
+                            .send()
+                            .await;
+                        if let Err(e) = one {
+                            let err = classify("TerminateInstances", e);
+                            if !err
+                                .code()
+                                .is_some_and(|c| c.starts_with("InvalidInstanceID"))
+                            {
+                                return Err(err);
+                            }
+                        }
+                    }
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// The configured security groups, or labbook's own group (found or created once).
+    async fn security_groups(&self) -> Result<Vec<String>, Ec2Error> {
+        if !self.settings.security_group_ids.is_empty() {
+            return Ok(self.settings.security_group_ids.clone());
+        }
+        self.security_groups
+            .get_or_try_init(|| async { self.find_or_create_group().await.map(|id| vec![id]) })
+            .await
+            .cloned()
+    }
+
+    async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
+        if let Some(id) = self.find_group().await? {
+            return Ok(id);
+        }
+        let vpc_id = match &self.settings.subnet_id {
+            Some(subnet) => {
+                let out = self
+                    .client
+                    .describe_subnets()
+                    .subnet_ids(subnet)
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeSubnets", e))?;
+                out.subnets()
+                    .first()
+                    .and_then(|s| s.vpc_id())
+                    .map(str::to_owned)
+            }
+            None => None,
+        };
+        let created = self
+            .client
+            .create_security_group()
+            .group_name(SECURITY_GROUP_NAME)
+            .description("labbook lab machines: SSH, HTTP, HTTPS")
+            .set_vpc_id(vpc_id)
+            .send()
+            .await;
+        let group_id = match created {
+            Ok(out) => out.group_id().unwrap_or_default().to_owned(),
+            Err(e) => {
+                let err = classify("CreateSecurityGroup", e);
+                // Another replica created it a moment ago.
+                if err.code() == Some("InvalidGroup.Duplicate") {
+                    return self.find_group().await?.ok_or(err);
+                }
+                return Err(err);
+            }
+        };
+        ok("CreateSecurityGroup");
+        let ranges: Vec<IpRange> = self
+            .settings
+            .allowed_cidrs
+            .iter()
+            .map(|c| IpRange::builder().cidr_ip(c).build())
+            .collect();
+        let permissions = [22, 80, 443].map(|port| {
+            IpPermission::builder()
+                .ip_protocol("tcp")
+                .from_port(port)
+                .to_port(port)
+                .set_ip_ranges(Some(ranges.clone()))
+                .build()
+        });
+        self.client
+            .authorize_security_group_ingress()
+            .group_id(&group_id)
+            .set_ip_permissions(Some(permissions.to_vec()))
+            .send()
+            .await
+            .map_err(|e| classify("AuthorizeSecurityGroupIngress", e))?;
+        ok("AuthorizeSecurityGroupIngress");
+        tracing::info!(group_id = %group_id, "created security group {SECURITY_GROUP_NAME} (22, 80, 443)");
+        Ok(group_id)
+    }
+
+    async fn find_group(&self) -> Result<Option<String>, Ec2Error> {
+        let out = self
+            .client
+            .describe_security_groups()
+            .filters(
+                Filter::builder()
+                    .name("group-name")
+                    .values(SECURITY_GROUP_NAME)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSecurityGroups", e))?;
+        ok("DescribeSecurityGroups");
+        Ok(out
+            .security_groups()
+            .first()
+            .and_then(|g| g.group_id())
+            .map(str::to_owned))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_tokens_are_stable_short_and_distinct() {
+        let a = client_token("course-42", 0);
+        assert_eq!(a, client_token("course-42", 0));
+        assert_ne!(a, client_token("course-42", 1));
+        assert!(a.len() <= 64 && a.is_ascii());
+        assert_eq!(client_token(&"x".repeat(64), 999).len(), a.len());
+    }
+}

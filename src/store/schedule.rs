@@ -1,0 +1,101 @@
+//! The durable timer: one row per booking and action, claimed by any number of scheduler
+//! replicas with `FOR UPDATE SKIP LOCKED`.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgPool, Postgres, Transaction};
+
+/// What the timer publishes when it is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Provision,
+    Teardown,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Provision => "provision",
+            Action::Teardown => "teardown",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "provision" => Some(Action::Provision),
+            "teardown" => Some(Action::Teardown),
+            _ => None,
+        }
+    }
+}
+
+/// One scheduled item.
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct Entry {
+    pub booking_id: String,
+    pub action: String,
+    pub due_at: DateTime<Utc>,
+    pub published_at: Option<DateTime<Utc>>,
+}
+
+impl Entry {
+    pub fn action(&self) -> Option<Action> {
+        Action::parse(&self.action)
+    }
+}
+
+/// Schedules `action` for `booking_id` at `due_at`, once: a second call changes nothing.
+pub async fn insert(
+    pool: &PgPool,
+    booking_id: &str,
+    action: Action,
+    due_at: DateTime<Utc>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO schedule (booking_id, action, due_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(booking_id)
+        .bind(action.as_str())
+        .bind(due_at)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Locks up to `limit` due, unpublished items for this transaction; other replicas skip them.
+pub async fn claim_due(
+    tx: &mut Transaction<'_, Postgres>,
+    limit: i64,
+) -> Result<Vec<Entry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT booking_id, action, due_at, published_at FROM schedule
+         WHERE published_at IS NULL AND due_at <= now()
+         ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+pub async fn mark_published(
+    tx: &mut Transaction<'_, Postgres>,
+    entry: &Entry,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE schedule SET published_at = now() WHERE booking_id = $1 AND action = $2")
+        .bind(&entry.booking_id)
+        .bind(&entry.action)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
+    sqlx::query_as("SELECT booking_id, action, due_at, published_at FROM schedule WHERE booking_id = $1 ORDER BY due_at")
+        .bind(booking_id)
+        .fetch_all(pool)
+        .await
+}
+
+/// The next unpublished item's due time, for the scheduler's progress log.
+pub async fn pending_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM schedule WHERE published_at IS NULL")
+        .fetch_one(pool)
+        .await
+}

@@ -1,0 +1,372 @@
+//! Scheduling, provisioning and teardown against the EC2 API emulator.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::Utc;
+use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
+use labbook::ec2::LaunchRequest;
+use labbook::stages::credentials::password_context;
+use labbook::stages::provisioner::admin_context;
+use labbook::startup::Worker;
+use labbook::store::{bookings, schedule, slots};
+use lapin::BasicProperties;
+
+use crate::helpers::{
+    TestEnv, booking_at, booking_json, eventually, header, instances_for, raw_ec2, state_of,
+    unique_id,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Takes `notify` messages until one of `kind` arrives.
+async fn wait_notify(env: &TestEnv, kind: EmailKind) -> NotifyMessage {
+    eventually(WAIT, "a notify message", || async {
+        env.take("notify", 10, Duration::from_millis(300))
+            .await
+            .into_iter()
+            .map(|d| serde_json::from_slice::<NotifyMessage>(&d.data).unwrap())
+            .find(|n| n.kind == kind)
+    })
+    .await
+}
+
+async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
+    let body = serde_json::to_vec(&BookingRef {
+        booking_id: booking_id.into(),
+    })
+    .unwrap();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    env.publish_raw(queue, &body, props).await;
+}
+
+async fn user_data(instance_id: &str) -> String {
+    let out = raw_ec2()
+        .await
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let b64 = out.user_data().and_then(|v| v.value()).unwrap_or_default();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_due_booking_gets_tagged_imdsv2_instances_with_hashed_user_data() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("prov");
+    // Started an hour ago, ends in two: due now.
+    env.publish_booking(&booking_json(&id, 3, -1)).await;
+    let n = wait_notify(&env, EmailKind::InstanceDetails).await;
+    assert_eq!(n.booking_id, id);
+
+    let store = env.store().await;
+    assert_eq!(
+        bookings::find(&store.pool, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "provisioned"
+    );
+    let slots = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(slots.len(), 2, "3 users, 2 per instance");
+    assert_eq!((slots[0].user_count, slots[1].user_count), (2, 1));
+    let instances = instances_for(&id).await;
+    assert_eq!(instances.len(), 2);
+    let creds = bookings::credentials(&store.pool, &id).await.unwrap();
+    for slot in &slots {
+        let instance = instances
+            .iter()
+            .find(|i| i.instance_id() == slot.instance_id.as_deref())
+            .unwrap();
+        assert!(slot.address().is_some());
+        let tags: HashSet<(String, String)> = instance
+            .tags()
+            .iter()
+            .map(|t| (t.key().unwrap().to_owned(), t.value().unwrap().to_owned()))
+            .collect();
+        assert!(tags.contains(&("labbook:booking-id".into(), id.clone())));
+        assert!(tags.contains(&("labbook:slot".into(), slot.slot.to_string())));
+        assert!(tags.contains(&("labbook:managed".into(), "true".into())));
+        let metadata = instance.metadata_options().unwrap();
+        assert_eq!(metadata.http_tokens().unwrap().as_str(), "required");
+
+        let data = user_data(slot.instance_id.as_deref().unwrap()).await;
+        assert!(data.starts_with("#cloud-config"));
+        let admin_pw = env
+            .key
+            .decrypt(
+                &slot.admin_password_encrypted,
+                &admin_context(&id, slot.slot),
+            )
+            .unwrap();
+        assert!(!data.contains(admin_pw.expose()));
+        assert!(data.contains(&slot.admin_password_hash));
+        assert!(admin_pw.verify(&slot.admin_password_hash));
+        for c in &creds {
+            let pw: Password = env
+                .key
+                .decrypt(&c.password_encrypted, &password_context(&id, &c.username))
+                .unwrap();
+            assert!(
+                !data.contains(pw.expose()),
+                "a plaintext password is in the user-data"
+            );
+            let on_this = slot.user_positions().contains(&c.position);
+            assert_eq!(
+                data.contains(&c.username),
+                on_this,
+                "{} on slot {}",
+                c.username,
+                slot.slot
+            );
+            if on_this {
+                assert!(data.contains(&c.password_hash));
+            }
+        }
+    }
+
+    // The same provision-due again launches nothing.
+    publish_ref(&env, "provision-due", &id).await;
+    wait_notify(&env, EmailKind::InstanceDetails).await;
+    assert_eq!(instances_for(&id).await.len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_crash_between_launch_and_record_launches_nothing_new() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
+    let id = unique_id("crash");
+    env.publish_booking(&booking_json(&id, 4, 72)).await;
+    let store = env.store().await;
+    eventually(WAIT, "the booking scheduled", || async {
+        let b = bookings::find(&store.pool, &id).await.unwrap()?;
+        (b.state == "scheduled").then_some(())
+    })
+    .await;
+    // A provisioner launched slot 1 and died before recording it.
+    let orphan = env
+        .ec2()
+        .await
+        .launch(
+            &LaunchRequest {
+                booking_id: &id,
+                slot: 1,
+                user_data: "#cloud-config\n{}",
+            },
+            "ami-03cf127a",
+        )
+        .await
+        .unwrap();
+
+    env.spawn(&[Worker::Provisioner]).await;
+    publish_ref(&env, "provision-due", &id).await;
+    wait_notify(&env, EmailKind::InstanceDetails).await;
+    let instances = instances_for(&id).await;
+    assert_eq!(
+        instances.len(),
+        2,
+        "slot 1's orphan was adopted, only slot 0 launched"
+    );
+    let slots = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(slots[1].instance_id.as_deref(), Some(orphan.as_str()));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_future_booking_is_not_provisioned_early() {
+    let mut env = TestEnv::with(&[("LABBOOK_PROVISION_LEAD_SECONDS", "900")]).await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("future");
+    let at = Utc::now() + chrono::Duration::hours(2);
+    env.publish_booking(&booking_at(&id, 2, at, 60)).await;
+    let store = env.store().await;
+    let entries = eventually(WAIT, "the schedule", || async {
+        let e = schedule::for_booking(&store.pool, &id).await.unwrap();
+        (e.len() == 2).then_some(e)
+    })
+    .await;
+    let provision = entries.iter().find(|e| e.action == "provision").unwrap();
+    let teardown = entries.iter().find(|e| e.action == "teardown").unwrap();
+    let at = chrono::DateTime::parse_from_rfc3339(&at.to_rfc3339())
+        .unwrap()
+        .with_timezone(&Utc);
+    assert!(
+        (provision.due_at - (at - chrono::Duration::seconds(900)))
+            .num_milliseconds()
+            .abs()
+            < 1000
+    );
+    assert!(
+        (teardown.due_at - (at + chrono::Duration::minutes(60)))
+            .num_milliseconds()
+            .abs()
+            < 1000
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(instances_for(&id).await.is_empty());
+    assert!(provision.published_at.is_none());
+    assert_eq!(
+        bookings::find(&store.pool, &id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
+        "scheduled"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn teardown_terminates_the_instances_when_the_booking_ends() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("teardown");
+    // 15 minutes long, ending 8 seconds from now.
+    let at = Utc::now() - chrono::Duration::minutes(15) + chrono::Duration::seconds(8);
+    env.publish_booking(&booking_at(&id, 2, at, 15)).await;
+    wait_notify(&env, EmailKind::InstanceDetails).await;
+    assert_eq!(instances_for(&id).await.len(), 1);
+    let store = env.store().await;
+    eventually(WAIT, "the booking ended", || async {
+        (bookings::find(&store.pool, &id).await.unwrap()?.state == "ended").then_some(())
+    })
+    .await;
+    let instances = instances_for(&id).await;
+    assert!(
+        instances
+            .iter()
+            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_permanent_failure_terminates_partial_launches_and_notifies() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
+    let id = unique_id("fail");
+    env.publish_booking(&booking_json(&id, 4, 72)).await;
+    let store = env.store().await;
+    eventually(WAIT, "the booking scheduled", || async {
+        (bookings::find(&store.pool, &id).await.unwrap()?.state == "scheduled").then_some(())
+    })
+    .await;
+    // Slot 0 got launched; slot 1 cannot be (the subnet does not exist).
+    env.ec2()
+        .await
+        .launch(
+            &LaunchRequest {
+                booking_id: &id,
+                slot: 0,
+                user_data: "#cloud-config\n{}",
+            },
+            "ami-03cf127a",
+        )
+        .await
+        .unwrap();
+    env.spawn_with(
+        &[Worker::Provisioner],
+        &[
+            ("LABBOOK_SUBNET_ID", "subnet-doesnotexist"),
+            ("LABBOOK_SECURITY_GROUP_IDS", ""),
+        ],
+    )
+    .await;
+    publish_ref(&env, "provision-due", &id).await;
+
+    let n = wait_notify(&env, EmailKind::Failure).await;
+    assert_eq!(n.booking_id, id);
+    let dead = env.take("provision-due.dlq", 1, WAIT).await;
+    let error = header(&dead[0], "x-labbook-error").unwrap();
+    assert!(error.contains("InvalidSubnetID"), "{error}");
+    assert_eq!(
+        crate::helpers::attempts(&dead[0]),
+        Some(1),
+        "permanent: no retries"
+    );
+    let booking = bookings::find(&store.pool, &id).await.unwrap().unwrap();
+    assert_eq!(booking.state, "failed");
+    let instances = instances_for(&id).await;
+    assert_eq!(instances.len(), 1);
+    assert!(
+        instances
+            .iter()
+            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn two_scheduler_replicas_publish_each_due_item_once() {
+    let mut env = TestEnv::new().await;
+    let store = env.store().await;
+    let n = 60;
+    for i in 0..n {
+        let id = format!("due-{i}");
+        sqlx::query(
+            "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes)
+             VALUES ($1, 'a@example.org', now(), 1, 60)",
+        )
+        .bind(&id)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        schedule::insert(&store.pool, &id, schedule::Action::Provision, Utc::now())
+            .await
+            .unwrap();
+        schedule::insert(
+            &store.pool,
+            &id,
+            schedule::Action::Teardown,
+            Utc::now() + chrono::Duration::hours(1),
+        )
+        .await
+        .unwrap();
+    }
+    env.spawn(&[Worker::Scheduler]).await;
+    env.spawn(&[Worker::Scheduler]).await;
+    eventually(WAIT, "every item published", || async {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM schedule WHERE action = 'provision' AND published_at IS NULL",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.stop().await;
+    let msgs = env
+        .take("provision-due", 2 * n, Duration::from_secs(3))
+        .await;
+    let ids: Vec<String> = msgs
+        .iter()
+        .map(|d| {
+            serde_json::from_slice::<BookingRef>(&d.data)
+                .unwrap()
+                .booking_id
+        })
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(ids.len(), n, "each due item published exactly once");
+    assert_eq!(unique.len(), n);
+    assert_eq!(env.depth("teardown-due").await, 0);
+}
