@@ -58,5 +58,6 @@ CREATE TABLE emails (
     kind        TEXT NOT NULL CHECK (kind IN ('confirmation', 'instance_details', 'failure')),
     message_id  TEXT NOT NULL,
     sent_at     TIMESTAMPTZ,
+    last_error  TEXT,
     PRIMARY KEY (booking_id, kind)
 );

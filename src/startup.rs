@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::run_stage;
 use crate::config::{ConfigError, Settings};
 use crate::ec2::Ec2;
+use crate::mail::Mailer;
 use crate::stages::credentials::CredentialsStage;
+use crate::stages::notifier::NotifierStage;
 use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage};
 use crate::stages::scheduler::{SchedulerStage, run_timer};
 use crate::store::Store;
@@ -27,10 +29,17 @@ pub enum Worker {
     Scheduler,
     /// `provision-due` and `teardown-due`: EC2 instances.
     Provisioner,
+    /// `notify`: the emails.
+    Notifier,
 }
 
 impl Worker {
-    pub const ALL: [Worker; 3] = [Worker::Credentials, Worker::Scheduler, Worker::Provisioner];
+    pub const ALL: [Worker; 4] = [
+        Worker::Credentials,
+        Worker::Scheduler,
+        Worker::Provisioner,
+        Worker::Notifier,
+    ];
 }
 
 type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -93,6 +102,21 @@ impl Application {
                     tasks.push((
                         "teardown",
                         Box::pin(run_stage(teardown, broker.clone(), stop.clone())),
+                    ));
+                }
+                Worker::Notifier => {
+                    let key = settings.require_secret_key()?.clone();
+                    let mailer = Mailer::new(&settings.smtp_url, &settings.mail_from)?;
+                    let stage = Arc::new(NotifierStage::new(
+                        store.clone(),
+                        key,
+                        mailer,
+                        settings.ec2.bootstrap,
+                        &settings.mail_from,
+                    ));
+                    tasks.push((
+                        "notifier",
+                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
                     ));
                 }
             }
@@ -191,6 +215,11 @@ pub fn about(worker: Worker) -> String {
             "Consumes provision-due (launches the booking's EC2 instances, once, and publishes \
              the instance-details notify) and teardown-due (terminates them). Needs AMQP_URL, \
              DATABASE_URL, LABBOOK_SECRET_KEY, LABBOOK_AMI_ID and AWS credentials."
+        }
+        Worker::Notifier => {
+            "Consumes notify: renders and sends the confirmation, instance-details and failure \
+             emails (plain text and HTML), each once per booking. Needs AMQP_URL, DATABASE_URL, \
+             LABBOOK_SECRET_KEY, SMTP_URL, MAIL_FROM."
         }
     };
     format!(

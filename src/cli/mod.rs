@@ -63,6 +63,8 @@ enum RunTarget {
     Scheduler,
     /// `provision-due` and `teardown-due`.
     Provisioner,
+    /// `notify`.
+    Notifier,
 }
 
 /// Runs the command line; the exit code follows CONTRACT.md §4 (2: configuration error).
@@ -150,6 +152,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                         RunTarget::Credentials | RunTarget::All => Worker::Credentials,
                         RunTarget::Scheduler => Worker::Scheduler,
                         RunTarget::Provisioner => Worker::Provisioner,
+                        RunTarget::Notifier => Worker::Notifier,
                     })
                     .collect()
             };

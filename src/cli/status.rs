@@ -6,32 +6,63 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Settings;
-use crate::store::{BookingRecord, Store, bookings};
+use crate::store::emails::EmailRecord;
+use crate::store::schedule::Entry;
+use crate::store::{BookingRecord, Store, bookings, emails, schedule, slots};
 
 #[derive(Serialize)]
 struct Status {
     booking: BookingRecord,
     ends_at: String,
     usernames: Vec<String>,
+    schedule: Vec<Entry>,
+    instances: Vec<Instance>,
+    emails: Vec<EmailRecord>,
+}
+
+#[derive(Serialize)]
+struct Instance {
+    slot: i32,
+    instance_id: Option<String>,
+    state: Option<String>,
+    address: Option<String>,
+    usernames: Vec<String>,
+    admin_username: String,
 }
 
 pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let store = Store::connect(&settings.database_url)
         .await
         .context("cannot connect to the database")?;
-    let Some(booking) = bookings::find(&store.pool, booking_id).await? else {
+    let pool = &store.pool;
+    let Some(booking) = bookings::find(pool, booking_id).await? else {
         eprintln!("booking {booking_id}: not found");
         return Ok(ExitCode::FAILURE);
     };
-    let usernames = bookings::credentials(&store.pool, booking_id)
+    let creds = bookings::credentials(pool, booking_id).await?;
+    let instances = slots::for_booking(pool, booking_id)
         .await?
         .into_iter()
-        .map(|c| c.username)
+        .map(|s| Instance {
+            slot: s.slot,
+            usernames: creds
+                .iter()
+                .filter(|c| s.user_positions().contains(&c.position))
+                .map(|c| c.username.clone())
+                .collect(),
+            address: s.address().map(str::to_owned),
+            instance_id: s.instance_id,
+            state: s.instance_state,
+            admin_username: s.admin_username,
+        })
         .collect();
     let status = Status {
         ends_at: crate::format_time(booking.ends_at()),
+        usernames: creds.into_iter().map(|c| c.username).collect(),
+        schedule: schedule::for_booking(pool, booking_id).await?,
+        emails: emails::for_booking(pool, booking_id).await?,
+        instances,
         booking,
-        usernames,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -43,21 +74,46 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
 
 fn print_text(s: &Status) {
     let b = &s.booking;
-    println!("booking   {}", b.booking_id);
-    println!("state     {}", b.state);
+    let t = crate::format_time;
+    println!("booking    {}", b.booking_id);
+    println!("state      {}", b.state);
     if let Some(reason) = &b.failure_reason {
-        println!("failure   {reason}");
+        println!("failure    {reason}");
     }
-    println!("email     {}", b.email);
+    println!("email      {}", b.email);
+    println!("time       {} to {}", t(b.booking_time), s.ends_at);
     println!(
-        "time      {} to {}",
-        crate::format_time(b.booking_time),
-        s.ends_at
-    );
-    println!(
-        "users     {} ({})",
+        "users      {}: {}",
         b.number_of_users,
         s.usernames.join(", ")
     );
-    println!("received  {}", crate::format_time(b.created_at));
+    println!("received   {}", t(b.created_at));
+    for e in &s.schedule {
+        let done = e
+            .published_at
+            .map_or_else(|| "pending".to_owned(), |p| format!("published {}", t(p)));
+        println!("schedule   {:<10} due {}  {done}", e.action, t(e.due_at));
+    }
+    for i in &s.instances {
+        println!(
+            "instance   #{} {} {} {}  users: {}  admin: {}",
+            i.slot,
+            i.instance_id.as_deref().unwrap_or("(not launched)"),
+            i.state.as_deref().unwrap_or("-"),
+            i.address
+                .as_deref()
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_else(|| "-".into()),
+            i.usernames.join(", "),
+            i.admin_username
+        );
+    }
+    for e in &s.emails {
+        let state = match (&e.sent_at, &e.last_error) {
+            (Some(at), _) => format!("sent {}", t(*at)),
+            (None, Some(err)) => format!("failed: {err}"),
+            (None, None) => "not sent yet".into(),
+        };
+        println!("email      {:<17} {state}", e.kind);
+    }
 }

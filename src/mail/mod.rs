@@ -1,11 +1,85 @@
-//! Email: the SMTP transport that `SMTP_URL` describes.
+//! Email: rendering (`render`) and sending through the SMTP relay that `SMTP_URL` names.
+
+pub mod render;
 
 use std::time::Duration;
 
+use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::ConfigError;
+use crate::domain::EmailAddress;
+pub use render::{Rendered, Templates};
+
+/// Why an email was not accepted by the relay.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// A 5xx answer: the relay will not take this email.
+    #[error("the mail relay refused the email: {0}")]
+    Permanent(String),
+    /// A 4xx answer, a timeout or no connection: try again later.
+    #[error("the mail relay is unavailable: {0}")]
+    Transient(String),
+}
+
+/// The SMTP sender, with pooled connections.
+#[derive(Clone)]
+pub struct Mailer {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    from: Mailbox,
+}
+
+impl Mailer {
+    /// Must be called inside the tokio runtime (the pool runs a task).
+    pub fn new(smtp_url: &str, from: &EmailAddress) -> Result<Self, ConfigError> {
+        let from = from
+            .as_str()
+            .parse()
+            .map_err(|e| ConfigError::new("MAIL_FROM", format!("{e}")))?;
+        Ok(Self {
+            transport: transport_from_url(smtp_url)?,
+            from,
+        })
+    }
+
+    /// Sends a `multipart/alternative` email (plain text and HTML).
+    pub async fn send(
+        &self,
+        to: &EmailAddress,
+        message_id: &str,
+        email: &Rendered,
+    ) -> Result<(), SendError> {
+        let to: Mailbox = to
+            .as_str()
+            .parse()
+            .map_err(|e| SendError::Permanent(format!("bad recipient: {e}")))?;
+        let message = Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(&email.subject)
+            .message_id(Some(message_id.to_owned()))
+            .multipart(MultiPart::alternative_plain_html(
+                email.text.clone(),
+                email.html.clone(),
+            ))
+            .map_err(|e| SendError::Permanent(format!("cannot build the email: {e}")))?;
+        match self.transport.send(message).await {
+            Ok(_) => {
+                metrics::counter!("labbook_emails_total", "outcome" => "sent").increment(1);
+                Ok(())
+            }
+            Err(err) if err.is_permanent() => {
+                metrics::counter!("labbook_emails_total", "outcome" => "refused").increment(1);
+                Err(SendError::Permanent(err.to_string()))
+            }
+            Err(err) => {
+                metrics::counter!("labbook_emails_total", "outcome" => "failed").increment(1);
+                Err(SendError::Transient(err.to_string()))
+            }
+        }
+    }
+}
 
 /// The async SMTP transport for `url`: `smtp://host:port` (plain, for local sinks),
 /// `smtp://user:pass@host:587?tls=required` (STARTTLS) or `smtps://user:pass@host:465`
@@ -34,6 +108,10 @@ fn builder(url: &str) -> Result<lettre::transport::smtp::AsyncSmtpTransportBuild
             "must start with smtp:// or smtps://",
         ));
     }
-    AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-        .map_err(|e| ConfigError::new("SMTP_URL", format!("is not a usable SMTP URL: {e}")))
+    AsyncSmtpTransport::<Tokio1Executor>::from_url(url).map_err(|_| {
+        ConfigError::new(
+            "SMTP_URL",
+            "is not a usable SMTP URL (smtp://host:port, smtps://user:pass@host:465)",
+        )
+    })
 }

@@ -2,6 +2,7 @@
 //! function over one queue's messages that the shared runtime drives.
 
 pub mod credentials;
+pub mod notifier;
 pub mod provisioner;
 pub mod scheduler;
 

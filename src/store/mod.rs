@@ -2,6 +2,7 @@
 //! Migrations are embedded and applied by `labbook migrate`.
 
 pub mod bookings;
+pub mod emails;
 pub mod schedule;
 pub mod slots;
 

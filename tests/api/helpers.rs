@@ -128,6 +128,8 @@ impl TestEnv {
             ("AWS_SECRET_ACCESS_KEY", "testing".into()),
             ("LABBOOK_AMI_ID", "ami-03cf127a".into()),
             ("LABBOOK_PROVISION_LEAD_SECONDS", "0".into()),
+            ("SMTP_URL", smtp_url()),
+            ("MAIL_FROM", "labbook@labbook.test".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -386,4 +388,56 @@ pub fn unique_id(prefix: &str) -> String {
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
     )
+}
+
+pub fn maildev_api() -> String {
+    std::env::var("TEST_MAILDEV_API").unwrap_or_else(|_| "http://127.0.0.1:1080/api/email".into())
+}
+
+pub fn smtp_url() -> String {
+    std::env::var("TEST_SMTP_URL").unwrap_or_else(|_| "smtp://127.0.0.1:1025".into())
+}
+
+/// Emails the SMTP sink holds for `address`, oldest first.
+pub async fn emails_to(address: &str) -> Vec<serde_json::Value> {
+    let all: Vec<serde_json::Value> = reqwest::get(maildev_api())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    all.into_iter()
+        .filter(|e| {
+            e["to"]
+                .as_array()
+                .is_some_and(|to| to.iter().any(|t| t["address"] == address))
+        })
+        .collect()
+}
+
+/// Waits until the sink holds at least `n` emails for `address`.
+pub async fn wait_emails(address: &str, n: usize) -> Vec<serde_json::Value> {
+    eventually(
+        Duration::from_secs(40),
+        &format!("{n} emails to {address}"),
+        || async {
+            let got = emails_to(address).await;
+            (got.len() >= n).then_some(got)
+        },
+    )
+    .await
+}
+
+/// A valid booking body for `email`.
+pub fn booking_for(
+    id: &str,
+    email: &str,
+    users: u32,
+    at: chrono::DateTime<chrono::Utc>,
+    minutes: u32,
+) -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&booking_at(id, users, at, minutes)).unwrap();
+    v["email"] = email.into();
+    v.to_string()
 }

@@ -1,0 +1,252 @@
+//! The three emails of CONTRACT.md §5, rendered from the templates in `templates/` (plain text
+//! and HTML, compiled into the binary).
+
+use minijinja::{Environment, context};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::domain::EmailKind;
+
+/// A rendered email, ready for a transport.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// A trainee login as the confirmation shows it.
+#[derive(Debug, Serialize)]
+pub struct UserLine {
+    pub username: String,
+    pub password: String,
+}
+
+/// One lab machine as the instance-details email shows it.
+#[derive(Debug, Serialize)]
+pub struct InstanceBlock {
+    pub url: String,
+    pub usernames: Vec<String>,
+    pub admin_username: String,
+    pub admin_password: String,
+}
+
+/// The templates, parsed once.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        let mut env = Environment::new();
+        env.set_trim_blocks(false);
+        for (name, source) in [
+            (
+                "confirmation.txt",
+                include_str!("../../templates/confirmation.txt"),
+            ),
+            (
+                "confirmation.html",
+                include_str!("../../templates/confirmation.html"),
+            ),
+            (
+                "instance_details.txt",
+                include_str!("../../templates/instance_details.txt"),
+            ),
+            (
+                "instance_details.html",
+                include_str!("../../templates/instance_details.html"),
+            ),
+            ("failure.txt", include_str!("../../templates/failure.txt")),
+            ("failure.html", include_str!("../../templates/failure.html")),
+        ] {
+            env.add_template(name, source)
+                .expect("the bundled templates parse");
+        }
+        Self { env }
+    }
+}
+
+impl Templates {
+    fn render(
+        &self,
+        kind: EmailKind,
+        subject: &str,
+        ctx: minijinja::Value,
+    ) -> Result<Rendered, minijinja::Error> {
+        let name = kind.as_str();
+        Ok(Rendered {
+            subject: subject.to_owned(),
+            text: self
+                .env
+                .get_template(&format!("{name}.txt"))?
+                .render(&ctx)?,
+            html: self
+                .env
+                .get_template(&format!("{name}.html"))?
+                .render(&ctx)?,
+        })
+    }
+
+    pub fn confirmation(
+        &self,
+        booking_id: &str,
+        booking_time: &str,
+        ends_at: &str,
+        users: &[UserLine],
+    ) -> Result<Rendered, minijinja::Error> {
+        self.render(
+            EmailKind::Confirmation,
+            "Booking Confirmation",
+            context! { booking_id, booking_time, ends_at, users },
+        )
+    }
+
+    pub fn instance_details(
+        &self,
+        booking_id: &str,
+        booking_time: &str,
+        ends_at: &str,
+        instances: &[InstanceBlock],
+        jupyterhub: bool,
+    ) -> Result<Rendered, minijinja::Error> {
+        let subject = if jupyterhub {
+            "JupyterHub Access Information"
+        } else {
+            "Lab Access Information"
+        };
+        self.render(
+            EmailKind::InstanceDetails,
+            subject,
+            context! { booking_id, booking_time, ends_at, instances, jupyterhub },
+        )
+    }
+
+    pub fn failure(
+        &self,
+        booking_id: &str,
+        booking_time: &str,
+        what_failed: &str,
+    ) -> Result<Rendered, minijinja::Error> {
+        self.render(
+            EmailKind::Failure,
+            "Booking Failed",
+            context! { booking_id, booking_time, what_failed },
+        )
+    }
+}
+
+/// The `Message-ID` of a booking's email of one kind: stable, so a duplicate is recognisable,
+/// and valid RFC 5322 (`id-left` is a dot-atom; the booking id's other characters are
+/// replaced, and a hash of the exact id keeps it unique).
+pub fn message_id(booking_id: &str, kind: EmailKind, domain: &str) -> String {
+    let safe: String = booking_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let digest = Sha256::digest(booking_id.as_bytes());
+    let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
+    format!(
+        "<labbook.{}.{safe}.{hash}@{domain}>",
+        kind.as_str().replace('_', "-")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirmation_keeps_the_original_lines() {
+        let users = [
+            UserLine {
+                username: "ualice".into(),
+                password: "Pw1".into(),
+            },
+            UserLine {
+                username: "ubob".into(),
+                password: "Pw2".into(),
+            },
+        ];
+        let r = Templates::default()
+            .confirmation(
+                "course-1",
+                "2026-12-01T01:00:00Z",
+                "2026-12-01T04:00:00Z",
+                &users,
+            )
+            .unwrap();
+        assert_eq!(r.subject, "Booking Confirmation");
+        let lines: Vec<&str> = r.text.lines().collect();
+        assert!(lines.contains(&"Booking ID: course-1"));
+        assert!(lines.contains(&"Booking Time: 2026-12-01T01:00:00Z"));
+        assert!(lines.contains(&"Username: ualice, Password: Pw1"));
+        assert!(lines.contains(&"Username: ubob, Password: Pw2"));
+        assert!(r.html.contains("<code>ualice</code>"));
+    }
+
+    #[test]
+    fn instance_blocks_come_in_order() {
+        let instances = [InstanceBlock {
+            url: "http://ec2-1.example".into(),
+            usernames: vec!["ua".into(), "ub".into()],
+            admin_username: "labadmin".into(),
+            admin_password: "Secret1".into(),
+        }];
+        let t = Templates::default();
+        let r = t.instance_details("b", "t", "e", &instances, true).unwrap();
+        assert_eq!(r.subject, "JupyterHub Access Information");
+        let lines: Vec<&str> = r.text.lines().collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| *l == needle)
+                .unwrap_or_else(|| panic!("{needle} in {lines:?}"))
+        };
+        assert!(at("Instance URL: http://ec2-1.example") < at("- ua"));
+        assert!(at("- ua") < at("- ub"));
+        assert!(at("- ub") < at("Username: labadmin"));
+        assert!(at("Username: labadmin") < at("Password: Secret1"));
+        let ssh = t
+            .instance_details("b", "t", "e", &instances, false)
+            .unwrap();
+        assert_eq!(ssh.subject, "Lab Access Information");
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        let users = [UserLine {
+            username: "<script>".into(),
+            password: "a&b".into(),
+        }];
+        let r = Templates::default()
+            .confirmation("x", "t", "e", &users)
+            .unwrap();
+        assert!(!r.html.contains("<script>"));
+        assert!(r.html.contains("a&amp;b"));
+    }
+
+    #[test]
+    fn message_ids_are_valid_and_distinct() {
+        let a = message_id("course:42..x", EmailKind::Confirmation, "example.org");
+        assert!(
+            a.starts_with("<labbook.confirmation.course-42--x.") && a.ends_with("@example.org>"),
+            "{a}"
+        );
+        assert!(!a[1..a.find('@').unwrap()].contains(".."));
+        assert_ne!(
+            a,
+            message_id("course:42..x", EmailKind::Failure, "example.org")
+        );
+        assert_ne!(
+            a,
+            message_id("course-42--x", EmailKind::Confirmation, "example.org")
+        );
+    }
+}

@@ -1,0 +1,181 @@
+//! Stage 4, `notify`: render and send the confirmation, instance-details and failure emails,
+//! each once per booking (see [`crate::store::emails`]).
+//!
+//! Passwords are decrypted here only, only to render the email.
+
+use crate::broker::{Incoming, Outgoing, Stage, StageQueue};
+use crate::config::Bootstrap;
+use crate::crypto::SecretKey;
+use crate::domain::{EmailAddress, EmailKind, NotifyMessage};
+use crate::mail::render::{InstanceBlock, UserLine, message_id};
+use crate::mail::{Mailer, Rendered, SendError, Templates};
+use crate::stages::StageError;
+use crate::stages::credentials::password_context;
+use crate::stages::provisioner::admin_context;
+use crate::store::{BookingRecord, Store, bookings, emails, slots};
+
+/// What the failure email says failed: plain words, never an internal error.
+const WHAT_FAILED: &str = "The lab machines for this booking could not be started.";
+
+pub struct NotifierStage {
+    store: Store,
+    key: SecretKey,
+    mailer: Mailer,
+    templates: Templates,
+    bootstrap: Bootstrap,
+    domain: String,
+}
+
+impl NotifierStage {
+    pub fn new(
+        store: Store,
+        key: SecretKey,
+        mailer: Mailer,
+        bootstrap: Bootstrap,
+        from: &EmailAddress,
+    ) -> Self {
+        let domain = from
+            .as_str()
+            .rsplit_once('@')
+            .map_or("labbook.invalid", |(_, d)| d)
+            .to_owned();
+        Self {
+            store,
+            key,
+            mailer,
+            templates: Templates::default(),
+            bootstrap,
+            domain,
+        }
+    }
+
+    async fn render(
+        &self,
+        booking: &BookingRecord,
+        kind: EmailKind,
+    ) -> Result<Rendered, StageError> {
+        let id = booking.booking_id.as_str();
+        let time = crate::format_time(booking.booking_time);
+        let ends = crate::format_time(booking.ends_at());
+        let undecryptable = |_| {
+            StageError::permanent(
+                "a stored password cannot be decrypted: is LABBOOK_SECRET_KEY the key it was stored with?",
+            )
+        };
+        let rendered = match kind {
+            EmailKind::Confirmation => {
+                let creds = bookings::credentials(&self.store.pool, id).await?;
+                let mut users = Vec::with_capacity(creds.len());
+                for c in creds {
+                    let password = self
+                        .key
+                        .decrypt(&c.password_encrypted, &password_context(id, &c.username))
+                        .map_err(undecryptable)?;
+                    users.push(UserLine {
+                        username: c.username,
+                        password: password.expose().to_owned(),
+                    });
+                }
+                self.templates.confirmation(id, &time, &ends, &users)
+            }
+            EmailKind::InstanceDetails => {
+                let creds = bookings::credentials(&self.store.pool, id).await?;
+                let slots = slots::for_booking(&self.store.pool, id).await?;
+                let mut instances = Vec::with_capacity(slots.len());
+                for slot in &slots {
+                    let address = slot.address().ok_or_else(|| {
+                        StageError::permanent(format!(
+                            "no running instance with an address is recorded for slot {}",
+                            slot.slot
+                        ))
+                    })?;
+                    let admin = self
+                        .key
+                        .decrypt(
+                            &slot.admin_password_encrypted,
+                            &admin_context(id, slot.slot),
+                        )
+                        .map_err(undecryptable)?;
+                    instances.push(InstanceBlock {
+                        url: format!("http://{address}"),
+                        usernames: creds
+                            .iter()
+                            .filter(|c| slot.user_positions().contains(&c.position))
+                            .map(|c| c.username.clone())
+                            .collect(),
+                        admin_username: slot.admin_username.clone(),
+                        admin_password: admin.expose().to_owned(),
+                    });
+                }
+                if instances.is_empty() {
+                    return Err(StageError::permanent(
+                        "no instances are recorded for this booking",
+                    ));
+                }
+                self.templates.instance_details(
+                    id,
+                    &time,
+                    &ends,
+                    &instances,
+                    self.bootstrap == Bootstrap::JupyterHub,
+                )
+            }
+            EmailKind::Failure => self.templates.failure(id, &time, WHAT_FAILED),
+        };
+        rendered.map_err(|e| {
+            StageError::permanent(format!("rendering the {} email: {e}", kind.as_str()))
+        })
+    }
+}
+
+impl Stage for NotifierStage {
+    fn queue(&self) -> StageQueue {
+        StageQueue::Notify
+    }
+
+    async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
+        let n: NotifyMessage = msg.json()?;
+        let booking = bookings::find(&self.store.pool, &n.booking_id)
+            .await?
+            .ok_or_else(|| {
+                StageError::permanent(format!("booking {} is not stored", n.booking_id))
+            })?;
+        let id = message_id(&booking.booking_id, n.kind, &self.domain);
+        let claim = emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await?;
+        if claim.already_sent {
+            tracing::info!(
+                kind = n.kind.as_str(),
+                "email already sent; not sending it again"
+            );
+            return Ok(Vec::new());
+        }
+        let email = self.render(&booking, n.kind).await?;
+        let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
+        self.mailer
+            .send(&to, &id, &email)
+            .await
+            .map_err(|e| match e {
+                SendError::Permanent(_) => StageError::Permanent(e.to_string()),
+                SendError::Transient(_) => StageError::transient(e),
+            })?;
+        // If the process dies right here, the email went out but is not recorded: the message
+        // comes again and the email is sent a second time, with the same Message-ID.
+        claim.sent(&booking.booking_id, n.kind).await?;
+        tracing::info!(kind = n.kind.as_str(), subject = %email.subject, message_id = %id, "email sent");
+        Ok(Vec::new())
+    }
+
+    async fn give_up(&self, msg: &Incoming, reason: &str) -> Result<Vec<Outgoing>, StageError> {
+        let Ok(n) = msg.json::<NotifyMessage>() else {
+            return Ok(Vec::new());
+        };
+        if bookings::find(&self.store.pool, &n.booking_id)
+            .await?
+            .is_some()
+        {
+            let id = message_id(&n.booking_id, n.kind, &self.domain);
+            emails::record_failure(&self.store.pool, &n.booking_id, n.kind, &id, reason).await?;
+        }
+        Ok(Vec::new())
+    }
+}

@@ -1,0 +1,90 @@
+//! The email log: each kind of email is sent once per booking.
+//!
+//! [`claim`] opens a transaction holding the log row's lock while the email is sent, so two
+//! copies of a `notify` message handled at once send one email: the second waits, then sees
+//! it sent. The row is committed as sent only after the relay accepted the email.
+
+use chrono::{DateTime, Utc};
+use sqlx::{FromRow, PgPool, Postgres, Transaction};
+
+use crate::domain::EmailKind;
+
+#[derive(Debug, Clone, FromRow, serde::Serialize)]
+pub struct EmailRecord {
+    pub kind: String,
+    pub message_id: String,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// The log row of one email, locked for this transaction.
+pub struct Claim {
+    pub tx: Transaction<'static, Postgres>,
+    pub already_sent: bool,
+}
+
+pub async fn claim(
+    pool: &PgPool,
+    booking_id: &str,
+    kind: EmailKind,
+    message_id: &str,
+) -> Result<Claim, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO emails (booking_id, kind, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+        .bind(booking_id)
+        .bind(kind.as_str())
+        .bind(message_id)
+        .execute(&mut *tx)
+        .await?;
+    let sent: Option<DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2 FOR UPDATE",
+    )
+    .bind(booking_id)
+    .bind(kind.as_str())
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(Claim {
+        tx,
+        already_sent: sent.is_some(),
+    })
+}
+
+impl Claim {
+    /// Records the email as sent and releases the lock.
+    pub async fn sent(mut self, booking_id: &str, kind: EmailKind) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE emails SET sent_at = now(), last_error = NULL WHERE booking_id = $1 AND kind = $2")
+            .bind(booking_id)
+            .bind(kind.as_str())
+            .execute(&mut *self.tx)
+            .await?;
+        self.tx.commit().await
+    }
+}
+
+/// Records why an email could not be sent (the booking's mark for operators).
+pub async fn record_failure(
+    pool: &PgPool,
+    booking_id: &str,
+    kind: EmailKind,
+    message_id: &str,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO emails (booking_id, kind, message_id, last_error) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (booking_id, kind) DO UPDATE SET last_error = EXCLUDED.last_error",
+    )
+    .bind(booking_id)
+    .bind(kind.as_str())
+    .bind(message_id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<EmailRecord>, sqlx::Error> {
+    sqlx::query_as("SELECT kind, message_id, sent_at, last_error FROM emails WHERE booking_id = $1 ORDER BY kind")
+        .bind(booking_id)
+        .fetch_all(pool)
+        .await
+}

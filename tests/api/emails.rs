@@ -1,0 +1,331 @@
+//! The whole pipeline through the real broker, database, SMTP server and EC2 emulator.
+
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::Utc;
+use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
+use labbook::mail::render::message_id;
+use labbook::stages::credentials::password_context;
+use labbook::stages::provisioner::admin_context;
+use labbook::startup::Worker;
+use labbook::store::{bookings, emails, slots};
+use lapin::BasicProperties;
+
+use crate::helpers::{TestEnv, booking_for, emails_to, raw_ec2, unique_id, wait_emails};
+
+fn text_lines(email: &serde_json::Value) -> Vec<String> {
+    email["text"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn by_subject<'a>(all: &'a [serde_json::Value], subject: &str) -> &'a serde_json::Value {
+    all.iter()
+        .find(|e| e["subject"] == subject)
+        .unwrap_or_else(|| panic!("no {subject:?} email in {all:#?}"))
+}
+
+async fn publish_json(env: &TestEnv, queue: &str, body: &impl serde::Serialize) {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    env.publish_raw(queue, &serde_json::to_vec(body).unwrap(), props)
+        .await;
+}
+
+async fn user_data_of(instance_id: &str) -> String {
+    let out = raw_ec2()
+        .await
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let b64 = out.user_data().and_then(|v| v.value()).unwrap_or_default();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[
+        Worker::Credentials,
+        Worker::Scheduler,
+        Worker::Provisioner,
+        Worker::Notifier,
+    ])
+    .await;
+    let id = unique_id("e2e");
+    let to = format!("{id}@example.org");
+    let at = Utc::now() - chrono::Duration::minutes(5);
+    env.publish_booking(&booking_for(&id, &to, 5, at, 120))
+        .await;
+
+    let all = wait_emails(&to, 2).await;
+    let store = env.store().await;
+    let creds = bookings::credentials(&store.pool, &id).await.unwrap();
+
+    // Confirmation: exactly the stored credentials.
+    let confirmation = by_subject(&all, "Booking Confirmation");
+    let lines = text_lines(confirmation);
+    assert!(lines.contains(&format!("Booking ID: {id}")));
+    let at_utc = chrono::DateTime::parse_from_rfc3339(&at.to_rfc3339())
+        .unwrap()
+        .with_timezone(&Utc);
+    assert!(lines.contains(&format!(
+        "Booking Time: {}",
+        at_utc.format("%Y-%m-%dT%H:%M:%SZ")
+    )));
+    let user_lines: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("Username: "))
+        .collect();
+    assert_eq!(user_lines.len(), 5);
+    for c in &creds {
+        let pw = env
+            .key
+            .decrypt(&c.password_encrypted, &password_context(&id, &c.username))
+            .unwrap();
+        assert!(lines.contains(&format!(
+            "Username: {}, Password: {}",
+            c.username,
+            pw.expose()
+        )));
+    }
+    assert_eq!(
+        confirmation["headers"]["message-id"].as_str().unwrap(),
+        message_id(&id, EmailKind::Confirmation, "labbook.test")
+    );
+    let source = reqwest::get(format!(
+        "{}/{}/source",
+        crate::helpers::maildev_api(),
+        confirmation["id"].as_str().unwrap()
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    assert!(source.contains("Content-Type: multipart/alternative"));
+    assert!(source.contains("Content-Type: text/html"));
+    assert!(
+        confirmation["html"]
+            .as_str()
+            .unwrap()
+            .contains(&creds[0].username)
+    );
+
+    // Instance details: every slot's address, its users in order, its admin credentials.
+    let details = by_subject(&all, "JupyterHub Access Information");
+    let lines = text_lines(details);
+    let slots = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(slots.len(), 3);
+    for slot in &slots {
+        let url_line = format!("Instance URL: http://{}", slot.address().unwrap());
+        let start = lines
+            .iter()
+            .position(|l| *l == url_line)
+            .unwrap_or_else(|| panic!("{url_line} in {lines:#?}"));
+        let block = &lines[start..];
+        let mut cursor = 0;
+        for c in creds
+            .iter()
+            .filter(|c| slot.user_positions().contains(&c.position))
+        {
+            let at = block[cursor..]
+                .iter()
+                .position(|l| *l == format!("- {}", c.username))
+                .expect("user listed")
+                + cursor;
+            cursor = at + 1;
+        }
+        let admin_at = block[cursor..]
+            .iter()
+            .position(|l| *l == "Username: labadmin")
+            .expect("admin")
+            + cursor;
+        let password = block[admin_at + 1..]
+            .iter()
+            .find(|l| l.starts_with("Password: "))
+            .unwrap();
+        let admin_pw =
+            Password::from_plaintext(password.trim_start_matches("Password: ").to_owned());
+        let stored = env
+            .key
+            .decrypt(
+                &slot.admin_password_encrypted,
+                &admin_context(&id, slot.slot),
+            )
+            .unwrap();
+        assert_eq!(admin_pw.expose(), stored.expose());
+        let user_data = user_data_of(slot.instance_id.as_deref().unwrap()).await;
+        let hash = user_data
+            .lines()
+            .skip_while(|l| !l.contains("name: labadmin"))
+            .find_map(|l| l.trim().strip_prefix("passwd: "))
+            .unwrap()
+            .trim_matches(|c| c == '\'' || c == '"');
+        assert!(
+            admin_pw.verify(hash),
+            "the emailed admin password matches the instance's hash"
+        );
+    }
+
+    // Redelivering every kind of message sends nothing again.
+    publish_json(
+        &env,
+        "booking-created",
+        &serde_json::from_str::<serde_json::Value>(&booking_for(&id, &to, 5, at, 120)).unwrap(),
+    )
+    .await;
+    for kind in [EmailKind::Confirmation, EmailKind::InstanceDetails] {
+        publish_json(
+            &env,
+            "notify",
+            &NotifyMessage {
+                booking_id: id.clone(),
+                kind,
+            },
+        )
+        .await;
+    }
+    publish_json(
+        &env,
+        "provision-due",
+        &BookingRef {
+            booking_id: id.clone(),
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(emails_to(&to).await.len(), 2, "no email was sent twice");
+    let log = emails::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(log.iter().filter(|e| e.sent_at.is_some()).count(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_future_booking_gets_its_confirmation_now_and_no_machines_yet() {
+    let mut env = TestEnv::with(&[("LABBOOK_PROVISION_LEAD_SECONDS", "900")]).await;
+    env.spawn(&[
+        Worker::Credentials,
+        Worker::Scheduler,
+        Worker::Provisioner,
+        Worker::Notifier,
+    ])
+    .await;
+    let id = unique_id("future");
+    let to = format!("{id}@example.org");
+    env.publish_booking(&booking_for(
+        &id,
+        &to,
+        2,
+        Utc::now() + chrono::Duration::days(2),
+        60,
+    ))
+    .await;
+    let all = wait_emails(&to, 1).await;
+    assert_eq!(all[0]["subject"], "Booking Confirmation");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(emails_to(&to).await.len(), 1);
+    assert!(crate::helpers::instances_for(&id).await.is_empty());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_booking_that_cannot_be_provisioned_gets_the_failure_email() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Notifier])
+        .await;
+    env.spawn_with(
+        &[Worker::Provisioner],
+        &[("LABBOOK_SUBNET_ID", "subnet-doesnotexist")],
+    )
+    .await;
+    let id = unique_id("fails");
+    let to = format!("{id}@example.org");
+    env.publish_booking(&booking_for(&id, &to, 2, Utc::now(), 60))
+        .await;
+    let all = wait_emails(&to, 2).await;
+    let failure = by_subject(&all, "Booking Failed");
+    let lines = text_lines(failure);
+    assert!(lines.contains(&format!("Booking ID: {id}")));
+    let text = failure["text"].as_str().unwrap();
+    assert!(text.contains("could not be started"));
+    assert!(
+        !text.contains("InvalidSubnetID") && !text.contains("EC2"),
+        "no internals: {text}"
+    );
+    env.stop().await;
+}
+
+/// Forwards TCP connections from `listener` to the SMTP sink, as if the relay came back.
+async fn relay(listener: tokio::net::TcpListener) {
+    let target = crate::helpers::smtp_url()
+        .trim_start_matches("smtp://")
+        .to_owned();
+    loop {
+        let Ok((mut inbound, _)) = listener.accept().await else {
+            return;
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_back() {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let smtp = format!("smtp://127.0.0.1:{port}");
+    let mut env = TestEnv::with(&[
+        ("SMTP_URL", smtp.as_str()),
+        ("LABBOOK_RETRY_DELAYS_MS", "500,1000"),
+        ("LABBOOK_MAX_ATTEMPTS", "30"),
+    ])
+    .await;
+    env.spawn(&[Worker::Credentials, Worker::Notifier]).await;
+    let id = unique_id("smtp-down");
+    let to = format!("{id}@example.org");
+    env.publish_booking(&booking_for(
+        &id,
+        &to,
+        1,
+        Utc::now() + chrono::Duration::days(1),
+        60,
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(emails_to(&to).await.is_empty());
+    let store = env.store().await;
+    let log = emails::for_booking(&store.pool, &id).await.unwrap();
+    assert!(log.iter().all(|e| e.sent_at.is_none()));
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let relay = tokio::spawn(relay(listener));
+    let all = wait_emails(&to, 1).await;
+    assert_eq!(all[0]["subject"], "Booking Confirmation");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(emails_to(&to).await.len(), 1, "delivered once");
+    assert_eq!(env.depth("notify.dlq").await, 0);
+    relay.abort();
+    env.stop().await;
+}
