@@ -24,6 +24,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod ec2;
+pub mod health;
 pub mod mail;
 pub mod stages;
 pub mod startup;

@@ -10,9 +10,14 @@ use std::sync::Arc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::run_stage;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+use crate::broker::{Stage, run_stage};
 use crate::config::{ConfigError, Settings};
 use crate::ec2::Ec2;
+use crate::health::Readiness;
 use crate::mail::Mailer;
 use crate::stages::credentials::CredentialsStage;
 use crate::stages::notifier::NotifierStage;
@@ -49,43 +54,49 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub struct Application {
     tasks: Vec<(&'static str, Task)>,
     stop: CancellationToken,
+    readiness: Readiness,
+    store: Store,
+    http: Option<TcpListener>,
 }
 
 impl Application {
-    /// Checks the configuration each worker needs and builds its clients (no I/O yet).
+    /// Checks the configuration each worker needs, builds its clients and binds the metrics
+    /// endpoint. Broker and database connections are made when running.
     pub async fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
         let store = Store::connect_lazy(&settings.database_url)
             .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
-        let stop = CancellationToken::new();
-        let broker = &settings.broker;
-        let mut tasks: Vec<(&'static str, Task)> = Vec::new();
+        let mut app = Self {
+            tasks: Vec::new(),
+            stop: CancellationToken::new(),
+            readiness: Readiness::default(),
+            store: store.clone(),
+            http: None,
+        };
         for worker in workers {
             match worker {
                 Worker::Credentials => {
-                    let stage = Arc::new(CredentialsStage::new(
-                        store.clone(),
-                        settings.require_secret_key()?.clone(),
-                        settings.rules,
-                    ));
-                    tasks.push((
+                    let key = settings.require_secret_key()?.clone();
+                    app.add_stage(
                         "credentials",
-                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
-                    ));
+                        settings,
+                        CredentialsStage::new(store.clone(), key, settings.rules),
+                    );
                 }
                 Worker::Scheduler => {
-                    let stage =
-                        Arc::new(SchedulerStage::new(store.clone(), settings.provision_lead));
-                    tasks.push((
+                    app.add_stage(
                         "scheduler",
-                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
-                    ));
+                        settings,
+                        SchedulerStage::new(store.clone(), settings.provision_lead),
+                    );
+                    let ready = app.readiness.register("scheduler timer");
                     let timer = run_timer(
                         store.clone(),
-                        broker.clone(),
+                        settings.broker.clone(),
                         settings.scheduler_tick,
-                        stop.clone(),
+                        ready,
+                        app.stop.clone(),
                     );
-                    tasks.push(("scheduler timer", Box::pin(timer)));
+                    app.tasks.push(("scheduler timer", Box::pin(timer)));
                 }
                 Worker::Provisioner => {
                     let ami_id = settings.require_ami_id()?.to_owned();
@@ -93,35 +104,54 @@ impl Application {
                     let ec2 = Ec2::new(settings.ec2.clone()).await;
                     let provisioner =
                         Provisioner::new(store.clone(), ec2, key, settings.ec2.clone(), ami_id);
-                    let provision = Arc::new(ProvisionStage(provisioner.clone()));
-                    let teardown = Arc::new(TeardownStage(provisioner));
-                    tasks.push((
-                        "provisioner",
-                        Box::pin(run_stage(provision, broker.clone(), stop.clone())),
-                    ));
-                    tasks.push((
-                        "teardown",
-                        Box::pin(run_stage(teardown, broker.clone(), stop.clone())),
-                    ));
+                    app.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));
+                    app.add_stage("teardown", settings, TeardownStage(provisioner));
                 }
                 Worker::Notifier => {
                     let key = settings.require_secret_key()?.clone();
                     let mailer = Mailer::new(&settings.smtp_url, &settings.mail_from)?;
-                    let stage = Arc::new(NotifierStage::new(
-                        store.clone(),
-                        key,
-                        mailer,
-                        settings.ec2.bootstrap,
-                        &settings.mail_from,
-                    ));
-                    tasks.push((
+                    let bootstrap = settings.ec2.bootstrap;
+                    app.add_stage(
                         "notifier",
-                        Box::pin(run_stage(stage, broker.clone(), stop.clone())),
-                    ));
+                        settings,
+                        NotifierStage::new(
+                            store.clone(),
+                            key,
+                            mailer,
+                            bootstrap,
+                            &settings.mail_from,
+                        ),
+                    );
                 }
             }
         }
-        Ok(Self { tasks, stop })
+        if let Some(addr) = settings.metrics_addr {
+            crate::health::prometheus();
+            let listener = crate::health::bind(addr).await.map_err(|e| {
+                ConfigError::new(
+                    "LABBOOK_METRICS_ADDR",
+                    format!("cannot listen on {addr}: {e}"),
+                )
+            })?;
+            app.http = Some(listener);
+        }
+        Ok(app)
+    }
+
+    fn add_stage<S: Stage>(&mut self, name: &'static str, settings: &Settings, stage: S) {
+        let ready = self.readiness.register(name);
+        let task = run_stage(
+            Arc::new(stage),
+            settings.broker.clone(),
+            ready,
+            self.stop.clone(),
+        );
+        self.tasks.push((name, Box::pin(task)));
+    }
+
+    /// Where the metrics and health endpoint listens, if it is on.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Runs every worker until `shutdown` completes, then waits until each has drained its
@@ -133,6 +163,15 @@ impl Application {
             set.spawn(task);
         }
         let stop = self.stop;
+        if let Some(listener) = self.http {
+            tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz, /readyz");
+            set.spawn(crate::health::serve(
+                listener,
+                self.readiness,
+                self.store,
+                stop.clone().cancelled_owned(),
+            ));
+        }
         tokio::select! {
             _ = shutdown => {}
             _ = stop.cancelled() => {}

@@ -2,6 +2,7 @@
 //! every stage runs on.
 
 pub mod connection;
+pub mod dlq;
 pub mod headers;
 pub mod publisher;
 pub mod runtime;

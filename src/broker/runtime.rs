@@ -32,6 +32,7 @@ use super::headers;
 use super::publisher::{json_properties, publish_confirmed};
 use super::topology::{EXCHANGE, StageQueue, Topology};
 use crate::config::BrokerSettings;
+use crate::health::ReadyFlag;
 use crate::stages::StageError;
 
 /// A delivery redelivered this many times without an outcome (the worker died on it each
@@ -125,6 +126,7 @@ pub trait Stage: Send + Sync + 'static {
 pub async fn run_stage<S: Stage>(
     stage: Arc<S>,
     settings: BrokerSettings,
+    ready: ReadyFlag,
     shutdown: CancellationToken,
 ) {
     let topology = Topology::new(settings.retry_delays.clone());
@@ -134,7 +136,9 @@ pub async fn run_stage<S: Stage>(
         if shutdown.is_cancelled() {
             return;
         }
-        match session(&stage, &settings, &topology, &shutdown).await {
+        let ended = session(&stage, &settings, &topology, &ready, &shutdown).await;
+        ready.set(false);
+        match ended {
             Ok(SessionEnd::Shutdown) => return,
             Ok(SessionEnd::Lost { was_consuming }) => {
                 if was_consuming {
@@ -168,6 +172,7 @@ async fn session<S: Stage>(
     stage: &Arc<S>,
     settings: &BrokerSettings,
     topology: &Topology,
+    ready: &ReadyFlag,
     shutdown: &CancellationToken,
 ) -> lapin::Result<SessionEnd> {
     let queue = stage.queue();
@@ -194,6 +199,7 @@ async fn session<S: Stage>(
         )
         .await?;
     tracing::info!(%queue, prefetch = settings.prefetch, "consuming");
+    ready.set(true);
 
     let ctx = Arc::new(Ctx {
         stage: stage.clone(),

@@ -1,5 +1,6 @@
 //! The operator's `labbook` command.
 
+mod dlq;
 mod publish;
 mod status;
 
@@ -44,6 +45,11 @@ enum Command {
         /// Machine-readable JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Inspect, replay or purge a stage's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
     /// Run workers in this process until SIGTERM/SIGINT.
     Run {
@@ -142,6 +148,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Publish { file } => publish::run(&settings, &file).await,
         Command::Status { booking_id, json } => status::run(&settings, &booking_id, json).await,
+        Command::Dlq { command } => dlq::run(&settings, command).await,
         Command::Run { workers } => {
             let workers: Vec<Worker> = if workers.contains(&RunTarget::All) {
                 Worker::ALL.to_vec()

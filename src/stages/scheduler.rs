@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Incoming, Outgoing, Stage, StageQueue, Topology, connect_with_retry};
 use crate::config::BrokerSettings;
 use crate::domain::BookingRef;
+use crate::health::ReadyFlag;
 use crate::stages::StageError;
 use crate::store::schedule::{self, Action};
 use crate::store::{BookingState, Store, bookings};
@@ -83,9 +84,11 @@ pub async fn run_timer(
     store: Store,
     broker: BrokerSettings,
     tick: Duration,
+    ready: ReadyFlag,
     shutdown: CancellationToken,
 ) {
     let topology = Topology::new(broker.retry_delays.clone());
+    let mut database_down = false;
     loop {
         let Some(conn) =
             connect_with_retry(&broker.amqp_url, "labbook scheduler timer", &shutdown).await
@@ -101,6 +104,7 @@ pub async fn run_timer(
             }
         };
         tracing::info!(tick_ms = tick.as_millis() as u64, "timer running");
+        ready.set(true);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
@@ -109,10 +113,21 @@ pub async fn run_timer(
                 }
                 _ = tokio::time::sleep(tick) => {}
             }
+            if !conn.status().connected() {
+                tracing::warn!("timer: lost the broker connection; reconnecting");
+                break;
+            }
             match publish_due(&store, &channel).await {
+                Ok(_) if database_down => {
+                    database_down = false;
+                    tracing::info!("timer: the database is back");
+                }
                 Ok(_) => {}
                 Err(TickError::Database(err)) => {
-                    tracing::warn!(error = %err, "timer: database unavailable; will try again")
+                    if !database_down {
+                        tracing::warn!(error = %err, "timer: database unavailable; trying again every tick");
+                    }
+                    database_down = true;
                 }
                 Err(TickError::Broker(err)) => {
                     tracing::warn!(error = %err, "timer: publishing failed; reconnecting");
@@ -120,6 +135,7 @@ pub async fn run_timer(
                 }
             }
         }
+        ready.set(false);
     }
 }
 

@@ -187,16 +187,23 @@ impl TestEnv {
         self.spawn_with(workers, &[]).await;
     }
 
-    /// Starts `workers` in this process with some settings changed.
-    pub async fn spawn_with(&mut self, workers: &[Worker], extra: &[(&str, &str)]) {
+    /// Starts `workers` in this process with some settings changed; returns where the
+    /// metrics endpoint listens, if it is on.
+    pub async fn spawn_with(
+        &mut self,
+        workers: &[Worker],
+        extra: &[(&str, &str)],
+    ) -> Option<std::net::SocketAddr> {
         let mut vars = self.vars.clone();
         vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let settings = Settings::from_map(&vars).expect("test settings are valid");
         let app = Application::build(&settings, workers)
             .await
             .expect("workers build");
+        let addr = app.http_addr();
         let stopped = self.shutdown.clone().cancelled_owned();
         self.apps.push(tokio::spawn(app.run_until_stopped(stopped)));
+        addr
     }
 
     /// Stops the in-process workers and waits until they have drained.

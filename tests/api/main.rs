@@ -4,6 +4,7 @@
 mod emails;
 mod helpers;
 mod intake;
+mod operations;
 mod provisioning;
 mod runtime;
 mod shutdown;
