@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Writes deploy/rabbitmq-definitions.json: labbook's broker topology as a RabbitMQ definitions
+file, for `rabbitmqctl import_definitions FILE`, the management UI's import, or the
+`load_definitions` setting.
+
+It mirrors what `labbook topology` declares (src/broker/topology.rs) with the default
+LABBOOK_RETRY_DELAYS_MS=1000,10000,60000,600000. If a deployment sets other delays, regenerate
+with the same list:  deploy/gen-rabbitmq-definitions.py --delays-ms 500,5000
+
+The file holds no users, permissions or policies: those are the broker operator's (and a user's
+password is a secret).
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+EXCHANGE = "labbook"
+STAGE_QUEUES = ["booking-created", "credentials-ready", "provision-due", "notify", "teardown-due"]
+DEFAULT_DELAYS_MS = [1_000, 10_000, 60_000, 600_000]
+VHOST = "/"
+
+
+def delay_queue_name(queue: str, ms: int) -> str:
+    # Same rule as topology::delay_queue_name: whole seconds as "10s", otherwise "1500ms".
+    return f"{queue}.retry.{ms // 1000}s" if ms % 1000 == 0 else f"{queue}.retry.{ms}ms"
+
+
+def quorum_queue(name: str, extra: dict | None = None) -> dict:
+    args = {"x-queue-type": "quorum"}
+    args.update(extra or {})
+    return {
+        "name": name,
+        "vhost": VHOST,
+        "durable": True,
+        "auto_delete": False,
+        "arguments": args,
+    }
+
+
+def definitions(delays_ms: list[int]) -> dict:
+    queues, bindings = [], []
+    for q in STAGE_QUEUES:
+        queues.append(quorum_queue(q))
+        bindings.append(
+            {
+                "source": EXCHANGE,
+                "vhost": VHOST,
+                "destination": q,
+                "destination_type": "queue",
+                "routing_key": q,
+                "arguments": {},
+            }
+        )
+        # Dead-letter queue: not bound; the workers publish to it by name.
+        queues.append(quorum_queue(f"{q}.dlq"))
+        # Retry tiers: a fixed TTL, then back to the stage queue through the default exchange.
+        for ms in delays_ms:
+            queues.append(
+                quorum_queue(
+                    delay_queue_name(q, ms),
+                    {
+                        "x-message-ttl": int(ms),
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": q,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
+            )
+    return {
+        "vhosts": [{"name": VHOST}],
+        "exchanges": [
+            {
+                "name": EXCHANGE,
+                "vhost": VHOST,
+                "type": "direct",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            }
+        ],
+        "queues": queues,
+        "bindings": bindings,
+    }
+
+
+def main() -> None:
+    here = pathlib.Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--delays-ms",
+        default=",".join(map(str, DEFAULT_DELAYS_MS)),
+        help="the LABBOOK_RETRY_DELAYS_MS list (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(here / "rabbitmq-definitions.json"),
+        help="the file to write, or - for standard output (default: %(default)s)",
+    )
+    opts = parser.parse_args()
+    delays = [int(x) for x in opts.delays_ms.split(",") if x.strip()]
+    text = json.dumps(definitions(delays), indent=2) + "\n"
+    if opts.output == "-":
+        sys.stdout.write(text)
+    else:
+        pathlib.Path(opts.output).write_text(text)
+        print(f"wrote {opts.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
