@@ -28,6 +28,38 @@ impl ConfigError {
     }
 }
 
+/// A connection URL that may hold a password. `Debug` shows it without the password, and
+/// there is no `Display`: a settings dump in a log cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+}
+
+impl std::ops::Deref for SecretUrl {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("REDACTED"));
+                write!(f, "{:?}", u.as_str())
+            }
+            Ok(u) => write!(f, "{:?}", u.as_str()),
+            Err(_) => f.write_str("\"[unparseable URL]\""),
+        }
+    }
+}
+
 /// What the instances boot into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bootstrap {
@@ -62,7 +94,7 @@ pub struct Ec2Settings {
 /// Retry tiers and consumer limits, shared by every stage.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    pub amqp_url: String,
+    pub amqp_url: SecretUrl,
     pub prefetch: u16,
     pub retry_delays: Vec<Duration>,
     pub max_attempts: u32,
@@ -74,8 +106,8 @@ pub struct BrokerSettings {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub broker: BrokerSettings,
-    pub database_url: String,
-    pub smtp_url: String,
+    pub database_url: SecretUrl,
+    pub smtp_url: SecretUrl,
     pub mail_from: EmailAddress,
     pub ec2: Ec2Settings,
     pub rules: BookingRules,
@@ -184,7 +216,7 @@ impl Settings {
 
         Ok(Self {
             broker: BrokerSettings {
-                amqp_url,
+                amqp_url: SecretUrl::new(amqp_url),
                 prefetch: v.number("LABBOOK_PREFETCH", 8, 1, 1000)? as u16,
                 retry_delays,
                 max_attempts,
@@ -195,8 +227,8 @@ impl Settings {
                     3600,
                 )?),
             },
-            database_url,
-            smtp_url,
+            database_url: SecretUrl::new(database_url),
+            smtp_url: SecretUrl::new(smtp_url),
             mail_from,
             ec2: Ec2Settings {
                 ami_id: v.get("LABBOOK_AMI_ID").map(str::to_owned),
@@ -375,6 +407,26 @@ mod tests {
         assert_eq!(s.ec2.bootstrap, Bootstrap::JupyterHub);
         assert_eq!(s.broker.max_attempts, 5);
         assert!(s.require_secret_key().is_err());
+    }
+
+    #[test]
+    fn urls_do_not_print_their_passwords() {
+        let s = with(&[
+            ("AMQP_URL", "amqp://user:hunter2@mq:5672/%2f"),
+            ("DATABASE_URL", "postgres://app:hunter2@db/labbook"),
+            ("SMTP_URL", "smtps://mail:hunter2@relay:465"),
+            ("AWS_ACCESS_KEY_ID", "AKIA"),
+            ("AWS_SECRET_ACCESS_KEY", "hunter2"),
+            (
+                "LABBOOK_SECRET_KEY",
+                &crate::crypto::SecretKey::generate_base64(),
+            ),
+        ])
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("REDACTED"));
+        assert_eq!(&*s.database_url, "postgres://app:hunter2@db/labbook");
     }
 
     #[test]

@@ -152,7 +152,7 @@ impl Topology {
 /// `booking-created.retry.10s`, `notify.retry.500ms`.
 pub fn delay_queue_name(queue: StageQueue, delay: Duration) -> String {
     let ms = delay.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}.retry.{}s", queue.name(), ms / 1000)
     } else {
         format!("{}.retry.{ms}ms", queue.name())

@@ -244,10 +244,11 @@ impl Provisioner {
             .map(|i| i.instance_id)
             .collect();
         for slot in slots::for_booking(&self.store.pool, booking_id).await? {
-            if let Some(id) = slot.instance_id {
-                if !ids.contains(&id) && slot.instance_state.as_deref() != Some("terminated") {
-                    ids.push(id);
-                }
+            if let Some(id) = slot.instance_id
+                && !ids.contains(&id)
+                && slot.instance_state.as_deref() != Some("terminated")
+            {
+                ids.push(id);
             }
         }
         self.ec2.terminate(&ids).await?;
