@@ -114,6 +114,9 @@ pub struct Settings {
     pub provision_lead: Duration,
     pub scheduler_tick: Duration,
     pub metrics_addr: Option<SocketAddr>,
+    /// Whether `LABBOOK_METRICS_ADDR` was set: then failing to listen is a configuration
+    /// error; on the default address, several workers on one host just skip it.
+    pub metrics_addr_explicit: bool,
     pub json_logs: bool,
     secret_key: Option<SecretKey>,
 }
@@ -284,6 +287,7 @@ impl Settings {
                 600_000,
             )?),
             metrics_addr,
+            metrics_addr_explicit: v.get("LABBOOK_METRICS_ADDR").is_some(),
             json_logs,
             secret_key,
         })

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpListener;
 
 use crate::broker::{Stage, run_stage};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, SecretUrl, Settings};
 use crate::ec2::Ec2;
 use crate::health::Readiness;
 use crate::mail::Mailer;
@@ -56,6 +56,7 @@ pub struct Application {
     stop: CancellationToken,
     readiness: Readiness,
     store: Store,
+    database_url: SecretUrl,
     http: Option<TcpListener>,
 }
 
@@ -70,6 +71,7 @@ impl Application {
             stop: CancellationToken::new(),
             readiness: Readiness::default(),
             store: store.clone(),
+            database_url: settings.database_url.clone(),
             http: None,
         };
         for worker in workers {
@@ -127,13 +129,21 @@ impl Application {
         }
         if let Some(addr) = settings.metrics_addr {
             crate::health::prometheus();
-            let listener = crate::health::bind(addr).await.map_err(|e| {
-                ConfigError::new(
-                    "LABBOOK_METRICS_ADDR",
-                    format!("cannot listen on {addr}: {e}"),
-                )
-            })?;
-            app.http = Some(listener);
+            match crate::health::bind(addr).await {
+                Ok(listener) => app.http = Some(listener),
+                Err(e) if settings.metrics_addr_explicit => {
+                    return Err(ConfigError::new(
+                        "LABBOOK_METRICS_ADDR",
+                        format!("cannot listen on {addr}: {e}"),
+                    ));
+                }
+                Err(e) => tracing::warn!(
+                    %addr,
+                    error = %e,
+                    "the default metrics address is taken (another worker on this host?); \
+                     running without /metrics: set LABBOOK_METRICS_ADDR to choose one"
+                ),
+            }
         }
         Ok(app)
     }
@@ -163,6 +173,11 @@ impl Application {
             set.spawn(task);
         }
         let stop = self.stop;
+        set.spawn(ensure_schema(
+            self.store.clone(),
+            self.database_url,
+            stop.clone(),
+        ));
         if let Some(listener) = self.http {
             tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics, /healthz, /readyz");
             set.spawn(crate::health::serve(
@@ -183,6 +198,30 @@ impl Application {
             }
         }
         tracing::info!("stopped");
+    }
+}
+
+/// Creates the database if it is missing and applies pending migrations, retrying with
+/// backoff until the database answers. Migrations are idempotent and serialised by an
+/// advisory lock, so every worker may do this at start; `labbook migrate` does the same on
+/// demand. Handlers that run before it finishes fail transiently and are retried.
+async fn ensure_schema(store: Store, url: SecretUrl, stop: CancellationToken) {
+    let mut delays = crate::broker::reconnect_delays();
+    loop {
+        match store.ensure_schema(&url).await {
+            Ok(()) => {
+                tracing::info!("database schema is up to date");
+                return;
+            }
+            Err(err) => {
+                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(30));
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot prepare the database");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     }
 }
 

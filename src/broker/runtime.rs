@@ -166,6 +166,10 @@ struct Ctx<S> {
     channel: Channel,
     topology: Topology,
     max_attempts: u32,
+    /// Fired when an outcome could not be published: the session starts over on a new
+    /// connection, which returns the unacknowledged message to its queue and declares the
+    /// topology again.
+    reset: CancellationToken,
 }
 
 async fn session<S: Stage>(
@@ -206,12 +210,14 @@ async fn session<S: Stage>(
         channel: channel.clone(),
         topology: topology.clone(),
         max_attempts: settings.max_attempts,
+        reset: CancellationToken::new(),
     });
     let mut inflight = JoinSet::new();
     let lost = loop {
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break false,
+            _ = ctx.reset.cancelled() => break true,
             Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -231,8 +237,9 @@ async fn session<S: Stage>(
         // Unacked messages go back to the queue with the connection; handlers are idempotent.
         inflight.abort_all();
         let _ = conn.close(320, "labbook: reconnecting".into()).await;
+        // After a failed publish, keep backing off: the cause may persist.
         return Ok(SessionEnd::Lost {
-            was_consuming: true,
+            was_consuming: !ctx.reset.is_cancelled(),
         });
     }
 
@@ -300,8 +307,8 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
                 }
             }
             Err(err) => {
-                // Not acked: the broker delivers it again once this channel is gone.
-                tracing::error!(error = %err, "could not publish the outcome; the message stays in its queue");
+                tracing::error!(error = %err, "could not publish the outcome; the message goes back to its queue");
+                ctx.reset.cancel();
             }
         }
     }

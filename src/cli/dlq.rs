@@ -9,8 +9,8 @@ use chrono::Utc;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::broker::StageQueue;
 use crate::broker::dlq::{self, DeadLetter};
-use crate::broker::{StageQueue, Topology, connect};
 use crate::config::Settings;
 
 #[derive(Subcommand, Debug)]
@@ -65,13 +65,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
         DlqCommand::Replay { queue, .. } | DlqCommand::Purge { queue, .. } => queue,
     };
     let stage = stage_of(queue)?;
-    let conn = connect(&settings.broker.amqp_url, "labbook dlq")
-        .await
-        .context("cannot reach the broker")?;
-    let channel = conn.create_channel().await?;
-    Topology::new(settings.broker.retry_delays.clone())
-        .declare(&channel)
-        .await?;
+    let (conn, channel) = super::open_broker(settings, "labbook dlq").await?;
     let _ = channel.close(200, "done".into()).await;
 
     match command {

@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sqlx::migrate::MigrateDatabase;
 
 use crate::broker::{Topology, connect};
 use crate::config::Settings;
@@ -109,38 +108,34 @@ pub fn main() -> ExitCode {
     })
 }
 
+/// A connection and a channel on which the whole topology is declared.
+async fn open_broker(
+    settings: &Settings,
+    name: &str,
+) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
+    let conn = connect(&settings.broker.amqp_url, name)
+        .await
+        .context("cannot reach the broker")?;
+    let channel = conn.create_channel().await?;
+    Topology::new(settings.broker.retry_delays.clone())
+        .declare(&channel)
+        .await
+        .context("declaring the broker topology")?;
+    Ok((conn, channel))
+}
+
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate => {
-            let url = &settings.database_url;
-            if !sqlx::Postgres::database_exists(url)
-                .await
-                .context("cannot reach the database")?
-            {
-                sqlx::Postgres::create_database(url)
-                    .await
-                    .context("cannot create the database")?;
-                println!("created the database");
-            }
-            let store = Store::connect(url)
-                .await
-                .context("cannot connect to the database")?;
-            store.migrate().await.context("migration failed")?;
+            let store = Store::connect_lazy(&settings.database_url)?;
+            store.ensure_schema(&settings.database_url).await?;
             println!("database schema is up to date");
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology => {
-            let conn = connect(&settings.broker.amqp_url, "labbook cli")
-                .await
-                .context("cannot reach the broker")?;
-            let channel = conn.create_channel().await?;
-            let topology = Topology::new(settings.broker.retry_delays.clone());
-            topology
-                .declare(&channel)
-                .await
-                .context("declaring the topology")?;
+            let (conn, _) = open_broker(&settings, "labbook topology").await?;
             println!("declared exchange {} and queues:", crate::broker::EXCHANGE);
-            for name in topology.queue_names() {
+            for name in Topology::new(settings.broker.retry_delays.clone()).queue_names() {
                 println!("  {name}");
             }
             let _ = conn.close(200, "done".into()).await;

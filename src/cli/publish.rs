@@ -8,7 +8,7 @@ use anyhow::Context;
 use lapin::options::ConfirmSelectOptions;
 
 use crate::broker::publisher::json_properties;
-use crate::broker::{EXCHANGE, StageQueue, Topology, connect, publish_confirmed};
+use crate::broker::{EXCHANGE, StageQueue, publish_confirmed};
 use crate::config::Settings;
 use crate::domain::parse_booking;
 
@@ -29,13 +29,7 @@ pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let conn = connect(&settings.broker.amqp_url, "labbook publish")
-        .await
-        .context("cannot reach the broker")?;
-    let channel = conn.create_channel().await?;
-    Topology::new(settings.broker.retry_delays.clone())
-        .declare(&channel)
-        .await?;
+    let (conn, channel) = super::open_broker(settings, "labbook publish").await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -27,7 +27,7 @@ impl Store {
     /// handlers fail transiently (and retry) until it is back.
     pub fn connect_lazy(url: &str) -> Result<Self, sqlx::Error> {
         let pool = PgPoolOptions::new()
-            .max_connections(10)
+            .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)?;
         Ok(Self { pool })
@@ -35,7 +35,7 @@ impl Store {
 
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
         let pool = PgPoolOptions::new()
-            .max_connections(10)
+            .max_connections(16)
             .acquire_timeout(Duration::from_secs(5))
             .connect(url)
             .await?;
@@ -44,6 +44,26 @@ impl Store {
 
     pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
         MIGRATOR.run(&self.pool).await
+    }
+
+    /// Creates the database named in `url` if it does not exist, then applies pending
+    /// migrations.
+    pub async fn ensure_schema(&self, url: &str) -> anyhow::Result<()> {
+        use anyhow::Context;
+        use sqlx::migrate::MigrateDatabase;
+        if !sqlx::Postgres::database_exists(url)
+            .await
+            .context("cannot reach the database")?
+        {
+            // Another process may create it at the same moment.
+            if let Err(err) = sqlx::Postgres::create_database(url).await
+                && !sqlx::Postgres::database_exists(url).await.unwrap_or(false)
+            {
+                return Err(anyhow::Error::new(err).context("cannot create the database"));
+            }
+            tracing::info!("created the database");
+        }
+        self.migrate().await.context("migration failed")
     }
 
     /// Whether the database answers (for readiness).

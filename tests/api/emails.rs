@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use chrono::Utc;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
 use labbook::mail::render::message_id;
@@ -12,7 +11,7 @@ use labbook::startup::Worker;
 use labbook::store::{bookings, emails, slots};
 use lapin::BasicProperties;
 
-use crate::helpers::{TestEnv, booking_for, emails_to, raw_ec2, unique_id, wait_emails};
+use crate::helpers::{TestEnv, booking_for, emails_to, unique_id, user_data_of, wait_emails};
 
 fn text_lines(email: &serde_json::Value) -> Vec<String> {
     email["text"]
@@ -35,24 +34,6 @@ async fn publish_json(env: &TestEnv, queue: &str, body: &impl serde::Serialize) 
         .with_delivery_mode(2);
     env.publish_raw(queue, &serde_json::to_vec(body).unwrap(), props)
         .await;
-}
-
-async fn user_data_of(instance_id: &str) -> String {
-    let out = raw_ec2()
-        .await
-        .describe_instance_attribute()
-        .instance_id(instance_id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let b64 = out.user_data().and_then(|v| v.value()).unwrap_or_default();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -269,30 +250,9 @@ async fn a_booking_that_cannot_be_provisioned_gets_the_failure_email() {
     env.stop().await;
 }
 
-/// Forwards TCP connections from `listener` to the SMTP sink, as if the relay came back.
-async fn relay(listener: tokio::net::TcpListener) {
-    let target = crate::helpers::smtp_url()
-        .trim_start_matches("smtp://")
-        .to_owned();
-    loop {
-        let Ok((mut inbound, _)) = listener.accept().await else {
-            return;
-        };
-        let target = target.clone();
-        tokio::spawn(async move {
-            if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-            }
-        });
-    }
-}
-
 #[tokio::test]
 async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_back() {
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    let port = crate::helpers::free_port();
     let smtp = format!("smtp://127.0.0.1:{port}");
     let mut env = TestEnv::with(&[
         ("SMTP_URL", smtp.as_str()),
@@ -317,15 +277,14 @@ async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_b
     let log = emails::for_booking(&store.pool, &id).await.unwrap();
     assert!(log.iter().all(|e| e.sent_at.is_none()));
 
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let relay = tokio::spawn(relay(listener));
+    let smtp_target = crate::helpers::smtp_url()
+        .trim_start_matches("smtp://")
+        .to_owned();
+    let _relay = crate::helpers::Relay::start(port, &smtp_target).await;
     let all = wait_emails(&to, 1).await;
     assert_eq!(all[0]["subject"], "Booking Confirmation");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(emails_to(&to).await.len(), 1, "delivered once");
     assert_eq!(env.depth("notify.dlq").await, 0);
-    relay.abort();
     env.stop().await;
 }

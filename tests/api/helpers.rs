@@ -60,6 +60,26 @@ pub async fn instances_for(booking_id: &str) -> Vec<aws_sdk_ec2::types::Instance
         .collect()
 }
 
+/// The user-data an instance was launched with, decoded.
+pub async fn user_data_of(instance_id: &str) -> String {
+    use base64::Engine;
+    let out = raw_ec2()
+        .await
+        .describe_instance_attribute()
+        .instance_id(instance_id)
+        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+        .send()
+        .await
+        .unwrap();
+    let b64 = out.user_data().and_then(|v| v.value()).unwrap_or_default();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 pub fn state_of(i: &aws_sdk_ec2::types::Instance) -> String {
     i.state()
         .and_then(|s| s.name())
@@ -100,13 +120,25 @@ impl TestEnv {
     }
 
     pub async fn with(extra: &[(&str, &str)]) -> Self {
-        let env = Self::without_database(extra);
+        let env = Self::unprepared(extra);
         env.create_database().await;
         env
     }
 
-    /// Settings for a database that does not exist yet ([`TestEnv::create_database`] makes it).
-    pub fn without_database(extra: &[(&str, &str)]) -> Self {
+    /// Like [`TestEnv::with`], but the workers reach the database through a port where
+    /// nothing listens yet: [`Relay::start`] on the returned port brings it back.
+    pub async fn with_database_away(extra: &[(&str, &str)]) -> (Self, u16) {
+        let port = free_port();
+        let mut env = Self::with(extra).await;
+        env.vars.insert(
+            "DATABASE_URL".into(),
+            format!("postgres://postgres@127.0.0.1:{port}/{}", env.db_name),
+        );
+        (env, port)
+    }
+
+    /// Settings only: no database is made (for start-up checks).
+    pub fn unprepared(extra: &[(&str, &str)]) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let vhost = format!("labbook-test-{id}");
         rabbitmqctl(&["add_vhost", &vhost]);
@@ -155,8 +187,9 @@ impl TestEnv {
         self.vars["AMQP_URL"].clone()
     }
 
+    /// The test's database, reached directly (whatever the workers are given).
     pub fn database_url(&self) -> String {
-        self.vars["DATABASE_URL"].clone()
+        format!("{}/{}", pg_base(), self.db_name)
     }
 
     pub async fn create_database(&self) {
@@ -447,4 +480,50 @@ pub fn booking_for(
         serde_json::from_str(&booking_at(id, users, at, minutes)).unwrap();
     v["email"] = email.into();
     v.to_string()
+}
+
+/// A port on 127.0.0.1 where nothing listens (until a [`Relay`] does).
+pub fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// Forwards TCP connections from a local port to `target`: a service "coming back".
+pub struct Relay(tokio::task::JoinHandle<()>);
+
+impl Relay {
+    pub async fn start(port: u16, target: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let target = target.to_owned();
+        Self(tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let target = target.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }))
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// host:port of the PostgreSQL server the tests use.
+pub fn pg_host_port() -> String {
+    let base = pg_base();
+    base.rsplit('@')
+        .next()
+        .unwrap_or("127.0.0.1:5432")
+        .to_owned()
 }

@@ -7,7 +7,7 @@ use labbook::stages::credentials::password_context;
 use labbook::startup::Worker;
 use labbook::store::bookings;
 
-use crate::helpers::{TestEnv, attempts, booking_json, eventually, header};
+use crate::helpers::{Relay, TestEnv, attempts, booking_json, eventually, header, pg_host_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -216,10 +216,11 @@ async fn a_wrong_content_type_is_dead_lettered() {
 
 #[tokio::test]
 async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
-    let mut env = TestEnv::without_database(&[
+    let (mut env, port) = TestEnv::with_database_away(&[
         ("LABBOOK_RETRY_DELAYS_MS", "1500,1500"),
         ("LABBOOK_MAX_ATTEMPTS", "4"),
-    ]);
+    ])
+    .await;
     env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("later", 2, 24)).await;
     // The first attempt fails (no database): the message waits in the first tier.
@@ -227,7 +228,7 @@ async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
         (env.depth("booking-created.retry.1500ms").await == 1).then_some(())
     })
     .await;
-    env.create_database().await;
+    let _db = Relay::start(port, &pg_host_port()).await;
     let ready = env.take("credentials-ready", 1, WAIT).await;
     assert_eq!(ready.len(), 1);
     let store = env.store().await;
@@ -244,7 +245,7 @@ async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
 
 #[tokio::test]
 async fn attempts_used_up_end_in_the_dlq_with_the_count() {
-    let mut env = TestEnv::without_database(&[]);
+    let (mut env, _) = TestEnv::with_database_away(&[]).await;
     env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("never", 2, 24)).await;
     let dead = env.take("booking-created.dlq", 1, WAIT).await;

@@ -10,7 +10,7 @@ use labbook::broker::dlq;
 use labbook::startup::Worker;
 use labbook::store::bookings;
 
-use crate::helpers::{TestEnv, booking_json, eventually};
+use crate::helpers::{Relay, TestEnv, booking_json, eventually, pg_host_port};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -68,7 +68,7 @@ async fn listing_leaves_the_dead_letters_in_place_and_in_order() {
 
 #[tokio::test]
 async fn replay_after_the_cause_is_fixed_processes_the_booking() {
-    let mut env = TestEnv::without_database(&[]);
+    let (mut env, port) = TestEnv::with_database_away(&[]).await;
     env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("replayed", 2, 24)).await;
     eventually(WAIT, "the dead letter", || async {
@@ -76,7 +76,7 @@ async fn replay_after_the_cause_is_fixed_processes_the_booking() {
     })
     .await;
 
-    env.create_database().await;
+    let _db = Relay::start(port, &pg_host_port()).await;
     let conn = conn(&env).await;
     let report = dlq::replay(
         &conn,
@@ -327,7 +327,7 @@ async fn health_and_metrics_endpoints_answer() {
     env.stop().await;
 
     // Without its database the worker is alive but not ready.
-    let mut env = TestEnv::without_database(&[]);
+    let (mut env, _) = TestEnv::with_database_away(&[]).await;
     let addr = env
         .spawn_with(
             &[Worker::Credentials],

@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use base64::Engine;
 use chrono::Utc;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
 use labbook::ec2::LaunchRequest;
@@ -14,8 +13,8 @@ use labbook::store::{bookings, schedule, slots};
 use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, booking_at, booking_json, eventually, header, instances_for, raw_ec2, state_of,
-    unique_id,
+    TestEnv, booking_at, booking_json, eventually, header, instances_for, state_of, unique_id,
+    user_data_of,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -41,24 +40,6 @@ async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
         .with_content_type("application/json".into())
         .with_delivery_mode(2);
     env.publish_raw(queue, &body, props).await;
-}
-
-async fn user_data(instance_id: &str) -> String {
-    let out = raw_ec2()
-        .await
-        .describe_instance_attribute()
-        .instance_id(instance_id)
-        .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-        .send()
-        .await
-        .unwrap();
-    let b64 = out.user_data().and_then(|v| v.value()).unwrap_or_default();
-    String::from_utf8(
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 #[tokio::test]
@@ -104,7 +85,7 @@ async fn a_due_booking_gets_tagged_imdsv2_instances_with_hashed_user_data() {
         let metadata = instance.metadata_options().unwrap();
         assert_eq!(metadata.http_tokens().unwrap().as_str(), "required");
 
-        let data = user_data(slot.instance_id.as_deref().unwrap()).await;
+        let data = user_data_of(slot.instance_id.as_deref().unwrap()).await;
         assert!(data.starts_with("#cloud-config"));
         let admin_pw = env
             .key
@@ -146,32 +127,36 @@ async fn a_due_booking_gets_tagged_imdsv2_instances_with_hashed_user_data() {
     env.stop().await;
 }
 
-#[tokio::test]
-async fn a_crash_between_launch_and_record_launches_nothing_new() {
-    let mut env = TestEnv::new().await;
+/// A 4-user booking, 3 days ahead, stored and scheduled; then an instance launched for `slot`
+/// that nobody recorded, as a provisioner that died right after `RunInstances` leaves it.
+async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (String, String) {
     env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
-    let id = unique_id("crash");
+    let id = unique_id(prefix);
     env.publish_booking(&booking_json(&id, 4, 72)).await;
     let store = env.store().await;
     eventually(WAIT, "the booking scheduled", || async {
-        let b = bookings::find(&store.pool, &id).await.unwrap()?;
-        (b.state == "scheduled").then_some(())
+        (bookings::find(&store.pool, &id).await.unwrap()?.state == "scheduled").then_some(())
     })
     .await;
-    // A provisioner launched slot 1 and died before recording it.
+    let request = LaunchRequest {
+        booking_id: &id,
+        slot,
+        user_data: "#cloud-config\n{}",
+    };
     let orphan = env
         .ec2()
         .await
-        .launch(
-            &LaunchRequest {
-                booking_id: &id,
-                slot: 1,
-                user_data: "#cloud-config\n{}",
-            },
-            "ami-03cf127a",
-        )
+        .launch(&request, "ami-03cf127a")
         .await
         .unwrap();
+    (id, orphan)
+}
+
+#[tokio::test]
+async fn a_crash_between_launch_and_record_launches_nothing_new() {
+    let mut env = TestEnv::new().await;
+    let (id, orphan) = scheduled_with_orphan(&mut env, "crash", 1).await;
+    let store = env.store().await;
 
     env.spawn(&[Worker::Provisioner]).await;
     publish_ref(&env, "provision-due", &id).await;
@@ -260,27 +245,9 @@ async fn teardown_terminates_the_instances_when_the_booking_ends() {
 #[tokio::test]
 async fn a_permanent_failure_terminates_partial_launches_and_notifies() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
-    let id = unique_id("fail");
-    env.publish_booking(&booking_json(&id, 4, 72)).await;
-    let store = env.store().await;
-    eventually(WAIT, "the booking scheduled", || async {
-        (bookings::find(&store.pool, &id).await.unwrap()?.state == "scheduled").then_some(())
-    })
-    .await;
     // Slot 0 got launched; slot 1 cannot be (the subnet does not exist).
-    env.ec2()
-        .await
-        .launch(
-            &LaunchRequest {
-                booking_id: &id,
-                slot: 0,
-                user_data: "#cloud-config\n{}",
-            },
-            "ami-03cf127a",
-        )
-        .await
-        .unwrap();
+    let (id, _) = scheduled_with_orphan(&mut env, "fail", 0).await;
+    let store = env.store().await;
     env.spawn_with(
         &[Worker::Provisioner],
         &[

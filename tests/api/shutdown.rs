@@ -118,7 +118,7 @@ async fn a_message_still_in_flight_at_the_shutdown_timeout_goes_back_to_its_queu
 
 #[tokio::test]
 async fn a_configuration_error_names_the_variable_and_exits_2() {
-    let env = TestEnv::without_database(&[]);
+    let env = TestEnv::unprepared(&[]);
     for (var, value) in [("LABBOOK_SECRET_KEY", ""), ("LABBOOK_PREFETCH", "lots")] {
         let mut child = spawn_worker(&env, &[(var, value)]);
         let status = wait_exit(&mut child, Duration::from_secs(10));
