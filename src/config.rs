@@ -129,7 +129,11 @@ impl Settings {
         if let Ok(path) = std::env::var("LABBOOK_CONFIG") {
             vars.extend(read_file(Path::new(&path))?);
         }
-        vars.extend(std::env::vars());
+        // A variable that is not UTF-8 cannot be one of labbook's; skip it rather than panic.
+        vars.extend(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        );
         Self::from_map(&vars)
     }
 
@@ -174,6 +178,12 @@ impl Settings {
                 "must start with amqp:// or amqps://",
             ));
         }
+        amqp_url.parse::<lapin::uri::AMQPUri>().map_err(|_| {
+            ConfigError::new(
+                "AMQP_URL",
+                "is not a valid AMQP URL (amqp://user:pass@host:5672/vhost)",
+            )
+        })?;
         let database_url = v
             .get("DATABASE_URL")
             .unwrap_or("postgres://postgres@127.0.0.1:5432/labbook")
@@ -442,6 +452,7 @@ mod tests {
             ("MAIL_FROM", "not an address"),
             ("SMTP_URL", "http://x"),
             ("AMQP_URL", "http://x"),
+            ("AMQP_URL", "amqp://host:notaport/"),
             ("LABBOOK_RETRY_DELAYS_MS", "1,x"),
             ("LABBOOK_ADMIN_USERNAME", "Root"),
         ];

@@ -64,7 +64,14 @@ impl Application {
     /// Checks the configuration each worker needs, builds its clients and binds the metrics
     /// endpoint. Broker and database connections are made when running.
     pub async fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
-        let store = Store::connect_lazy(&settings.database_url)
+        // Every message in flight may hold a connection (the notifier holds one while it
+        // sends), plus the timer and the schema task.
+        let consumers: u32 = workers
+            .iter()
+            .map(|w| if *w == Worker::Provisioner { 2 } else { 1 })
+            .sum();
+        let pool_size = (u32::from(settings.broker.prefetch) * consumers + 4).clamp(4, 100);
+        let store = Store::connect_lazy(&settings.database_url, pool_size)
             .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
         let mut app = Self {
             tasks: Vec::new(),

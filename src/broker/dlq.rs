@@ -122,13 +122,16 @@ pub async fn replay(
     limit: Option<usize>,
     mut on_each: impl FnMut(&DeadLetter) -> ControlFlow<()>,
 ) -> Result<ReplayReport, DlqError> {
+    // Only what is there now: a replayed message that fails again lands in the DLQ behind
+    // them and waits for the next replay, instead of going round this one forever.
+    let present = depth(conn, &stage.dlq()).await? as usize;
     let channel = conn.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;
     let mut report = ReplayReport::default();
-    while limit.is_none_or(|n| report.replayed < n) {
+    while report.replayed + report.skipped < present && limit.is_none_or(|n| report.replayed < n) {
         let Some(msg) = channel
             .basic_get(stage.dlq().into(), BasicGetOptions { no_ack: false })
             .await?

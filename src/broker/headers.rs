@@ -14,12 +14,14 @@ pub const FAILED_AT: &str = "x-labbook-failed-at";
 pub const MAX_ERROR_CHARS: usize = 500;
 
 /// Headers the broker adds when it dead-letters or redelivers; not part of the original message.
-const BROKER_HEADERS: [&str; 6] = [
+const BROKER_HEADERS: [&str; 8] = [
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
     "x-first-death-reason",
     "x-delivery-count",
+    "x-last-death-exchange",
+    "x-last-death-queue",
     "x-last-death-reason",
 ];
 

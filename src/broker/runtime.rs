@@ -111,6 +111,12 @@ pub trait Stage: Send + Sync + 'static {
         msg: &Incoming,
     ) -> impl Future<Output = Result<Vec<Outgoing>, StageError>> + Send;
 
+    /// Whether transient failures retry without limit (at the last tier) instead of ending in
+    /// the dead-letter queue: for work that must happen eventually, like terminating machines.
+    fn retries_forever(&self) -> bool {
+        false
+    }
+
     /// Called once when a message is about to be dead-lettered: the stage may record the
     /// failure and return messages to publish (e.g. a failure notification).
     fn give_up(
@@ -234,30 +240,33 @@ async fn session<S: Stage>(
     };
 
     if lost {
-        // Unacked messages go back to the queue with the connection; handlers are idempotent.
-        inflight.abort_all();
-        let _ = conn.close(320, "labbook: reconnecting".into()).await;
-        // After a failed publish, keep backing off: the cause may persist.
-        return Ok(SessionEnd::Lost {
-            was_consuming: !ctx.reset.is_cancelled(),
-        });
+        tracing::warn!(%queue, in_flight = inflight.len(), "connection lost or reset; letting the messages in flight finish");
+    } else {
+        tracing::info!(%queue, in_flight = inflight.len(), "shutting down: no new messages; finishing those in flight");
+        let _ = channel
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
     }
-
-    tracing::info!(%queue, in_flight = inflight.len(), "shutting down: no new messages; finishing those in flight");
-    let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-        .await;
+    // Handlers run to the end even when their acknowledgement can no longer reach the broker:
+    // an effect recorded (an email logged as sent) is not repeated when the message comes again.
     let drained = tokio::time::timeout(settings.shutdown_timeout, async {
         while inflight.join_next().await.is_some() {}
     })
     .await;
     if drained.is_err() {
-        tracing::warn!(%queue, left = inflight.len(), "shutdown timeout: messages still in flight go back to the queue");
+        tracing::warn!(%queue, left = inflight.len(), "timeout: messages still in flight go back to the queue");
         inflight.abort_all();
     }
-    let _ = channel.close(200, "labbook: shutting down".into()).await;
-    let _ = conn.close(200, "labbook: shutting down".into()).await;
-    Ok(SessionEnd::Shutdown)
+    let _ = channel.close(200, "labbook: closing".into()).await;
+    let _ = conn.close(200, "labbook: closing".into()).await;
+    if lost {
+        // After a failed publish, keep backing off: the cause may persist.
+        Ok(SessionEnd::Lost {
+            was_consuming: !ctx.reset.is_cancelled(),
+        })
+    } else {
+        Ok(SessionEnd::Shutdown)
+    }
 }
 
 async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
@@ -358,7 +367,18 @@ async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
     };
     let reason = match result {
         Ok(outs) => return Outcome::Done(outs),
-        Err(StageError::Transient(err)) if msg.attempt < ctx.max_attempts => {
+        Err(StageError::Unavailable(err)) => {
+            // A dependency is down: wait for it without spending the message's attempts.
+            let (delay, queue_name) = ctx.topology.delay_for(queue, msg.attempt);
+            return Outcome::Retry {
+                delay,
+                queue_name,
+                reason: format!("{err:#}"),
+            };
+        }
+        Err(StageError::Transient(err))
+            if msg.attempt < ctx.max_attempts || ctx.stage.retries_forever() =>
+        {
             let (delay, queue_name) = ctx.topology.delay_for(queue, msg.attempt);
             return Outcome::Retry {
                 delay,

@@ -127,7 +127,7 @@ async fn open_broker(
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate => {
-            let store = Store::connect_lazy(&settings.database_url)?;
+            let store = Store::connect_lazy(&settings.database_url, 2)?;
             store.ensure_schema(&settings.database_url).await?;
             println!("database schema is up to date");
             Ok(ExitCode::SUCCESS)

@@ -44,7 +44,7 @@ pub struct EmailAddress(String);
 
 impl EmailAddress {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        if raw.len() > 254 {
+        if raw.chars().count() > 254 {
             return Err("email must be at most 254 characters".into());
         }
         if raw.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -121,6 +121,17 @@ impl Booking {
     pub fn ends_at(&self) -> DateTime<Utc> {
         self.booking_time + Duration::minutes(i64::from(self.duration_minutes))
     }
+
+    /// Refuses a booking whose end (`booking_time + duration`) is not after `now`.
+    pub fn check_not_over(&self, now: DateTime<Utc>) -> Result<(), InvalidBooking> {
+        if self.ends_at() <= now {
+            return Err(InvalidBooking(format!(
+                "the booking ended at {} and is already past",
+                crate::format_time(self.ends_at())
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why a booking message was refused. The text is safe for a dead-letter header: it names the
@@ -129,12 +140,24 @@ impl Booking {
 #[error("{0}")]
 pub struct InvalidBooking(pub String);
 
-/// Parses a `booking-created` body under `rules`, as of `now`.
+/// Parses a `booking-created` body under `rules` and refuses a booking that ended before `now`.
 pub fn parse_booking(
     body: &[u8],
     content_type: Option<&str>,
     rules: &BookingRules,
     now: DateTime<Utc>,
+) -> Result<Booking, InvalidBooking> {
+    let booking = parse_booking_content(body, content_type, rules)?;
+    booking.check_not_over(now)?;
+    Ok(booking)
+}
+
+/// Parses a `booking-created` body under `rules`, without looking at the clock (a booking
+/// stored before is compared before its time is judged).
+pub fn parse_booking_content(
+    body: &[u8],
+    content_type: Option<&str>,
+    rules: &BookingRules,
 ) -> Result<Booking, InvalidBooking> {
     let invalid = |s: String| InvalidBooking(s);
     if let Some(ct) = content_type {
@@ -160,9 +183,11 @@ pub fn parse_booking(
             e.column()
         ))
     })?;
-    let Value::Object(fields) = value else {
+    if !value.is_object() {
         return Err(invalid("body must be a JSON object".into()));
-    };
+    }
+    let UniqueKeys(fields) =
+        serde_json::from_str(text).map_err(|e| invalid(format!("body is ambiguous: {e}")))?;
 
     let id = BookingId::parse(required_str(&fields, "booking_id")?).map_err(invalid)?;
     let email = EmailAddress::parse(required_str(&fields, "email")?).map_err(invalid)?;
@@ -176,7 +201,7 @@ pub fn parse_booking(
         .trunc_subsecs(6);
     let users = integer(&fields, "number_of_users")?
         .ok_or_else(|| invalid("number_of_users is required".into()))?;
-    let number_of_users = UserCount::new(u32::try_from(users).unwrap_or(u32::MAX), rules.max_users)
+    let number_of_users = UserCount::new(u32::try_from(users).unwrap_or(0), rules.max_users)
         .map_err(|_| {
             invalid(format!(
                 "number_of_users must be an integer from 1 to {} (got {users})",
@@ -186,7 +211,8 @@ pub fn parse_booking(
     let duration_minutes = match integer(&fields, "duration_minutes")? {
         None => rules.default_duration_minutes,
         Some(d)
-            if (i64::from(MIN_DURATION_MINUTES)..=i64::from(MAX_DURATION_MINUTES)).contains(&d) =>
+            if (i128::from(MIN_DURATION_MINUTES)..=i128::from(MAX_DURATION_MINUTES))
+                .contains(&d) =>
         {
             d as u32
         }
@@ -197,20 +223,49 @@ pub fn parse_booking(
         }
     };
 
-    let booking = Booking {
+    Ok(Booking {
         id,
         email,
         booking_time,
         number_of_users,
         duration_minutes,
-    };
-    if booking.ends_at() <= now {
-        return Err(invalid(format!(
-            "the booking ended at {} and is already past",
-            crate::format_time(booking.ends_at())
-        )));
+    })
+}
+
+/// A JSON object whose keys are all different: with a repeated key (`"number_of_users"`
+/// twice) the booking would mean what the last one says, which its sender may not know.
+struct UniqueKeys(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = UniqueKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut access: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut map = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    if map.contains_key(&key) {
+                        let shown: String = key.chars().take(40).collect();
+                        return Err(serde::de::Error::custom(format!(
+                            "the field {shown:?} appears twice"
+                        )));
+                    }
+                    let value: Value = access.next_value()?;
+                    map.insert(key, value);
+                }
+                Ok(UniqueKeys(map))
+            }
+        }
+        d.deserialize_map(Keys)
     }
-    Ok(booking)
 }
 
 fn required_str<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, InvalidBooking> {
@@ -225,11 +280,11 @@ fn required_str<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a st
 }
 
 /// A JSON integer field; `null` or absent is `None`. `3.0` and `"3"` are refused.
-fn integer(fields: &Map<String, Value>, name: &str) -> Result<Option<i64>, InvalidBooking> {
+fn integer(fields: &Map<String, Value>, name: &str) -> Result<Option<i128>, InvalidBooking> {
     match fields.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
-            Ok(Some(n.as_i64().unwrap_or(i64::MAX)))
+            Ok(n.as_i64().map(i128::from).or(n.as_u64().map(i128::from)))
         }
         Some(other) => Err(InvalidBooking(format!(
             "{name} must be a JSON integer (got {})",
@@ -379,6 +434,23 @@ mod tests {
     fn a_started_booking_that_has_not_ended_is_accepted() {
         let body = VALID.replace("2026-12-01T09:00:00+08:00", "2026-11-25T23:00:00Z");
         assert!(parse(&body).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_field_is_refused() {
+        let body = VALID.replace(
+            r#""number_of_users":12"#,
+            r#""number_of_users":12,"number_of_users":3"#,
+        );
+        let err = parse(&body).unwrap_err().0;
+        assert!(err.contains("appears twice"), "{err}");
+    }
+
+    #[test]
+    fn huge_numbers_are_reported_as_sent() {
+        let body = VALID.replace("12,", "18446744073709551615,");
+        let err = parse(&body).unwrap_err().0;
+        assert!(err.contains("got 18446744073709551615"), "{err}");
     }
 
     #[test]

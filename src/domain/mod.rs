@@ -9,6 +9,7 @@ pub mod messages;
 
 pub use booking::{
     Booking, BookingId, BookingRules, EmailAddress, InvalidBooking, UserCount, parse_booking,
+    parse_booking_content,
 };
 pub use credentials::{Credential, Password, Username};
 pub use messages::{BookingRef, EmailKind, NotifyMessage};

@@ -233,14 +233,20 @@ impl Ec2 {
         Ok(out)
     }
 
+    /// The instances with these ids that EC2 shows. EC2's reads are eventually consistent: an
+    /// instance launched a moment ago may not be visible yet, and is then left out.
     pub async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, Ec2Error> {
-        let out = self
+        let result = self
             .client
             .describe_instances()
             .set_instance_ids(Some(ids.to_vec()))
             .send()
-            .await
-            .map_err(|e| classify("DescribeInstances", e))?;
+            .await;
+        let out = match result.map_err(|e| classify("DescribeInstances", e)) {
+            Ok(out) => out,
+            Err(err) if err.code() == Some("InvalidInstanceID.NotFound") => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
         ok("DescribeInstances");
         Ok(out
             .reservations()

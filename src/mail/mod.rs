@@ -18,9 +18,12 @@ pub enum SendError {
     /// A 5xx answer: the relay will not take this email.
     #[error("the mail relay refused the email: {0}")]
     Permanent(String),
-    /// A 4xx answer, a timeout or no connection: try again later.
-    #[error("the mail relay is unavailable: {0}")]
+    /// A 4xx answer: the relay asks to try again later.
+    #[error("the mail relay deferred the email: {0}")]
     Transient(String),
+    /// No connection, or no answer in time: the relay is down.
+    #[error("the mail relay is unreachable: {0}")]
+    Unreachable(String),
 }
 
 /// The SMTP sender, with pooled connections.
@@ -50,10 +53,12 @@ impl Mailer {
         message_id: &str,
         email: &Rendered,
     ) -> Result<(), SendError> {
-        let to: Mailbox = to
+        // The same parser intake validated the address with: what was accepted can be sent.
+        let address: lettre::Address = to
             .as_str()
             .parse()
             .map_err(|e| SendError::Permanent(format!("bad recipient: {e}")))?;
+        let to = Mailbox::new(None, address);
         let message = Message::builder()
             .from(self.from.clone())
             .to(to)
@@ -75,7 +80,11 @@ impl Mailer {
             }
             Err(err) => {
                 metrics::counter!("labbook_emails_total", "outcome" => "failed").increment(1);
-                Err(SendError::Transient(err.to_string()))
+                if err.is_transient() {
+                    Err(SendError::Transient(err.to_string()))
+                } else {
+                    Err(SendError::Unreachable(err.to_string()))
+                }
             }
         }
     }

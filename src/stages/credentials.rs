@@ -6,7 +6,7 @@ use chrono::Utc;
 use crate::broker::{Incoming, Outgoing, Stage, StageQueue};
 use crate::crypto::SecretKey;
 use crate::domain::{
-    Booking, BookingRef, BookingRules, Credential, EmailKind, NotifyMessage, parse_booking,
+    Booking, BookingRef, BookingRules, Credential, EmailKind, NotifyMessage, parse_booking_content,
 };
 use crate::stages::StageError;
 use crate::store::{Intake, Store, StoredCredential, bookings};
@@ -29,11 +29,16 @@ impl Stage for CredentialsStage {
     }
 
     async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
-        let booking = parse_booking(&msg.body, msg.content_type(), &self.rules, Utc::now())
+        let booking = parse_booking_content(&msg.body, msg.content_type(), &self.rules)
             .map_err(|e| StageError::Permanent(e.0))?;
+        // A booking stored before is compared first: its copy arriving after the booking
+        // ended is still a duplicate, not a new booking in the past.
         let intake = match bookings::check_existing(&self.store.pool, &booking).await? {
             Some(existing) => existing,
             None => {
+                booking
+                    .check_not_over(Utc::now())
+                    .map_err(|e| StageError::Permanent(e.0))?;
                 let stored = seal_credentials(&booking, &self.key).await?;
                 bookings::insert(&self.store.pool, &booking, &stored).await?
             }

@@ -13,9 +13,14 @@ pub enum StageError {
     /// The text goes into the `x-labbook-error` header: no secrets, no large pieces of the body.
     #[error("{0}")]
     Permanent(String),
-    /// May pass later (connection, throttling, SMTP 4xx): retry through the delay tiers.
+    /// May pass later (throttling, capacity, SMTP 4xx): retry through the delay tiers, then
+    /// dead-letter when the attempts are used up.
     #[error(transparent)]
     Transient(anyhow::Error),
+    /// A dependency is unreachable (the database is down, its schema not there yet): retry
+    /// through the delay tiers for as long as it takes; the message's attempts are not spent.
+    #[error(transparent)]
+    Unavailable(anyhow::Error),
 }
 
 impl StageError {
@@ -28,9 +33,32 @@ impl StageError {
     }
 }
 
+/// SQLSTATEs that mean "the database cannot serve now" rather than "this query failed":
+/// connection failures, shutdown, too many connections, no such database, no such table yet.
+const UNAVAILABLE_STATES: &[&str] = &[
+    "08000", "08001", "08003", "08004", "08006", "3D000", "42P01", "53300", "57P01", "57P02",
+    "57P03",
+];
+
 impl From<sqlx::Error> for StageError {
     fn from(err: sqlx::Error) -> Self {
-        Self::Transient(anyhow::Error::new(err).context("database"))
+        let unavailable = match &err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| UNAVAILABLE_STATES.contains(&c.as_ref())),
+            _ => false,
+        };
+        let err = anyhow::Error::new(err).context("database");
+        if unavailable {
+            Self::Unavailable(err)
+        } else {
+            Self::Transient(err)
+        }
     }
 }
 

@@ -141,15 +141,23 @@ impl Stage for NotifierStage {
                 StageError::permanent(format!("booking {} is not stored", n.booking_id))
             })?;
         let id = message_id(&booking.booking_id, n.kind, &self.domain);
-        let claim = emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await?;
-        if claim.already_sent {
+        if emails::is_sent(&self.store.pool, &booking.booking_id, n.kind).await? {
             tracing::info!(
                 kind = n.kind.as_str(),
                 "email already sent; not sending it again"
             );
             return Ok(Vec::new());
         }
+        // Rendered before the log row is locked, so a send holds one database connection.
         let email = self.render(&booking, n.kind).await?;
+        let claim = emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await?;
+        if claim.already_sent {
+            tracing::info!(
+                kind = n.kind.as_str(),
+                "email sent a moment ago by another worker"
+            );
+            return Ok(Vec::new());
+        }
         let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
         self.mailer
             .send(&to, &id, &email)
@@ -157,6 +165,7 @@ impl Stage for NotifierStage {
             .map_err(|e| match e {
                 SendError::Permanent(_) => StageError::Permanent(e.to_string()),
                 SendError::Transient(_) => StageError::transient(e),
+                SendError::Unreachable(_) => StageError::Unavailable(e.into()),
             })?;
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.

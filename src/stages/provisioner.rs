@@ -290,6 +290,14 @@ impl Stage for ProvisionStage {
                 tracing::info!(state = %booking.state, "nothing to provision");
                 return Ok(Vec::new());
             }
+            "provisioned" => {
+                // A duplicate or a replay: the machines run; make sure the email goes out.
+                tracing::info!("already provisioned; asking for the instance-details email again");
+                return Ok(vec![notify(
+                    &booking.booking_id,
+                    EmailKind::InstanceDetails,
+                )]);
+            }
             _ if booking.ends_at() <= Utc::now() => {
                 tracing::warn!("the booking is over before it was provisioned; nothing to launch");
                 return Ok(Vec::new());
@@ -312,13 +320,21 @@ impl Stage for ProvisionStage {
             return Ok(Vec::new());
         }
         let terminated = self.0.terminate_all(&r.booking_id).await?;
-        bookings::transition(
+        let failed = bookings::transition(
             &self.0.store.pool,
             &r.booking_id,
             BookingState::Failed,
             Some(reason),
         )
         .await?;
+        if !failed {
+            // Already failed, or ended meanwhile: the booker has been told, or needs nothing.
+            tracing::warn!(
+                terminated,
+                "provisioning given up; the booking was no longer in progress"
+            );
+            return Ok(Vec::new());
+        }
         tracing::warn!(
             terminated,
             "provisioning failed; partial launches terminated, booking marked failed"
@@ -333,6 +349,11 @@ pub struct TeardownStage(pub Arc<Provisioner>);
 impl Stage for TeardownStage {
     fn queue(&self) -> StageQueue {
         StageQueue::TeardownDue
+    }
+
+    /// Machines left running cost money and stay open: never give up on terminating them.
+    fn retries_forever(&self) -> bool {
+        true
     }
 
     async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {

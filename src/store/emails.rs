@@ -17,6 +17,21 @@ pub struct EmailRecord {
     pub last_error: Option<String>,
 }
 
+/// Whether the email was sent (a quick look, without the lock).
+pub async fn is_sent(
+    pool: &PgPool,
+    booking_id: &str,
+    kind: EmailKind,
+) -> Result<bool, sqlx::Error> {
+    let sent: Option<Option<DateTime<Utc>>> =
+        sqlx::query_scalar("SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2")
+            .bind(booking_id)
+            .bind(kind.as_str())
+            .fetch_optional(pool)
+            .await?;
+    Ok(sent.flatten().is_some())
+}
+
 /// The log row of one email, locked for this transaction.
 pub struct Claim {
     pub tx: Transaction<'static, Postgres>,

@@ -25,9 +25,9 @@ pub struct Store {
 impl Store {
     /// A pool that connects lazily: a worker starts while the database is away and its
     /// handlers fail transiently (and retry) until it is back.
-    pub fn connect_lazy(url: &str) -> Result<Self, sqlx::Error> {
+    pub fn connect_lazy(url: &str, max_connections: u32) -> Result<Self, sqlx::Error> {
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy(url)?;
         Ok(Self { pool })

@@ -527,3 +527,13 @@ pub fn pg_host_port() -> String {
         .unwrap_or("127.0.0.1:5432")
         .to_owned()
 }
+
+/// Holds the bookings table locked, so a handler blocks on it, until the transaction ends.
+pub async fn lock_bookings(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let store = env.store().await;
+    let mut tx = store.pool.begin().await.unwrap();
+    tx.execute("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    tx
+}

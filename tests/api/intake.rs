@@ -215,19 +215,22 @@ async fn a_wrong_content_type_is_dead_lettered() {
 }
 
 #[tokio::test]
-async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
+async fn a_database_outage_is_waited_out_without_spending_attempts() {
     let (mut env, port) = TestEnv::with_database_away(&[
-        ("LABBOOK_RETRY_DELAYS_MS", "1500,1500"),
-        ("LABBOOK_MAX_ATTEMPTS", "4"),
+        ("LABBOOK_RETRY_DELAYS_MS", "300,600"),
+        ("LABBOOK_MAX_ATTEMPTS", "2"),
     ])
     .await;
     env.spawn(&[Worker::Credentials]).await;
     env.publish_booking(&booking_json("later", 2, 24)).await;
-    // The first attempt fails (no database): the message waits in the first tier.
-    eventually(WAIT, "a message in the retry tier", || async {
-        (env.depth("booking-created.retry.1500ms").await == 1).then_some(())
+    // Each attempt fails (no database) and the message waits in a retry tier...
+    eventually(WAIT, "a message in a retry tier", || async {
+        (env.depth("booking-created.retry.600ms").await == 1).then_some(())
     })
     .await;
+    // ...for longer than its two attempts would last, and is not dead-lettered.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.depth("booking-created.dlq").await, 0);
     let _db = Relay::start(port, &pg_host_port()).await;
     let ready = env.take("credentials-ready", 1, WAIT).await;
     assert_eq!(ready.len(), 1);
@@ -245,8 +248,15 @@ async fn the_database_away_for_a_moment_is_retried_through_a_delay_tier() {
 
 #[tokio::test]
 async fn attempts_used_up_end_in_the_dlq_with_the_count() {
-    let (mut env, _) = TestEnv::with_database_away(&[]).await;
-    env.spawn(&[Worker::Credentials]).await;
+    // Every query times out while the test holds the bookings table: a failure that counts.
+    let mut env = TestEnv::new().await;
+    let url = format!(
+        "{}?options=-c%20statement_timeout%3D300",
+        env.database_url()
+    );
+    let lock = crate::helpers::lock_bookings(&env).await;
+    env.spawn_with(&[Worker::Credentials], &[("DATABASE_URL", url.as_str())])
+        .await;
     env.publish_booking(&booking_json("never", 2, 24)).await;
     let dead = env.take("booking-created.dlq", 1, WAIT).await;
     assert_eq!(dead.len(), 1);
@@ -257,5 +267,6 @@ async fn attempts_used_up_end_in_the_dlq_with_the_count() {
         "{error}"
     );
     assert!(error.chars().count() <= 500);
+    lock.rollback().await.unwrap();
     env.stop().await;
 }

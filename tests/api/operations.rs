@@ -10,7 +10,7 @@ use labbook::broker::dlq;
 use labbook::startup::Worker;
 use labbook::store::bookings;
 
-use crate::helpers::{Relay, TestEnv, booking_json, eventually, pg_host_port};
+use crate::helpers::{TestEnv, booking_json, eventually, lock_bookings};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -68,15 +68,22 @@ async fn listing_leaves_the_dead_letters_in_place_and_in_order() {
 
 #[tokio::test]
 async fn replay_after_the_cause_is_fixed_processes_the_booking() {
-    let (mut env, port) = TestEnv::with_database_away(&[]).await;
-    env.spawn(&[Worker::Credentials]).await;
+    // The cause: every query times out while the bookings table is held.
+    let mut env = TestEnv::new().await;
+    let url = format!(
+        "{}?options=-c%20statement_timeout%3D300",
+        env.database_url()
+    );
+    let lock = lock_bookings(&env).await;
+    env.spawn_with(&[Worker::Credentials], &[("DATABASE_URL", url.as_str())])
+        .await;
     env.publish_booking(&booking_json("replayed", 2, 24)).await;
     eventually(WAIT, "the dead letter", || async {
         (env.depth("booking-created.dlq").await == 1).then_some(())
     })
     .await;
 
-    let _db = Relay::start(port, &pg_host_port()).await;
+    lock.rollback().await.unwrap();
     let conn = conn(&env).await;
     let report = dlq::replay(
         &conn,

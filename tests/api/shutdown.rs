@@ -4,9 +4,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use labbook::store::bookings;
-use sqlx::Executor;
 
-use crate::helpers::{TestEnv, booking_json, eventually};
+use crate::helpers::{TestEnv, booking_json, eventually, lock_bookings};
 
 fn spawn_worker(env: &TestEnv, extra: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_labbook-credentials"))
@@ -37,16 +36,6 @@ fn wait_exit(child: &mut Child, wait: Duration) -> std::process::ExitStatus {
         assert!(Instant::now() < deadline, "the worker did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Holds the bookings table locked so a handler blocks inside its transaction.
-async fn lock_bookings(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Postgres> {
-    let store = env.store().await;
-    let mut tx = store.pool.begin().await.unwrap();
-    tx.execute("LOCK TABLE bookings IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    tx
 }
 
 #[tokio::test]
