@@ -111,7 +111,15 @@ impl Provisioner {
             )
             .await?;
         }
-        bookings::transition(&self.store.pool, id, BookingState::Provisioned, None).await?;
+        if !bookings::transition(&self.store.pool, id, BookingState::Provisioned, None).await? {
+            let state = bookings::find(&self.store.pool, id).await?.map(|b| b.state);
+            if matches!(state.as_deref(), Some("ended" | "failed")) {
+                // Teardown (or a failure) ran while this attempt launched: nothing may outlive it.
+                let terminated = self.terminate_all(id).await?;
+                tracing::warn!(terminated, state = ?state, "the booking ended while it was provisioned; terminated again");
+                return Ok(Vec::new());
+            }
+        }
         tracing::info!(
             instances = ready.len(),
             "every instance is running with a public address"
