@@ -10,11 +10,7 @@ use labbook::config::Settings;
 use labbook::crypto::SecretKey;
 use labbook::startup::{Application, Worker};
 use labbook::store::Store;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, Connection};
 use sqlx::{Connection as _, Executor, PgConnection};
 use tokio_util::sync::CancellationToken;
@@ -333,20 +329,21 @@ impl TestEnv {
 
     /// How many messages are ready in `queue` now.
     pub async fn depth(&self, queue: &str) -> u32 {
-        let (conn, channel) = self.channel().await;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (conn, _) = self.channel().await;
+        let n = labbook::broker::dlq::depth(&conn, queue).await.unwrap();
         conn.close(200, "done".into()).await.ok();
-        q.message_count()
+        n
+    }
+
+    /// Starts `workers` with every database query timing out while [`lock_bookings`] holds the
+    /// bookings table: a failure that counts against the message's attempts.
+    pub async fn spawn_with_queries_timing_out(&mut self, workers: &[Worker]) {
+        let url = format!(
+            "{}?options=-c%20statement_timeout%3D300",
+            self.database_url()
+        );
+        self.spawn_with(workers, &[("DATABASE_URL", url.as_str())])
+            .await;
     }
 
     /// Closes every broker connection of this test's vhost, as a broker restart would.

@@ -250,12 +250,8 @@ async fn a_database_outage_is_waited_out_without_spending_attempts() {
 async fn attempts_used_up_end_in_the_dlq_with_the_count() {
     // Every query times out while the test holds the bookings table: a failure that counts.
     let mut env = TestEnv::new().await;
-    let url = format!(
-        "{}?options=-c%20statement_timeout%3D300",
-        env.database_url()
-    );
     let lock = crate::helpers::lock_bookings(&env).await;
-    env.spawn_with(&[Worker::Credentials], &[("DATABASE_URL", url.as_str())])
+    env.spawn_with_queries_timing_out(&[Worker::Credentials])
         .await;
     env.publish_booking(&booking_json("never", 2, 24)).await;
     let dead = env.take("booking-created.dlq", 1, WAIT).await;

@@ -70,12 +70,8 @@ async fn listing_leaves_the_dead_letters_in_place_and_in_order() {
 async fn replay_after_the_cause_is_fixed_processes_the_booking() {
     // The cause: every query times out while the bookings table is held.
     let mut env = TestEnv::new().await;
-    let url = format!(
-        "{}?options=-c%20statement_timeout%3D300",
-        env.database_url()
-    );
     let lock = lock_bookings(&env).await;
-    env.spawn_with(&[Worker::Credentials], &[("DATABASE_URL", url.as_str())])
+    env.spawn_with_queries_timing_out(&[Worker::Credentials])
         .await;
     env.publish_booking(&booking_json("replayed", 2, 24)).await;
     eventually(WAIT, "the dead letter", || async {
