@@ -266,3 +266,34 @@ async fn attempts_used_up_end_in_the_dlq_with_the_count() {
     lock.rollback().await.unwrap();
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_stored_booking_arriving_again_after_it_ended_is_a_duplicate() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials]).await;
+    // Stored when it was current; it has ended since.
+    let at: chrono::DateTime<chrono::Utc> = "2026-01-05T09:00:00Z".parse().unwrap();
+    let store = env.store().await;
+    sqlx::query(
+        "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes)
+         VALUES ('old', 'trainer@example.org', $1, 2, 60)",
+    )
+    .bind(at)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    env.publish_booking(&crate::helpers::booking_at("old", 2, at, 60))
+        .await;
+    assert_eq!(env.take("credentials-ready", 1, WAIT).await.len(), 1);
+    assert_eq!(env.depth("booking-created.dlq").await, 0);
+    // A new booking in the past is still refused.
+    env.publish_booking(&crate::helpers::booking_at("new-old", 2, at, 60))
+        .await;
+    let dead = env.take("booking-created.dlq", 1, WAIT).await;
+    assert!(
+        header(&dead[0], "x-labbook-error")
+            .unwrap()
+            .contains("past")
+    );
+    env.stop().await;
+}
