@@ -22,14 +22,18 @@ pub enum DlqCommand {
     },
     /// Headers and body of the dead letters (those of one booking with --booking-id).
     Show {
+        /// A stage queue (`booking-created`, ...) or its `.dlq` name.
         queue: String,
+        /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
     },
     /// Move dead letters back to their stage queue with the attempt count reset. Each is
     /// published (confirmed) before it leaves the DLQ: an interrupted replay loses nothing.
     Replay {
+        /// A stage queue (`booking-created`, ...) or its `.dlq` name.
         queue: String,
+        /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
         /// Replay at most N messages.
@@ -41,9 +45,12 @@ pub enum DlqCommand {
     },
     /// Delete dead letters (those of one booking with --booking-id). Asks first unless --yes.
     Purge {
+        /// A stage queue (`booking-created`, ...) or its `.dlq` name.
         queue: String,
+        /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
+        /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
     },
