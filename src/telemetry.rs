@@ -12,6 +12,8 @@ where
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let registry = tracing_subscriber::registry().with(filter);
+    // Colours for a person at a terminal, plain text for files and log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let result = if json {
         registry
             .with(
@@ -25,7 +27,12 @@ where
             .try_init()
     } else {
         registry
-            .with(fmt::layer().with_target(false).with_writer(sink))
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_writer(sink),
+            )
             .try_init()
     };
     // A second init (several stages in one test process) keeps the first subscriber.
