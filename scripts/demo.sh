@@ -11,7 +11,7 @@ say() { printf '\n==> %s\n' "$*"; }
 scripts/services.sh
 
 say "building labbook"
-cargo build --bins --quiet
+cargo build --bins
 BIN=target/debug
 
 DEMO_DIR=.demo

@@ -71,11 +71,52 @@ pub fn original_headers(props: &BasicProperties) -> FieldTable {
     out
 }
 
+/// The original message's properties as labbook re-publishes them: everything but the
+/// per-message TTL (`expiration`, which would let a dead letter or a retry copy vanish) and
+/// `user_id` (which the broker checks against the publishing connection's user), with the
+/// original headers only, and persistent.
+fn carried_over(props: &BasicProperties, headers: FieldTable) -> BasicProperties {
+    let mut out = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
 /// Properties for the retry copy: the original ones, persistent, with the attempts made.
 pub fn for_retry(props: &BasicProperties, attempts: u32) -> BasicProperties {
     let mut headers = original_headers(props);
     headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
-    props.clone().with_headers(headers).with_delivery_mode(2)
+    carried_over(props, headers)
 }
 
 /// Properties for the dead letter: the original ones, persistent, with why it failed.
@@ -94,15 +135,12 @@ pub fn for_dead_letter(
         FAILED_AT.into(),
         long_string(&at.to_rfc3339_opts(SecondsFormat::Secs, true)),
     );
-    props.clone().with_headers(headers).with_delivery_mode(2)
+    carried_over(props, headers)
 }
 
 /// Properties for a replayed dead letter: the original ones, attempt count reset.
 pub fn for_replay(props: &BasicProperties) -> BasicProperties {
-    props
-        .clone()
-        .with_headers(original_headers(props))
-        .with_delivery_mode(2)
+    carried_over(props, original_headers(props))
 }
 
 /// `text` on one line, control characters replaced, at most `max` characters.
@@ -159,6 +197,26 @@ mod tests {
         );
         assert_eq!(int_header(&dl, ATTEMPTS), Some(4));
         assert!(str_header(&dl, "x-death").is_none());
+    }
+
+    #[test]
+    fn a_per_message_ttl_and_user_id_are_not_carried_over() {
+        let original = BasicProperties::default()
+            .with_expiration("5000".into())
+            .with_user_id("alice".into())
+            .with_app_id("upstream".into())
+            .with_priority(3);
+        let at = "2026-11-26T10:00:00Z".parse().unwrap();
+        for p in [
+            for_retry(&original, 1),
+            for_dead_letter(&original, "notify", 1, "x", at),
+            for_replay(&original),
+        ] {
+            assert!(p.expiration().is_none() && p.user_id().is_none());
+            assert_eq!(p.app_id().as_ref().unwrap().as_str(), "upstream");
+            assert_eq!(p.priority(), &Some(3));
+            assert_eq!(p.delivery_mode(), &Some(2));
+        }
     }
 
     #[test]

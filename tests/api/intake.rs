@@ -297,3 +297,35 @@ async fn a_stored_booking_arriving_again_after_it_ended_is_a_duplicate() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_outlives_the_original_message_ttl() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials]).await;
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_expiration("1500".into())
+        .with_correlation_id("corr-1".into());
+    env.publish_raw("booking-created", b"{\"booking_id\": 7}", props)
+        .await;
+    eventually(WAIT, "the dead letter", || async {
+        (env.depth("booking-created.dlq").await == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let dead = env
+        .take("booking-created.dlq", 1, Duration::from_secs(2))
+        .await;
+    assert_eq!(dead.len(), 1, "still there after the original TTL");
+    assert_eq!(dead[0].data, b"{\"booking_id\": 7}");
+    assert_eq!(
+        dead[0]
+            .properties
+            .correlation_id()
+            .as_ref()
+            .unwrap()
+            .as_str(),
+        "corr-1"
+    );
+    env.stop().await;
+}
