@@ -246,6 +246,22 @@ impl TestEnv {
         }
     }
 
+    /// Waits until the booking is stored in `state`.
+    pub async fn wait_state(&self, booking_id: &str, state: &str) {
+        let store = self.store().await;
+        eventually(
+            Duration::from_secs(30),
+            &format!("booking {booking_id} {state}"),
+            || async {
+                let b = labbook::store::bookings::find(&store.pool, booking_id)
+                    .await
+                    .unwrap()?;
+                (b.state == state).then_some(())
+            },
+        )
+        .await;
+    }
+
     /// The settings' EC2 client (against the emulator).
     pub async fn ec2(&self) -> labbook::ec2::Ec2 {
         labbook::ec2::Ec2::new(self.settings().ec2).await

@@ -269,11 +269,7 @@ async fn publish_validates_first_and_status_shows_the_booking() {
     assert!(out.contains("routing key booking-created"), "{out}");
 
     env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
-    let store = env.store().await;
-    eventually(WAIT, "the booking scheduled", || async {
-        (bookings::find(&store.pool, "cli").await.unwrap()?.state == "scheduled").then_some(())
-    })
-    .await;
+    env.wait_state("cli", "scheduled").await;
     let (code, out, _) = cli(&env, &["status", "cli"]);
     assert_eq!(code, Some(0));
     assert!(

@@ -133,11 +133,7 @@ async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (S
     env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
     let id = unique_id(prefix);
     env.publish_booking(&booking_json(&id, 4, 72)).await;
-    let store = env.store().await;
-    eventually(WAIT, "the booking scheduled", || async {
-        (bookings::find(&store.pool, &id).await.unwrap()?.state == "scheduled").then_some(())
-    })
-    .await;
+    env.wait_state(&id, "scheduled").await;
     let request = LaunchRequest {
         booking_id: &id,
         slot,
@@ -228,11 +224,7 @@ async fn teardown_terminates_the_instances_when_the_booking_ends() {
     env.publish_booking(&booking_at(&id, 2, at, 15)).await;
     wait_notify(&env, EmailKind::InstanceDetails).await;
     assert_eq!(instances_for(&id).await.len(), 1);
-    let store = env.store().await;
-    eventually(WAIT, "the booking ended", || async {
-        (bookings::find(&store.pool, &id).await.unwrap()?.state == "ended").then_some(())
-    })
-    .await;
+    env.wait_state(&id, "ended").await;
     let instances = instances_for(&id).await;
     assert!(
         instances
