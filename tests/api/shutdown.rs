@@ -118,3 +118,66 @@ async fn a_configuration_error_names_the_variable_and_exits_2() {
         assert!(stderr.contains(var), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn no_password_reaches_the_logs_even_at_trace_level() {
+    let env = TestEnv::new().await;
+    let id = crate::helpers::unique_id("logs");
+    let to = format!("{id}@example.org");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_labbook"))
+        .args(["run", "all"])
+        .env_clear()
+        .envs(&env.vars)
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("LABBOOK_LOG_FORMAT", "json")
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read the logs as they come, so a full pipe never blocks the worker.
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut logs).unwrap();
+        logs
+    });
+    env.publish_booking(&crate::helpers::booking_for(
+        &id,
+        &to,
+        3,
+        chrono::Utc::now(),
+        60,
+    ))
+    .await;
+    crate::helpers::wait_emails(&to, 2).await;
+    sigterm(&child);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(30)).code(),
+        Some(0)
+    );
+    let logs = reader.join().unwrap();
+    assert!(logs.contains(&id), "the logs talk about the booking");
+
+    let store = env.store().await;
+    let mut secrets = Vec::new();
+    for c in bookings::credentials(&store.pool, &id).await.unwrap() {
+        let context = labbook::stages::credentials::password_context(&id, &c.username);
+        secrets.push(env.key.decrypt(&c.password_encrypted, &context).unwrap());
+    }
+    for s in labbook::store::slots::for_booking(&store.pool, &id)
+        .await
+        .unwrap()
+    {
+        let context = labbook::stages::provisioner::admin_context(&id, s.slot);
+        secrets.push(
+            env.key
+                .decrypt(&s.admin_password_encrypted, &context)
+                .unwrap(),
+        );
+    }
+    assert_eq!(secrets.len(), 3 + 2);
+    for s in &secrets {
+        assert!(!logs.contains(s.expose()), "a password is in the logs");
+    }
+}
