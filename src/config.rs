@@ -83,6 +83,8 @@ pub struct Ec2Settings {
     pub admin_username: Username,
     pub launch_concurrency: usize,
     pub running_timeout: Duration,
+    /// How often the provisioner looks for machines of bookings that are over.
+    pub sweep_interval: Duration,
     /// `AWS_REGION` (else the SDK's chain decides).
     pub region: Option<String>,
     /// `AWS_ENDPOINT_URL`: an EC2 API emulator in tests.
@@ -269,6 +271,12 @@ impl Settings {
                     600,
                     1,
                     7200,
+                )?),
+                sweep_interval: Duration::from_secs(v.number(
+                    "LABBOOK_SWEEP_INTERVAL_SECONDS",
+                    300,
+                    1,
+                    86_400,
                 )?),
                 region: v
                     .get("AWS_REGION")

@@ -21,7 +21,7 @@ use crate::health::Readiness;
 use crate::mail::Mailer;
 use crate::stages::credentials::CredentialsStage;
 use crate::stages::notifier::NotifierStage;
-use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage};
+use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage, run_sweeper};
 use crate::stages::scheduler::{SchedulerStage, run_timer};
 use crate::store::Store;
 
@@ -114,7 +114,10 @@ impl Application {
                     let provisioner =
                         Provisioner::new(store.clone(), ec2, key, settings.ec2.clone(), ami_id);
                     app.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));
-                    app.add_stage("teardown", settings, TeardownStage(provisioner));
+                    app.add_stage("teardown", settings, TeardownStage(provisioner.clone()));
+                    let sweeper =
+                        run_sweeper(provisioner, settings.ec2.sweep_interval, app.stop.clone());
+                    app.tasks.push(("sweeper", Box::pin(sweeper)));
                 }
                 Worker::Notifier => {
                     let key = settings.require_secret_key()?.clone();

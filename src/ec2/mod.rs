@@ -115,6 +115,7 @@ pub struct InstanceInfo {
     pub public_dns: Option<String>,
     pub public_ip: Option<String>,
     pub slot: Option<i32>,
+    pub booking_id: Option<String>,
 }
 
 impl InstanceInfo {
@@ -137,12 +138,16 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
             .map_or("unknown".into(), |n| n.as_str().to_owned()),
         public_dns: non_empty(i.public_dns_name()),
         public_ip: non_empty(i.public_ip_address()),
-        slot: i
-            .tags()
-            .iter()
-            .find(|t| t.key() == Some(TAG_SLOT))
-            .and_then(|t| t.value()?.parse().ok()),
+        slot: tag(i, TAG_SLOT).and_then(|v| v.parse().ok()),
+        booking_id: tag(i, TAG_BOOKING).map(str::to_owned),
     })
+}
+
+fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
 }
 
 /// One instance to launch.
@@ -200,24 +205,31 @@ impl Ec2 {
 
     /// Instances tagged with the booking that are not terminated, with their slot tags.
     pub async fn find_for_booking(&self, booking_id: &str) -> Result<Vec<InstanceInfo>, Ec2Error> {
-        let mut out = Vec::new();
-        let mut pages = self
-            .client
-            .describe_instances()
-            .filters(
+        self.find_managed(Some(booking_id)).await
+    }
+
+    /// Every instance labbook launched (tagged `labbook:managed=true`) that is not terminated,
+    /// of one booking or of all.
+    pub async fn find_managed(
+        &self,
+        booking_id: Option<&str>,
+    ) -> Result<Vec<InstanceInfo>, Ec2Error> {
+        let mut request = self.client.describe_instances().filters(
+            Filter::builder()
+                .name(format!("tag:{TAG_MANAGED}"))
+                .values("true")
+                .build(),
+        );
+        if let Some(id) = booking_id {
+            request = request.filters(
                 Filter::builder()
                     .name(format!("tag:{TAG_BOOKING}"))
-                    .values(booking_id)
+                    .values(id)
                     .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name(format!("tag:{TAG_MANAGED}"))
-                    .values("true")
-                    .build(),
-            )
-            .into_paginator()
-            .send();
+            );
+        }
+        let mut out = Vec::new();
+        let mut pages = request.into_paginator().send();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify("DescribeInstances", e))?;
             for r in page.reservations() {

@@ -329,3 +329,48 @@ async fn two_scheduler_replicas_publish_each_due_item_once() {
     assert_eq!(unique.len(), n);
     assert_eq!(env.depth("teardown-due").await, 0);
 }
+
+#[tokio::test]
+async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those() {
+    let mut env = TestEnv::new().await;
+    let store = env.store().await;
+    let over = unique_id("swept");
+    let unknown = unique_id("not-ours");
+    sqlx::query(
+        "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes, state)
+         VALUES ($1, 'a@example.org', now() - interval '3 hours', 2, 60, 'ended')",
+    )
+    .bind(&over)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    let ec2 = env.ec2().await;
+    for id in [&over, &unknown] {
+        let request = LaunchRequest {
+            booking_id: id,
+            slot: 0,
+            user_data: "#cloud-config\n{}",
+        };
+        ec2.launch(&request, "ami-03cf127a").await.unwrap();
+    }
+    env.spawn_with(
+        &[Worker::Provisioner],
+        &[("LABBOOK_SWEEP_INTERVAL_SECONDS", "1")],
+    )
+    .await;
+    eventually(WAIT, "the left-over machine terminated", || async {
+        let instances = instances_for(&over).await;
+        instances
+            .iter()
+            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
+            .then_some(())
+    })
+    .await;
+    let theirs = instances_for(&unknown).await;
+    assert_eq!(
+        state_of(&theirs[0]),
+        "running",
+        "a booking this database does not know is left alone"
+    );
+    env.stop().await;
+}
