@@ -125,13 +125,7 @@ async fn provisioning(users: u32) {
 
 async fn end_to_end(users: u32) {
     let mut env = TestEnv::new().await;
-    env.spawn(&[
-        Worker::Credentials,
-        Worker::Scheduler,
-        Worker::Provisioner,
-        Worker::Notifier,
-    ])
-    .await;
+    env.spawn(&Worker::ALL).await;
     let id = unique_id("bench-e2e");
     let to = format!("{id}@example.org");
     let started = Instant::now();

@@ -92,10 +92,3 @@ pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Entry>, 
         .fetch_all(pool)
         .await
 }
-
-/// The next unpublished item's due time, for the scheduler's progress log.
-pub async fn pending_count(pool: &PgPool) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT count(*) FROM schedule WHERE published_at IS NULL")
-        .fetch_one(pool)
-        .await
-}

@@ -39,13 +39,7 @@ async fn publish_json(env: &TestEnv, queue: &str, body: &impl serde::Serialize) 
 #[tokio::test]
 async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() {
     let mut env = TestEnv::new().await;
-    env.spawn(&[
-        Worker::Credentials,
-        Worker::Scheduler,
-        Worker::Provisioner,
-        Worker::Notifier,
-    ])
-    .await;
+    env.spawn(&Worker::ALL).await;
     let id = unique_id("e2e");
     let to = format!("{id}@example.org");
     let at = Utc::now() - chrono::Duration::minutes(5);
@@ -198,13 +192,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
 #[tokio::test]
 async fn a_future_booking_gets_its_confirmation_now_and_no_machines_yet() {
     let mut env = TestEnv::with(&[("LABBOOK_PROVISION_LEAD_SECONDS", "900")]).await;
-    env.spawn(&[
-        Worker::Credentials,
-        Worker::Scheduler,
-        Worker::Provisioner,
-        Worker::Notifier,
-    ])
-    .await;
+    env.spawn(&Worker::ALL).await;
     let id = unique_id("future");
     let to = format!("{id}@example.org");
     env.publish_booking(&booking_for(

@@ -76,6 +76,13 @@ pub async fn user_data_of(instance_id: &str) -> String {
     .unwrap()
 }
 
+/// Whether every instance is terminated or on its way there.
+pub fn all_terminated(instances: &[aws_sdk_ec2::types::Instance]) -> bool {
+    instances
+        .iter()
+        .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
+}
+
 pub fn state_of(i: &aws_sdk_ec2::types::Instance) -> String {
     i.state()
         .and_then(|s| s.name())

@@ -13,8 +13,8 @@ use labbook::store::{bookings, schedule, slots};
 use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, booking_at, booking_json, eventually, header, instances_for, state_of, unique_id,
-    user_data_of,
+    TestEnv, all_terminated, booking_at, booking_json, eventually, header, instances_for, state_of,
+    unique_id, user_data_of,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -226,11 +226,7 @@ async fn teardown_terminates_the_instances_when_the_booking_ends() {
     assert_eq!(instances_for(&id).await.len(), 1);
     env.wait_state(&id, "ended").await;
     let instances = instances_for(&id).await;
-    assert!(
-        instances
-            .iter()
-            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
-    );
+    assert!(all_terminated(&instances));
     env.stop().await;
 }
 
@@ -264,11 +260,7 @@ async fn a_permanent_failure_terminates_partial_launches_and_notifies() {
     assert_eq!(booking.state, "failed");
     let instances = instances_for(&id).await;
     assert_eq!(instances.len(), 1);
-    assert!(
-        instances
-            .iter()
-            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
-    );
+    assert!(all_terminated(&instances));
     env.stop().await;
 }
 
@@ -359,11 +351,7 @@ async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those(
     )
     .await;
     eventually(WAIT, "the left-over machine terminated", || async {
-        let instances = instances_for(&over).await;
-        instances
-            .iter()
-            .all(|i| matches!(state_of(i).as_str(), "terminated" | "shutting-down"))
-            .then_some(())
+        all_terminated(&instances_for(&over).await).then_some(())
     })
     .await;
     let theirs = instances_for(&unknown).await;
