@@ -27,7 +27,7 @@ K8S = DEPLOY / "kubernetes"
 EXCHANGE = "labbook"
 STAGE_QUEUES = ["booking-created", "credentials-ready", "provision-due", "notify", "teardown-due"]
 RETRY_TIERS = {"1s": 1_000, "10s": 10_000, "60s": 60_000, "600s": 600_000}
-# worker -> the queues it consumes (CONTRACT.md §4)
+# worker -> the queues it consumes (docs/contract.md §4)
 WORKERS = {
     "credentials": ["booking-created"],
     "scheduler": ["credentials-ready"],

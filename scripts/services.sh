@@ -74,7 +74,7 @@ fi
 # maildev: an SMTP server that keeps what it receives, with a web inbox and a REST API
 if ! command -v maildev >/dev/null; then
   say "installing maildev (npm)"
-  npm install --global --silent maildev@2 >/dev/null
+  npm install --global --silent maildev@2.2.1 >/dev/null
 fi
 if ! port_open "$MAILDEV_SMTP_PORT"; then
   say "starting maildev (SMTP 127.0.0.1:$MAILDEV_SMTP_PORT, inbox http://127.0.0.1:$MAILDEV_WEB_PORT)"

@@ -1,4 +1,4 @@
-//! Typed settings from the environment (CONTRACT.md §4), optionally completed by a file.
+//! Typed settings from the environment (docs/contract.md §4), optionally completed by a file.
 //!
 //! Every value is checked once at start-up; a bad one stops the process with one line that
 //! names the variable ([`ConfigError`], exit code 2).
@@ -37,12 +37,9 @@ impl SecretUrl {
     pub fn new(url: impl Into<String>) -> Self {
         Self(url.into())
     }
-}
 
-impl std::ops::Deref for SecretUrl {
-    type Target = str;
-
-    fn deref(&self) -> &str {
+    /// The URL with its password, for the client that connects with it. Nothing else.
+    pub fn expose_secret(&self) -> &str {
         &self.0
     }
 }
@@ -448,7 +445,10 @@ mod tests {
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("REDACTED"));
-        assert_eq!(&*s.database_url, "postgres://app:hunter2@db/labbook");
+        assert_eq!(
+            s.database_url.expose_secret(),
+            "postgres://app:hunter2@db/labbook"
+        );
     }
 
     #[test]

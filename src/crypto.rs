@@ -9,6 +9,7 @@ use base64::Engine;
 use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 
+use crate::broker::StageError;
 use crate::domain::Password;
 
 const NONCE_LEN: usize = 24;
@@ -79,12 +80,29 @@ impl fmt::Debug for SecretKey {
     }
 }
 
+/// The associated data a trainee's stored password is encrypted under.
+pub fn password_context(booking_id: &str, username: &str) -> String {
+    format!("{booking_id}/{username}")
+}
+
+/// The associated data a slot's stored admin password is encrypted under.
+pub fn admin_context(booking_id: &str, slot: i32) -> String {
+    format!("{booking_id}/slot-{slot}/admin")
+}
+
 /// A stored password could not be decrypted: wrong `LABBOOK_SECRET_KEY`, or a damaged row.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "a stored password could not be decrypted (is LABBOOK_SECRET_KEY the one it was stored with?)"
 )]
 pub struct DecryptError;
+
+/// Retrying does not change the key: dead-letter, and the operator fixes the key.
+impl From<DecryptError> for StageError {
+    fn from(err: DecryptError) -> Self {
+        StageError::Permanent(err.to_string())
+    }
+}
 
 #[cfg(test)]
 mod tests {

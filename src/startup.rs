@@ -64,98 +64,69 @@ impl Application {
     /// Checks the configuration each worker needs, builds its clients and binds the metrics
     /// endpoint. Broker and database connections are made when running.
     pub async fn build(settings: &Settings, workers: &[Worker]) -> Result<Self, ConfigError> {
-        // Every message in flight may hold a connection (the notifier holds one while it
-        // sends), plus the timer and the schema task.
-        let consumers: u32 = workers
-            .iter()
-            .map(|w| if *w == Worker::Provisioner { 2 } else { 1 })
-            .sum();
-        let pool_size = (u32::from(settings.broker.prefetch) * consumers + 4).clamp(4, 100);
-        let store = Store::connect_lazy(&settings.database_url, pool_size)
-            .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
+        // The recorder first, so that the series workers name at start-up are kept.
+        let http = match settings.metrics_addr {
+            Some(addr) => bind_metrics(addr, settings.metrics_addr_explicit).await?,
+            None => None,
+        };
+        let store = Store::connect_lazy(
+            settings.database_url.expose_secret(),
+            pool_size(settings, workers),
+        )
+        .map_err(|e| ConfigError::new("DATABASE_URL", e.to_string()))?;
         let mut app = Self {
             tasks: Vec::new(),
             stop: CancellationToken::new(),
             readiness: Readiness::default(),
-            store: store.clone(),
+            store,
             database_url: settings.database_url.clone(),
-            http: None,
+            http,
         };
         for worker in workers {
-            match worker {
-                Worker::Credentials => {
-                    let key = settings.require_secret_key()?.clone();
-                    app.add_stage(
-                        "credentials",
-                        settings,
-                        CredentialsStage::new(store.clone(), key, settings.rules),
-                    );
-                }
-                Worker::Scheduler => {
-                    app.add_stage(
-                        "scheduler",
-                        settings,
-                        SchedulerStage::new(store.clone(), settings.provision_lead),
-                    );
-                    let ready = app.readiness.register("scheduler timer");
-                    let timer = run_timer(
-                        store.clone(),
-                        settings.broker.clone(),
-                        settings.scheduler_tick,
-                        ready,
-                        app.stop.clone(),
-                    );
-                    app.tasks.push(("scheduler timer", Box::pin(timer)));
-                }
-                Worker::Provisioner => {
-                    let ami_id = settings.require_ami_id()?.to_owned();
-                    let key = settings.require_secret_key()?.clone();
-                    let ec2 = Ec2::new(settings.ec2.clone()).await;
-                    let provisioner =
-                        Provisioner::new(store.clone(), ec2, key, settings.ec2.clone(), ami_id);
-                    app.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));
-                    app.add_stage("teardown", settings, TeardownStage(provisioner.clone()));
-                    let sweeper =
-                        run_sweeper(provisioner, settings.ec2.sweep_interval, app.stop.clone());
-                    app.tasks.push(("sweeper", Box::pin(sweeper)));
-                }
-                Worker::Notifier => {
-                    let key = settings.require_secret_key()?.clone();
-                    let mailer = Mailer::new(&settings.smtp_url, &settings.mail_from)?;
-                    let bootstrap = settings.ec2.bootstrap;
-                    app.add_stage(
-                        "notifier",
-                        settings,
-                        NotifierStage::new(
-                            store.clone(),
-                            key,
-                            mailer,
-                            bootstrap,
-                            &settings.mail_from,
-                        ),
-                    );
-                }
-            }
-        }
-        if let Some(addr) = settings.metrics_addr {
-            crate::health::prometheus();
-            match crate::health::bind(addr).await {
-                Ok(listener) => app.http = Some(listener),
-                Err(e) if settings.metrics_addr_explicit => {
-                    return Err(ConfigError::new(
-                        "LABBOOK_METRICS_ADDR",
-                        format!("cannot listen on {addr}: {e}"),
-                    ));
-                }
-                Err(e) => tracing::warn!(
-                    %addr,
-                    error = %e,
-                    "the default metrics address is taken (another worker on this host?); \
-                     running without /metrics: set LABBOOK_METRICS_ADDR to choose one"
-                ),
-            }
+            app.add_worker(*worker, settings).await?;
         }
         Ok(app)
+    }
+
+    async fn add_worker(&mut self, worker: Worker, settings: &Settings) -> Result<(), ConfigError> {
+        let store = self.store.clone();
+        match worker {
+            Worker::Credentials => {
+                let key = settings.require_secret_key()?.clone();
+                let stage = CredentialsStage::new(store, key, settings.rules);
+                self.add_stage("credentials", settings, stage);
+            }
+            Worker::Scheduler => {
+                let stage = SchedulerStage::new(store.clone(), settings.provision_lead);
+                self.add_stage("scheduler", settings, stage);
+                let ready = self.readiness.register("scheduler timer");
+                let (broker, tick) = (settings.broker.clone(), settings.scheduler_tick);
+                let timer = run_timer(store, broker, tick, ready, self.stop.clone());
+                self.tasks.push(("scheduler timer", Box::pin(timer)));
+            }
+            Worker::Provisioner => {
+                let ami_id = settings.require_ami_id()?.to_owned();
+                let key = settings.require_secret_key()?.clone();
+                let ec2 = Ec2::new(settings.ec2.clone()).await;
+                crate::ec2::register_metrics();
+                let provisioner = Provisioner::new(store, ec2, key, settings.ec2.clone(), ami_id);
+                self.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));
+                self.add_stage("teardown", settings, TeardownStage(provisioner.clone()));
+                let every = settings.ec2.sweep_interval;
+                let sweeper = run_sweeper(provisioner, every, self.stop.clone());
+                self.tasks.push(("sweeper", Box::pin(sweeper)));
+            }
+            Worker::Notifier => {
+                let key = settings.require_secret_key()?.clone();
+                let smtp = settings.smtp_url.expose_secret();
+                let mailer = Mailer::new(smtp, &settings.mail_from)?;
+                crate::mail::register_metrics();
+                let (bootstrap, from) = (settings.ec2.bootstrap, &settings.mail_from);
+                let stage = NotifierStage::new(store, key, mailer, bootstrap, from);
+                self.add_stage("notifier", settings, stage);
+            }
+        }
+        Ok(())
     }
 
     fn add_stage<S: Stage>(&mut self, name: &'static str, settings: &Settings, stage: S) {
@@ -211,27 +182,53 @@ impl Application {
     }
 }
 
+/// Database connections for this process: every message in flight may hold one (the notifier
+/// holds one while it sends), plus the timer and the schema task; `LABBOOK_DB_MAX_CONNECTIONS`
+/// caps it (see the README for the sum over every replica).
+fn pool_size(settings: &Settings, workers: &[Worker]) -> u32 {
+    let consumers: u32 = workers
+        .iter()
+        .map(|w| if *w == Worker::Provisioner { 2 } else { 1 })
+        .sum();
+    (u32::from(settings.broker.prefetch) * consumers + 4).clamp(4, 100)
+}
+
+/// Installs the metrics recorder and binds its endpoint. An address that was chosen must be
+/// free; on the default one, several workers on one host just do without.
+async fn bind_metrics(
+    addr: SocketAddr,
+    explicit: bool,
+) -> Result<Option<TcpListener>, ConfigError> {
+    crate::health::prometheus();
+    match crate::health::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e) if explicit => Err(ConfigError::new(
+            "LABBOOK_METRICS_ADDR",
+            format!("cannot listen on {addr}: {e}"),
+        )),
+        Err(e) => {
+            tracing::warn!(
+                %addr,
+                error = %e,
+                "the default metrics address is taken (another worker on this host?); \
+                 this worker serves no /metrics: set LABBOOK_METRICS_ADDR to give it its own"
+            );
+            Ok(None)
+        }
+    }
+}
+
 /// Creates the database if it is missing and applies pending migrations, retrying with
 /// backoff until the database answers. Migrations are idempotent and serialised by an
 /// advisory lock, so every worker may do this at start; `labbook migrate` does the same on
-/// demand. Handlers that run before it finishes fail transiently and are retried.
+/// demand. Handlers that run before it finishes wait (the database is "unavailable").
 async fn ensure_schema(store: Store, url: SecretUrl, stop: CancellationToken) {
-    let mut delays = crate::broker::reconnect_delays();
-    loop {
-        match store.ensure_schema(&url).await {
-            Ok(()) => {
-                tracing::info!("database schema is up to date");
-                return;
-            }
-            Err(err) => {
-                let delay = delays.next().unwrap_or(std::time::Duration::from_secs(30));
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "cannot prepare the database");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
+    let prepared =
+        crate::broker::retry_until_cancelled("cannot prepare the database", &stop, || {
+            store.ensure_schema(url.expose_secret())
+        });
+    if prepared.await.is_some() {
+        tracing::info!("database schema is up to date");
     }
 }
 
@@ -254,8 +251,14 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// The whole life of a worker process: settings, telemetry, build, run, exit code.
-pub fn worker_main(workers: &[Worker]) -> ExitCode {
+/// The whole life of a labbook process, worker or CLI: settings from the environment (a
+/// configuration error prints one line and exits 2), telemetry with `log_filter` unless
+/// `RUST_LOG` says otherwise, a tokio runtime, then `main` until it returns the exit code.
+pub fn run_process<F, Fut>(log_filter: &str, main: F) -> ExitCode
+where
+    F: FnOnce(Settings) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
     let settings = match Settings::from_env() {
         Ok(s) => s,
         Err(err) => {
@@ -263,16 +266,17 @@ pub fn worker_main(workers: &[Worker]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(
-        settings.json_logs,
-        crate::telemetry::DEFAULT_FILTER,
-        std::io::stderr,
-    );
+    crate::telemetry::init(settings.json_logs, log_filter, std::io::stderr);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
+    runtime.block_on(main(settings))
+}
+
+/// The whole life of a worker process: run `workers` until SIGTERM/SIGINT.
+pub fn worker_main(workers: &[Worker]) -> ExitCode {
+    run_process(crate::telemetry::DEFAULT_FILTER, |settings| async move {
         let app = match Application::build(&settings, workers).await {
             Ok(app) => app,
             Err(err) => {

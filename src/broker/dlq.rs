@@ -145,7 +145,7 @@ pub async fn replay(
             report.skipped += 1;
             continue;
         }
-        let props = headers::for_replay(&letter.properties);
+        let props = headers::for_replay(&letter.properties, chrono::Utc::now());
         publish_confirmed(&channel, EXCHANGE, stage.name(), &letter.body, props).await?;
         if on_each(&letter).is_break() {
             return Ok(report);

@@ -1,5 +1,5 @@
 //! The `x-labbook-*` headers: the attempt count a retried message carries, and the reasons a
-//! dead letter carries (CONTRACT.md §2).
+//! dead letter carries (docs/contract.md §2).
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use lapin::BasicProperties;
@@ -9,6 +9,12 @@ pub const ERROR: &str = "x-labbook-error";
 pub const STAGE: &str = "x-labbook-stage";
 pub const ATTEMPTS: &str = "x-labbook-attempts";
 pub const FAILED_AT: &str = "x-labbook-failed-at";
+/// How many times a message waited for a dependency that was down: kept apart from the
+/// attempts, so an outage never spends them.
+pub const WAITS: &str = "x-labbook-waits";
+/// Set on a message `labbook dlq replay` put back: the operator fixed the cause and asks for
+/// the work again.
+pub const REPLAYED_AT: &str = "x-labbook-replayed-at";
 
 /// Longest `x-labbook-error` value.
 pub const MAX_ERROR_CHARS: usize = 500;
@@ -54,7 +60,21 @@ pub fn str_header(props: &BasicProperties, name: &str) -> Option<String> {
 
 /// Attempts already made, as carried by a retried message (0 for a first delivery).
 pub fn attempts_done(props: &BasicProperties) -> u32 {
-    int_header(props, ATTEMPTS).map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32)
+    count_header(props, ATTEMPTS)
+}
+
+/// Waits for a dependency already made (0 for a first delivery).
+pub fn waits_done(props: &BasicProperties) -> u32 {
+    count_header(props, WAITS)
+}
+
+/// Whether the message was put back by `labbook dlq replay`.
+pub fn is_replay(props: &BasicProperties) -> bool {
+    str_header(props, REPLAYED_AT).is_some()
+}
+
+fn count_header(props: &BasicProperties, name: &str) -> u32 {
+    int_header(props, name).map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32)
 }
 
 /// The original message's headers, without what the broker or labbook added.
@@ -112,10 +132,15 @@ fn carried_over(props: &BasicProperties, headers: FieldTable) -> BasicProperties
     out
 }
 
-/// Properties for the retry copy: the original ones, persistent, with the attempts made.
-pub fn for_retry(props: &BasicProperties, attempts: u32) -> BasicProperties {
+/// Properties for the retry copy: the original ones, persistent, with the attempts and the
+/// waits made so far (and the replay mark, which lasts until the work is done).
+pub fn for_retry(props: &BasicProperties, attempts: u32, waits: u32) -> BasicProperties {
     let mut headers = original_headers(props);
     headers.insert(ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+    headers.insert(WAITS.into(), AMQPValue::LongLongInt(i64::from(waits)));
+    if let Some(at) = str_header(props, REPLAYED_AT) {
+        headers.insert(REPLAYED_AT.into(), long_string(&at));
+    }
     carried_over(props, headers)
 }
 
@@ -138,9 +163,15 @@ pub fn for_dead_letter(
     carried_over(props, headers)
 }
 
-/// Properties for a replayed dead letter: the original ones, attempt count reset.
-pub fn for_replay(props: &BasicProperties) -> BasicProperties {
-    carried_over(props, original_headers(props))
+/// Properties for a replayed dead letter: the original ones, attempt count reset, marked as
+/// replayed at `at`.
+pub fn for_replay(props: &BasicProperties, at: DateTime<Utc>) -> BasicProperties {
+    let mut headers = original_headers(props);
+    headers.insert(
+        REPLAYED_AT.into(),
+        long_string(&at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    );
+    carried_over(props, headers)
 }
 
 /// `text` on one line, control characters replaced, at most `max` characters.
@@ -208,9 +239,9 @@ mod tests {
             .with_priority(3);
         let at = "2026-11-26T10:00:00Z".parse().unwrap();
         for p in [
-            for_retry(&original, 1),
+            for_retry(&original, 1, 0),
             for_dead_letter(&original, "notify", 1, "x", at),
-            for_replay(&original),
+            for_replay(&original, at),
         ] {
             assert!(p.expiration().is_none() && p.user_id().is_none());
             assert_eq!(p.app_id().as_ref().unwrap().as_str(), "upstream");
@@ -229,10 +260,18 @@ mod tests {
     }
 
     #[test]
-    fn retry_counts_attempts_and_replay_resets_them() {
-        let p = for_retry(&BasicProperties::default(), 2);
+    fn retry_counts_attempts_and_waits_apart_and_replay_resets_them() {
+        let at = "2026-11-26T10:00:00Z".parse().unwrap();
+        let p = for_retry(&BasicProperties::default(), 2, 7);
         assert_eq!(attempts_done(&p), 2);
-        assert_eq!(attempts_done(&for_replay(&p)), 0);
+        assert_eq!(waits_done(&p), 7);
+        assert!(!is_replay(&p));
+        let replayed = for_replay(&p, at);
+        assert_eq!(attempts_done(&replayed), 0);
+        assert_eq!(waits_done(&replayed), 0);
+        assert!(is_replay(&replayed));
+        // The replay mark lasts through the retries of the replayed message.
+        assert!(is_replay(&for_retry(&replayed, 1, 0)));
         assert_eq!(attempts_done(&BasicProperties::default()), 0);
     }
 }

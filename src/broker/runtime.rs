@@ -1,8 +1,12 @@
 //! The consumer runtime every stage runs on.
 //!
-//! For each delivery: decode, call the stage's step function inside a span, then
+//! For each delivery: check its size, decode it into the stage's message type (a body that
+//! does not decode is permanent), call the stage's step function inside a span that names the
+//! booking, then
 //! - success: publish the follow-up messages (confirmed), then ack;
 //! - transient error: publish a copy to the next delay tier with the attempt count, then ack;
+//! - a dependency down ([`StageError::Unavailable`]): the same, counting a wait instead of an
+//!   attempt, so an outage never uses up the attempts a message has for real failures;
 //! - permanent error, or attempts used up: let the stage clean up ([`Stage::give_up`]), publish
 //!   the message to `<queue>.dlq` with the `x-labbook-*` headers, then ack.
 //!
@@ -18,43 +22,51 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicQosOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, Connection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
 
+use super::connection::{reconnect_delays, retry_until_cancelled};
+use super::error::StageError;
 use super::headers;
 use super::publisher::{json_properties, publish_confirmed};
 use super::topology::{EXCHANGE, StageQueue, Topology};
 use crate::config::BrokerSettings;
 use crate::health::ReadyFlag;
-use crate::stages::StageError;
 
 /// A delivery redelivered this many times without an outcome (the worker died on it each
 /// time) is dead-lettered instead of being tried again.
 const MAX_REDELIVERIES: i64 = 10;
 
-/// A message as a stage sees it.
+/// The largest body any stage accepts (docs/contract.md §3: a booking is at most 64 KiB).
+/// Checked before anything reads the body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A delivery as the runtime received it: what a stage may want besides the decoded message.
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub body: Vec<u8>,
     pub properties: BasicProperties,
-    /// 1 for the first delivery, 2 for the first retry, ...
+    /// 1 for the first delivery, 2 for the first retry, ...; waits for a dependency that was
+    /// down do not count.
     pub attempt: u32,
+    /// Times this message already waited for a dependency that was down.
+    pub waits: u32,
 }
 
 impl Incoming {
     pub fn new(body: Vec<u8>, properties: BasicProperties) -> Self {
-        let attempt = headers::attempts_done(&properties) + 1;
         Self {
+            attempt: headers::attempts_done(&properties) + 1,
+            waits: headers::waits_done(&properties),
             body,
             properties,
-            attempt,
         }
     }
 
@@ -62,11 +74,32 @@ impl Incoming {
         self.properties.content_type().as_ref().map(|s| s.as_str())
     }
 
-    /// Decodes one of labbook's own JSON messages; a body that does not decode is permanent.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, StageError> {
-        serde_json::from_slice(&self.body)
-            .map_err(|e| StageError::Permanent(format!("the message body does not decode: {e}")))
+    /// Whether `labbook dlq replay` put this message back (the operator asks for the work
+    /// again, even where it had failed for good).
+    pub fn is_replay(&self) -> bool {
+        headers::is_replay(&self.properties)
     }
+
+    /// Decodes one of labbook's own JSON messages; a body that does not decode is permanent.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, Undecodable> {
+        serde_json::from_slice(&self.body).map_err(|e| Undecodable {
+            reason: format!("the message body does not decode: {e}"),
+            subject: None,
+        })
+    }
+}
+
+/// A body a stage cannot take: dead-lettered at once with `reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    pub reason: String,
+    /// The booking the body names, when it could be read despite the rest.
+    pub subject: Option<String>,
+}
+
+/// What a decoded message is about: the span of its handling records it as `booking_id`.
+pub trait Subject {
+    fn subject(&self) -> &str;
 }
 
 /// A message a stage asks to publish once its work is done.
@@ -99,16 +132,23 @@ impl Outgoing {
     }
 }
 
-/// One stage of the pipeline: a step function over the messages of one queue.
+/// One stage of the pipeline: a step function over the typed messages of one queue.
 pub trait Stage: Send + Sync + 'static {
     /// The queue this stage consumes.
-    fn queue(&self) -> StageQueue;
+    const QUEUE: StageQueue;
+
+    /// What a body of [`Stage::QUEUE`] decodes into.
+    type Message: Subject + Send + Sync + 'static;
+
+    /// Decodes a delivery; the runtime calls it once, and dead-letters what does not decode.
+    fn decode(&self, delivery: &Incoming) -> Result<Self::Message, Undecodable>;
 
     /// Does the stage's work for one message and returns what to publish next.
     /// Must be idempotent: the same message may come again.
     fn handle(
         &self,
-        msg: &Incoming,
+        msg: &Self::Message,
+        delivery: &Incoming,
     ) -> impl Future<Output = Result<Vec<Outgoing>, StageError>> + Send;
 
     /// Whether transient failures retry without limit (at the last tier) instead of ending in
@@ -117,11 +157,11 @@ pub trait Stage: Send + Sync + 'static {
         false
     }
 
-    /// Called once when a message is about to be dead-lettered: the stage may record the
-    /// failure and return messages to publish (e.g. a failure notification).
+    /// Called once when a decoded message is about to be dead-lettered: the stage may record
+    /// the failure and return messages to publish (e.g. a failure notification).
     fn give_up(
         &self,
-        _msg: &Incoming,
+        _msg: &Self::Message,
         _reason: &str,
     ) -> impl Future<Output = Result<Vec<Outgoing>, StageError>> + Send {
         async { Ok(Vec::new()) }
@@ -136,35 +176,128 @@ pub async fn run_stage<S: Stage>(
     shutdown: CancellationToken,
 ) {
     let topology = Topology::new(settings.retry_delays.clone());
-    let queue = stage.queue();
-    let mut delays = super::reconnect_delays();
+    let queue = S::QUEUE;
+    register_metrics(queue);
+    let name = format!("labbook {queue}");
+    // Backoff between sessions whose outcome could not be published: the cause may persist.
+    let mut after_reset = reconnect_delays();
     loop {
-        if shutdown.is_cancelled() {
+        let setup = retry_until_cancelled("cannot start consuming", &shutdown, || {
+            open_consumer::<S>(&settings, &topology, &name)
+        });
+        let Some((conn, channel, consumer)) = setup.await else {
             return;
-        }
-        let ended = session(&stage, &settings, &topology, &ready, &shutdown).await;
+        };
+        tracing::info!(%queue, prefetch = settings.prefetch, "consuming");
+        ready.set(true);
+        let ctx = Arc::new(Ctx {
+            stage: stage.clone(),
+            channel,
+            topology: topology.clone(),
+            max_attempts: settings.max_attempts,
+            reset: CancellationToken::new(),
+        });
+        let end = consume(&ctx, consumer, &settings, &shutdown).await;
         ready.set(false);
-        match ended {
-            Ok(SessionEnd::Shutdown) => return,
-            Ok(SessionEnd::Lost { was_consuming }) => {
-                if was_consuming {
-                    delays = super::reconnect_delays();
-                }
+        let _ = ctx.channel.close(200, "labbook: closing".into()).await;
+        let _ = conn.close(200, "labbook: closing".into()).await;
+        match end {
+            SessionEnd::Shutdown => return,
+            SessionEnd::Lost => {
+                after_reset = reconnect_delays();
                 tracing::warn!(%queue, "lost the broker connection; reconnecting");
             }
-            Err(err) => tracing::warn!(%queue, error = %err, "broker session failed; reconnecting"),
-        }
-        let delay = delays.next().unwrap_or(Duration::from_secs(30));
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+            SessionEnd::Reset => {
+                let delay = after_reset.next().unwrap_or(Duration::from_secs(30));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
         }
     }
 }
 
+/// Handles the messages in the stage's queue one at a time, exactly as [`run_stage`] would,
+/// until the queue is empty; returns how many were handled. For tests that show "nothing
+/// else happened" by draining a queue instead of waiting, and for one-off runs.
+pub async fn run_until_empty<S: Stage>(
+    stage: Arc<S>,
+    settings: &BrokerSettings,
+) -> lapin::Result<usize> {
+    let topology = Topology::new(settings.retry_delays.clone());
+    let name = format!("labbook {} (until empty)", S::QUEUE);
+    let conn = super::connect(settings.amqp_url.expose_secret(), &name).await?;
+    let channel = super::confirmed_channel(&conn, &topology).await?;
+    let ctx = Ctx {
+        stage,
+        channel: channel.clone(),
+        topology,
+        max_attempts: settings.max_attempts,
+        reset: CancellationToken::new(),
+    };
+    let mut handled = 0;
+    let get = BasicGetOptions { no_ack: false };
+    while let Some(msg) = channel.basic_get(S::QUEUE.name().into(), get).await? {
+        process(&ctx, msg.delivery).await;
+        handled += 1;
+        if ctx.reset.is_cancelled() {
+            break;
+        }
+    }
+    let _ = channel.close(200, "labbook: queue empty".into()).await;
+    let _ = conn.close(200, "labbook: queue empty".into()).await;
+    Ok(handled)
+}
+
+/// Names the stage's series at 0 before any message, so dashboards and `absent()` alerts see
+/// them from start-up.
+fn register_metrics(queue: StageQueue) {
+    metrics::describe_counter!(
+        "labbook_messages_total",
+        "Messages handled, by stage and outcome"
+    );
+    metrics::describe_histogram!("labbook_handler_seconds", "Time to handle one message");
+    for outcome in Outcome::LABELS {
+        metrics::counter!("labbook_messages_total", "stage" => queue.name(), "outcome" => outcome)
+            .increment(0);
+    }
+    let _ = metrics::histogram!("labbook_handler_seconds", "stage" => queue.name());
+}
+
+/// A connection, a confirmed channel with the topology in place, and a consumer on the
+/// stage's queue.
+async fn open_consumer<S: Stage>(
+    settings: &BrokerSettings,
+    topology: &Topology,
+    name: &str,
+) -> lapin::Result<(Connection, Channel, lapin::Consumer)> {
+    let conn = super::connect(settings.amqp_url.expose_secret(), name).await?;
+    let channel = super::confirmed_channel(&conn, topology).await?;
+    channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            S::QUEUE.name().into(),
+            consumer_tag(S::QUEUE).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((conn, channel, consumer))
+}
+
+fn consumer_tag(queue: StageQueue) -> String {
+    format!("labbook-{queue}-{}", std::process::id())
+}
+
 enum SessionEnd {
     Shutdown,
-    Lost { was_consuming: bool },
+    /// The connection or the consumer went away.
+    Lost,
+    /// An outcome could not be published; the session starts over on a new connection.
+    Reset,
 }
 
 struct Ctx<S> {
@@ -178,52 +311,20 @@ struct Ctx<S> {
     reset: CancellationToken,
 }
 
-async fn session<S: Stage>(
-    stage: &Arc<S>,
+/// Handles deliveries until shutdown or a lost connection, then lets those in flight finish.
+async fn consume<S: Stage>(
+    ctx: &Arc<Ctx<S>>,
+    mut consumer: lapin::Consumer,
     settings: &BrokerSettings,
-    topology: &Topology,
-    ready: &ReadyFlag,
     shutdown: &CancellationToken,
-) -> lapin::Result<SessionEnd> {
-    let queue = stage.queue();
-    let name = format!("labbook {queue}");
-    let conn = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        conn = super::connect(&settings.amqp_url, &name) => conn?,
-    };
-    let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let tag = format!("labbook-{queue}-{}", std::process::id());
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    tracing::info!(%queue, prefetch = settings.prefetch, "consuming");
-    ready.set(true);
-
-    let ctx = Arc::new(Ctx {
-        stage: stage.clone(),
-        channel: channel.clone(),
-        topology: topology.clone(),
-        max_attempts: settings.max_attempts,
-        reset: CancellationToken::new(),
-    });
+) -> SessionEnd {
+    let queue = S::QUEUE;
     let mut inflight = JoinSet::new();
-    let lost = loop {
+    let end = loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break false,
-            _ = ctx.reset.cancelled() => break true,
+            _ = shutdown.cancelled() => break SessionEnd::Shutdown,
+            _ = ctx.reset.cancelled() => break SessionEnd::Reset,
             Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -232,20 +333,23 @@ async fn session<S: Stage>(
                 }
                 Some(Err(err)) => {
                     tracing::warn!(%queue, error = %err, "consumer stream failed");
-                    break true;
+                    break SessionEnd::Lost;
                 }
-                None => break true,
+                None => break SessionEnd::Lost,
             },
         }
     };
-
-    if lost {
-        tracing::warn!(%queue, in_flight = inflight.len(), "connection lost or reset; letting the messages in flight finish");
-    } else {
+    if let SessionEnd::Shutdown = end {
         tracing::info!(%queue, in_flight = inflight.len(), "shutting down: no new messages; finishing those in flight");
-        let _ = channel
-            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        let _ = ctx
+            .channel
+            .basic_cancel(
+                consumer_tag(queue).as_str().into(),
+                BasicCancelOptions::default(),
+            )
             .await;
+    } else {
+        tracing::warn!(%queue, in_flight = inflight.len(), "connection lost or reset; letting the messages in flight finish");
     }
     // Handlers run to the end even when their acknowledgement can no longer reach the broker:
     // an effect recorded (an email logged as sent) is not repeated when the message comes again.
@@ -257,20 +361,11 @@ async fn session<S: Stage>(
         tracing::warn!(%queue, left = inflight.len(), "timeout: messages still in flight go back to the queue");
         inflight.abort_all();
     }
-    let _ = channel.close(200, "labbook: closing".into()).await;
-    let _ = conn.close(200, "labbook: closing".into()).await;
-    if lost {
-        // After a failed publish, keep backing off: the cause may persist.
-        Ok(SessionEnd::Lost {
-            was_consuming: !ctx.reset.is_cancelled(),
-        })
-    } else {
-        Ok(SessionEnd::Shutdown)
-    }
+    end
 }
 
 async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
-    let queue = ctx.stage.queue();
+    let queue = S::QUEUE;
     let msg = Incoming::new(delivery.data, delivery.properties);
     let span = tracing::info_span!(
         "message",
@@ -279,33 +374,14 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
         attempt = msg.attempt,
         message_id = msg.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or(""),
     );
-    if let Some(id) = peek_booking_id(&msg.body) {
-        span.record("booking_id", id.as_str());
-    }
     let acker = delivery.acker;
     async move {
         let started = Instant::now();
         let outcome = decide(ctx, &msg).await;
         let label = outcome.label();
-        let result = match outcome {
-            Outcome::Done(outs) => publish_all(&ctx.channel, &outs).await,
-            Outcome::Retry { delay, queue_name, reason } => {
-                tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, "transient failure; will retry");
-                let props = headers::for_retry(&msg.properties, msg.attempt);
-                publish_confirmed(&ctx.channel, "", &queue_name, &msg.body, props).await
-            }
-            Outcome::DeadLetter { reason, follow_up } => {
-                tracing::error!(error = %reason, "giving up; dead-lettering the message");
-                match publish_all(&ctx.channel, &follow_up).await {
-                    Ok(()) => {
-                        let props = headers::for_dead_letter(&msg.properties, queue.name(), msg.attempt, &reason, chrono::Utc::now());
-                        publish_confirmed(&ctx.channel, "", &queue.dlq(), &msg.body, props).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-        };
-        metrics::histogram!("labbook_handler_seconds", "stage" => queue.name()).record(started.elapsed().as_secs_f64());
+        let result = outcome.publish(ctx, &msg).await;
+        metrics::histogram!("labbook_handler_seconds", "stage" => queue.name())
+            .record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
                 metrics::counter!("labbook_messages_total", "stage" => queue.name(), "outcome" => label).increment(1);
@@ -325,11 +401,17 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
     .await
 }
 
+/// What becomes of a delivery.
 enum Outcome {
     Done(Vec<Outgoing>),
+    /// Try again after the tier's delay, with these counts on the copy.
     Retry {
         delay: Duration,
         queue_name: String,
+        attempts: u32,
+        waits: u32,
+        /// Waiting for a dependency, not retrying a failure.
+        waiting: bool,
         reason: String,
     },
     DeadLetter {
@@ -339,50 +421,124 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// The label of `labbook_messages_total{outcome}`.
+    pub const LABELS: [&'static str; 4] = ["done", "retried", "waiting", "dead_lettered"];
+
     fn label(&self) -> &'static str {
         match self {
             Outcome::Done(_) => "done",
+            Outcome::Retry { waiting: true, .. } => "waiting",
             Outcome::Retry { .. } => "retried",
             Outcome::DeadLetter { .. } => "dead_lettered",
         }
     }
+
+    /// Publishes what replaces the delivery; it may be acked once this returns `Ok`.
+    async fn publish<S: Stage>(
+        self,
+        ctx: &Ctx<S>,
+        msg: &Incoming,
+    ) -> Result<(), super::PublishError> {
+        match self {
+            Outcome::Done(outs) => publish_all(&ctx.channel, &outs).await,
+            Outcome::Retry {
+                delay,
+                queue_name,
+                attempts,
+                waits,
+                reason,
+                ..
+            } => {
+                tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, attempts, waits, "not done yet; will try again");
+                let props = headers::for_retry(&msg.properties, attempts, waits);
+                publish_confirmed(&ctx.channel, "", &queue_name, &msg.body, props).await
+            }
+            Outcome::DeadLetter { reason, follow_up } => {
+                tracing::error!(error = %reason, "giving up; dead-lettering the message");
+                publish_all(&ctx.channel, &follow_up).await?;
+                let props = headers::for_dead_letter(
+                    &msg.properties,
+                    S::QUEUE.name(),
+                    msg.attempt,
+                    &reason,
+                    chrono::Utc::now(),
+                );
+                publish_confirmed(&ctx.channel, "", &S::QUEUE.dlq(), &msg.body, props).await
+            }
+        }
+    }
 }
 
+/// Checks, decodes and handles the delivery, and sorts the result.
 async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
-    let queue = ctx.stage.queue();
+    let decoded = admit(ctx.stage.as_ref(), msg);
+    let message = match decoded {
+        Ok(m) => m,
+        Err(bad) => {
+            if let Some(subject) = &bad.subject {
+                tracing::Span::current().record("booking_id", subject.as_str());
+            }
+            return Outcome::DeadLetter {
+                reason: bad.reason,
+                follow_up: Vec::new(),
+            };
+        }
+    };
+    tracing::Span::current().record("booking_id", message.subject());
     let redeliveries = headers::int_header(&msg.properties, "x-delivery-count").unwrap_or(0);
     let result = if redeliveries >= MAX_REDELIVERIES {
         Err(StageError::Permanent(format!(
             "delivered {redeliveries} times without an outcome: the worker may be crashing on this message"
         )))
     } else {
-        AssertUnwindSafe(ctx.stage.handle(msg))
+        AssertUnwindSafe(ctx.stage.handle(&message, msg))
             .catch_unwind()
             .await
             .unwrap_or_else(|_| {
                 Err(StageError::Transient(anyhow::anyhow!(
-                    "the {queue} handler panicked"
+                    "the {} handler panicked",
+                    S::QUEUE
                 )))
             })
     };
+    sort(ctx, msg, &message, result).await
+}
+
+/// The size check, then the stage's decoding: nothing reads a body over the limit.
+fn admit<S: Stage>(stage: &S, msg: &Incoming) -> Result<S::Message, Undecodable> {
+    if msg.body.len() > MAX_BODY_BYTES {
+        return Err(Undecodable {
+            reason: format!(
+                "the message body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
+                msg.body.len()
+            ),
+            subject: None,
+        });
+    }
+    stage.decode(msg)
+}
+
+/// Turns the stage's result into an outcome: retry, wait, or give up.
+async fn sort<S: Stage>(
+    ctx: &Ctx<S>,
+    msg: &Incoming,
+    message: &S::Message,
+    result: Result<Vec<Outgoing>, StageError>,
+) -> Outcome {
     let reason = match result {
         Ok(outs) => return Outcome::Done(outs),
-        Err(StageError::Unavailable(err)) => {
-            // A dependency is down: wait for it without spending the message's attempts.
-            let (delay, queue_name) = ctx.topology.delay_for(queue, msg.attempt);
-            return Outcome::Retry {
-                delay,
-                queue_name,
-                reason: format!("{err:#}"),
-            };
-        }
+        // A dependency is down: wait for it without spending the message's attempts.
+        Err(StageError::Unavailable(err)) => return wait(ctx, msg, msg.waits + 1, err),
         Err(StageError::Transient(err))
             if msg.attempt < ctx.max_attempts || ctx.stage.retries_forever() =>
         {
-            let (delay, queue_name) = ctx.topology.delay_for(queue, msg.attempt);
+            let (delay, queue_name) = ctx.topology.delay_for(S::QUEUE, msg.attempt);
             return Outcome::Retry {
                 delay,
                 queue_name,
+                attempts: msg.attempt,
+                waits: msg.waits,
+                waiting: false,
                 reason: format!("{err:#}"),
             };
         }
@@ -391,18 +547,30 @@ async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
         }
         Err(StageError::Permanent(reason)) => reason,
     };
-    match ctx.stage.give_up(msg, &reason).await {
+    match ctx.stage.give_up(message, &reason).await {
         Ok(follow_up) => Outcome::DeadLetter { reason, follow_up },
         Err(err) => {
             // The clean-up itself failed (e.g. the database is away): try the whole thing again
-            // later rather than dead-letter a booking whose failure was not recorded.
-            let (delay, queue_name) = ctx.topology.delay_for(queue, u32::MAX);
-            Outcome::Retry {
-                delay,
-                queue_name,
-                reason: format!("could not record the failure ({err}); original failure: {reason}"),
-            }
+            // later, at the longest delay, rather than dead-letter a booking whose failure was
+            // not recorded.
+            let err =
+                anyhow::anyhow!("could not record the failure ({err}); original failure: {reason}");
+            wait(ctx, msg, u32::MAX, err)
         }
+    }
+}
+
+/// A copy that waits in delay tier `tier` (1 = the first delay) with one more wait counted
+/// and the attempts unchanged.
+fn wait<S: Stage>(ctx: &Ctx<S>, msg: &Incoming, tier: u32, err: anyhow::Error) -> Outcome {
+    let (delay, queue_name) = ctx.topology.delay_for(S::QUEUE, tier);
+    Outcome::Retry {
+        delay,
+        queue_name,
+        attempts: msg.attempt - 1,
+        waits: msg.waits.saturating_add(1),
+        waiting: true,
+        reason: format!("{err:#}"),
     }
 }
 
@@ -411,16 +579,4 @@ async fn publish_all(channel: &Channel, outs: &[Outgoing]) -> Result<(), super::
         out.publish(channel).await?;
     }
     Ok(())
-}
-
-/// The `booking_id` of a JSON body, if it has a plausible one: for the span only.
-fn peek_booking_id(body: &[u8]) -> Option<String> {
-    #[derive(serde::Deserialize)]
-    struct Peek {
-        booking_id: Option<String>,
-    }
-    let id = serde_json::from_slice::<Peek>(body).ok()?.booking_id?;
-    crate::domain::BookingId::parse(&id)
-        .ok()
-        .map(|id| id.as_str().to_owned())
 }

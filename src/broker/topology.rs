@@ -1,4 +1,4 @@
-//! The broker topology of CONTRACT.md §2, declared idempotently.
+//! The broker topology of docs/contract.md §2, declared idempotently.
 //!
 //! - exchange `labbook` (direct, durable); each stage queue bound with its own name;
 //! - stage queues and their `<queue>.dlq` dead-letter queues: durable quorum queues;

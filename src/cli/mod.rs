@@ -72,28 +72,15 @@ enum RunTarget {
     Notifier,
 }
 
-/// Runs the command line; the exit code follows CONTRACT.md §4 (2: configuration error).
+/// Runs the command line; the exit code follows docs/contract.md §4 (2: configuration error).
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::from_env() {
-        Ok(s) => s,
-        Err(err) => {
-            eprintln!("{err}");
-            return ExitCode::from(2);
-        }
+    // Only the workers' own logs are wanted on a terminal; other commands print their answer.
+    let filter = match cli.command {
+        Command::Run { .. } => crate::telemetry::DEFAULT_FILTER,
+        _ => "warn",
     };
-    let quiet = !matches!(cli.command, Command::Run { .. });
-    let filter = if quiet {
-        "warn"
-    } else {
-        crate::telemetry::DEFAULT_FILTER
-    };
-    crate::telemetry::init(settings.json_logs, filter, std::io::stderr);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    runtime.block_on(async move {
+    crate::startup::run_process(filter, |settings| async move {
         match run(cli.command, settings).await {
             Ok(code) => code,
             Err(err) => {
@@ -108,17 +95,16 @@ pub fn main() -> ExitCode {
     })
 }
 
-/// A connection and a channel on which the whole topology is declared.
+/// A connection and a confirmed channel on which the whole topology is declared.
 async fn open_broker(
     settings: &Settings,
     name: &str,
 ) -> anyhow::Result<(lapin::Connection, lapin::Channel)> {
-    let conn = connect(&settings.broker.amqp_url, name)
+    let conn = connect(settings.broker.amqp_url.expose_secret(), name)
         .await
         .context("cannot reach the broker")?;
-    let channel = conn.create_channel().await?;
-    Topology::new(settings.broker.retry_delays.clone())
-        .declare(&channel)
+    let topology = Topology::new(settings.broker.retry_delays.clone());
+    let channel = crate::broker::confirmed_channel(&conn, &topology)
         .await
         .context("declaring the broker topology")?;
     Ok((conn, channel))
@@ -127,8 +113,9 @@ async fn open_broker(
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate => {
-            let store = Store::connect_lazy(&settings.database_url, 2)?;
-            store.ensure_schema(&settings.database_url).await?;
+            let url = settings.database_url.expose_secret();
+            let store = Store::connect_lazy(url, 2)?;
+            store.ensure_schema(url).await?;
             println!("database schema is up to date");
             Ok(ExitCode::SUCCESS)
         }

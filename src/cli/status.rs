@@ -31,7 +31,7 @@ struct Instance {
 }
 
 pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::Result<ExitCode> {
-    let store = Store::connect(&settings.database_url)
+    let store = Store::connect(settings.database_url.expose_secret())
         .await
         .context("cannot connect to the database")?;
     let pool = &store.pool;
@@ -92,7 +92,11 @@ fn print_text(s: &Status) {
         let done = e
             .published_at
             .map_or_else(|| "pending".to_owned(), |p| format!("published {}", t(p)));
-        println!("schedule   {:<10} due {}  {done}", e.action, t(e.due_at));
+        println!(
+            "schedule   {:<10} due {}  {done}",
+            e.action.as_str(),
+            t(e.due_at)
+        );
     }
     for i in &s.instances {
         println!(
@@ -114,6 +118,6 @@ fn print_text(s: &Status) {
             (None, Some(err)) => format!("failed: {err}"),
             (None, None) => "not sent yet".into(),
         };
-        println!("email      {:<17} {state}", e.kind);
+        println!("email      {:<17} {state}", e.kind.as_str());
     }
 }

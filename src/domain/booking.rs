@@ -1,4 +1,4 @@
-//! The booking message of CONTRACT.md §3: parsing and validation into [`Booking`].
+//! The booking message of docs/contract.md §3: parsing and validation into [`Booking`].
 
 use std::fmt;
 
@@ -132,6 +132,23 @@ impl Booking {
         }
         Ok(())
     }
+}
+
+impl crate::broker::Subject for Booking {
+    fn subject(&self) -> &str {
+        self.id.as_str()
+    }
+}
+
+/// The `booking_id` of a body that may be invalid otherwise, when it is a valid id: so that a
+/// refused booking's dead letter, logs and events can still name it.
+pub fn peek_booking_id(body: &[u8]) -> Option<BookingId> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        booking_id: Option<String>,
+    }
+    let id = serde_json::from_slice::<Peek>(body).ok()?.booking_id?;
+    BookingId::parse(&id).ok()
 }
 
 /// Why a booking message was refused. The text is safe for a dead-letter header: it names the

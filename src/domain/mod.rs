@@ -9,7 +9,7 @@ pub mod messages;
 
 pub use booking::{
     Booking, BookingId, BookingRules, EmailAddress, InvalidBooking, UserCount, parse_booking,
-    parse_booking_content,
+    parse_booking_content, peek_booking_id,
 };
 pub use credentials::{Credential, Password, Username};
 pub use messages::{BookingRef, EmailKind, NotifyMessage};

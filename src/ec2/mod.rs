@@ -13,6 +13,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
+use crate::broker::StageError;
 use crate::config::Ec2Settings;
 
 pub const TAG_BOOKING: &str = "labbook:booking-id";
@@ -24,16 +25,25 @@ pub const SECURITY_GROUP_NAME: &str = "labbook-lab";
 /// An EC2 failure, sorted for the retry policy.
 #[derive(Debug, thiserror::Error)]
 pub enum Ec2Error {
-    /// Will not change on retry: a missing AMI or subnet, a bad parameter, no permission.
+    /// Will not change on retry: a missing AMI or subnet, a bad parameter, no permission, a
+    /// `ClientToken` reused with other parameters.
     #[error("EC2 refused {operation}: {code}: {message}")]
     Permanent {
         operation: &'static str,
         code: String,
         message: String,
     },
-    /// Throttling, capacity, the network, EC2's own errors.
+    /// May pass on its own: no capacity for the instance type now.
     #[error("EC2 {operation} failed for now: {detail}")]
     Transient {
+        operation: &'static str,
+        detail: String,
+    },
+    /// EC2 is pushing back or out of reach: the account's request rate is used up
+    /// (`RequestLimitExceeded`), EC2 answers 5xx, or the endpoint does not answer in time.
+    /// Waited out; never a reason to fail a booking.
+    #[error("EC2 {operation} is unavailable for now: {detail}")]
+    Unavailable {
         operation: &'static str,
         detail: String,
     },
@@ -47,57 +57,86 @@ impl Ec2Error {
     fn code(&self) -> Option<&str> {
         match self {
             Ec2Error::Permanent { code, .. } => Some(code),
-            Ec2Error::Transient { .. } => None,
+            _ => None,
         }
     }
 }
 
-/// Error codes that may pass on their own.
-const TRANSIENT_CODES: &[&str] = &[
+impl From<Ec2Error> for StageError {
+    fn from(err: Ec2Error) -> Self {
+        match err {
+            Ec2Error::Permanent { .. } => StageError::Permanent(err.to_string()),
+            Ec2Error::Transient { .. } => StageError::Transient(err.into()),
+            Ec2Error::Unavailable { .. } => StageError::Unavailable(err.into()),
+        }
+    }
+}
+
+/// Error codes of an account or a service pushing back: waited out, never counted.
+const BACKPRESSURE_CODES: &[&str] = &[
     "RequestLimitExceeded",
     "Throttling",
     "ThrottlingException",
-    "InsufficientInstanceCapacity",
-    "InsufficientCapacity",
-    "InsufficientHostCapacity",
-    "InsufficientReservedInstanceCapacity",
     "Unavailable",
     "ServiceUnavailable",
     "InternalError",
     "InternalFailure",
     "RequestTimeout",
-    "IdempotentParameterMismatch",
+];
+
+/// Error codes that may pass on their own, but count as a failed attempt.
+const TRANSIENT_CODES: &[&str] = &[
+    "InsufficientInstanceCapacity",
+    "InsufficientCapacity",
+    "InsufficientHostCapacity",
+    "InsufficientReservedInstanceCapacity",
 ];
 
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
     operation: &'static str,
     err: SdkError<E, R>,
 ) -> Ec2Error {
-    match &err {
+    let (outcome, err) = match &err {
         SdkError::ServiceError(service) => {
             let e = service.err();
             let code = e.code().unwrap_or("Unknown").to_owned();
-            let message = e.message().unwrap_or("").to_owned();
-            if TRANSIENT_CODES.contains(&code.as_str()) || code.starts_with("Internal") {
-                metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "transient").increment(1);
-                Ec2Error::Transient {
-                    operation,
-                    detail: format!("{code}: {message}"),
-                }
+            let detail = format!("{code}: {}", e.message().unwrap_or(""));
+            if BACKPRESSURE_CODES.contains(&code.as_str()) || code.starts_with("Internal") {
+                ("throttled", Ec2Error::Unavailable { operation, detail })
+            } else if TRANSIENT_CODES.contains(&code.as_str()) {
+                ("transient", Ec2Error::Transient { operation, detail })
             } else {
-                metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "permanent").increment(1);
-                Ec2Error::Permanent {
+                let message = e.message().unwrap_or("").to_owned();
+                let err = Ec2Error::Permanent {
                     operation,
                     code,
                     message,
-                }
+                };
+                ("permanent", err)
             }
         }
         _ => {
-            metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => "transient").increment(1);
+            // No answer: a time-out, a refused connection, a broken response.
             let detail =
                 std::error::Error::source(&err).map_or_else(|| err.to_string(), |s| s.to_string());
-            Ec2Error::Transient { operation, detail }
+            ("unreachable", Ec2Error::Unavailable { operation, detail })
+        }
+    };
+    metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    err
+}
+
+/// Names the EC2 call series at 0 at start-up (see [`crate::health`]).
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        "labbook_ec2_calls_total",
+        "EC2 API calls, by operation and outcome"
+    );
+    for operation in ["RunInstances", "DescribeInstances", "TerminateInstances"] {
+        for outcome in ["ok", "throttled", "transient", "permanent", "unreachable"] {
+            metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => outcome)
+                .increment(0);
         }
     }
 }
@@ -155,13 +194,21 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
 pub struct LaunchRequest<'a> {
     pub booking_id: &'a str,
     pub slot: i32,
+    /// The slot's launch generation (0 for its first machine).
+    pub generation: i32,
     /// cloud-init user-data (holds password hashes only).
     pub user_data: &'a str,
 }
 
-/// The `ClientToken` for a booking's slot: EC2 returns the same instance for the same token.
-pub fn client_token(booking_id: &str, slot: i32) -> String {
-    let digest = Sha256::digest(format!("{booking_id}/{slot}").as_bytes());
+/// The `ClientToken` for a booking's slot in a launch generation: EC2 returns the same
+/// instance for the same token, so a retried launch never makes a second machine, and a new
+/// generation makes a new one.
+pub fn client_token(booking_id: &str, slot: i32, generation: i32) -> String {
+    let seed = match generation {
+        0 => format!("{booking_id}/{slot}"),
+        g => format!("{booking_id}/{slot}/g{g}"),
+    };
+    let digest = Sha256::digest(seed.as_bytes());
     let hex: String = digest.iter().take(24).map(|b| format!("{b:02x}")).collect();
     format!("labbook-{hex}")
 }
@@ -195,6 +242,17 @@ impl Ec2 {
                 "labbook-settings",
             ));
         }
+        // Every call is bounded, and the SDK's adaptive retry mode slows this client down
+        // when the account's request rate is used up (its client-side rate limiter).
+        loader = loader
+            .timeout_config(
+                aws_config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .operation_attempt_timeout(std::time::Duration::from_secs(20))
+                    .operation_timeout(std::time::Duration::from_secs(60))
+                    .build(),
+            )
+            .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(3));
         let config = loader.load().await;
         Self {
             client: Client::new(&config),
@@ -291,7 +349,7 @@ impl Ec2 {
             .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(client_token(req.booking_id, req.slot))
+            .client_token(client_token(req.booking_id, req.slot, req.generation))
             .set_subnet_id(self.settings.subnet_id.clone())
             .set_security_group_ids(Some(security_groups))
             .set_key_name(self.settings.key_name.clone())
@@ -471,10 +529,11 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_short_and_distinct() {
-        let a = client_token("course-42", 0);
-        assert_eq!(a, client_token("course-42", 0));
-        assert_ne!(a, client_token("course-42", 1));
+        let a = client_token("course-42", 0, 0);
+        assert_eq!(a, client_token("course-42", 0, 0));
+        assert_ne!(a, client_token("course-42", 1, 0));
+        assert_ne!(a, client_token("course-42", 0, 1));
         assert!(a.len() <= 64 && a.is_ascii());
-        assert_eq!(client_token(&"x".repeat(64), 999).len(), a.len());
+        assert_eq!(client_token(&"x".repeat(64), 999, 7).len(), a.len());
     }
 }

@@ -1,13 +1,18 @@
-//! Email: rendering (`render`) and sending through the SMTP relay that `SMTP_URL` names.
+//! Email: rendering (`render`) and sending through the SMTP relay that `SMTP_URL` names, or
+//! into an in-memory outbox (`memory://`) that tests read.
 
 pub mod render;
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use lettre::message::{Mailbox, MultiPart};
 use lettre::transport::smtp::PoolConfig;
+use lettre::transport::stub::AsyncStubTransport;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+use crate::broker::StageError;
 use crate::config::ConfigError;
 use crate::domain::EmailAddress;
 pub use render::{Rendered, Templates};
@@ -26,10 +31,43 @@ pub enum SendError {
     Unreachable(String),
 }
 
-/// The SMTP sender, with pooled connections.
+/// Names the email series at 0 at start-up (see [`crate::health`]).
+pub fn register_metrics() {
+    metrics::describe_counter!(
+        "labbook_emails_total",
+        "Emails handed to the relay, by outcome"
+    );
+    for outcome in ["sent", "refused", "failed"] {
+        metrics::counter!("labbook_emails_total", "outcome" => outcome).increment(0);
+    }
+}
+
+/// A refusal is permanent, a deferral transient, and a relay out of reach is waited for.
+impl From<SendError> for StageError {
+    fn from(err: SendError) -> Self {
+        match err {
+            SendError::Permanent(_) => StageError::Permanent(err.to_string()),
+            SendError::Transient(_) => StageError::transient(err),
+            SendError::Unreachable(_) => StageError::unavailable(err),
+        }
+    }
+}
+
+/// `SMTP_URL` of the in-memory backend: `memory://<outbox name>`.
+const MEMORY_SCHEME: &str = "memory://";
+
+/// Where emails go: an SMTP relay, or an outbox in this process's memory (for tests that read
+/// what was sent; nobody receives those emails).
+#[derive(Clone)]
+enum Backend {
+    Smtp(AsyncSmtpTransport<Tokio1Executor>),
+    Memory(AsyncStubTransport),
+}
+
+/// The email sender, with pooled SMTP connections.
 #[derive(Clone)]
 pub struct Mailer {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    backend: Backend,
     from: Mailbox,
 }
 
@@ -40,10 +78,17 @@ impl Mailer {
             .as_str()
             .parse()
             .map_err(|e| ConfigError::new("MAIL_FROM", format!("{e}")))?;
-        Ok(Self {
-            transport: transport_from_url(smtp_url)?,
-            from,
-        })
+        let backend = match smtp_url.strip_prefix(MEMORY_SCHEME) {
+            Some(name) => {
+                tracing::warn!(
+                    outbox = name,
+                    "SMTP_URL is memory://: emails are kept in this process only and nobody receives them"
+                );
+                Backend::Memory(memory_outbox(name))
+            }
+            None => Backend::Smtp(transport_from_url(smtp_url)?),
+        };
+        Ok(Self { backend, from })
     }
 
     /// Sends a `multipart/alternative` email (plain text and HTML).
@@ -69,7 +114,18 @@ impl Mailer {
                 email.html.clone(),
             ))
             .map_err(|e| SendError::Permanent(format!("cannot build the email: {e}")))?;
-        match self.transport.send(message).await {
+        let transport = match &self.backend {
+            Backend::Smtp(transport) => transport,
+            Backend::Memory(outbox) => {
+                outbox
+                    .send(message)
+                    .await
+                    .map_err(|e| SendError::Permanent(e.to_string()))?;
+                metrics::counter!("labbook_emails_total", "outcome" => "sent").increment(1);
+                return Ok(());
+            }
+        };
+        match transport.send(message).await {
             Ok(_) => {
                 metrics::counter!("labbook_emails_total", "outcome" => "sent").increment(1);
                 Ok(())
@@ -107,7 +163,25 @@ pub fn transport_from_url(url: &str) -> Result<AsyncSmtpTransport<Tokio1Executor
 
 /// Checks `SMTP_URL` without connecting (usable outside the runtime).
 pub fn check_url(url: &str) -> Result<(), ConfigError> {
+    if url.starts_with(MEMORY_SCHEME) {
+        return Ok(());
+    }
     builder(url).map(|_| ())
+}
+
+/// The in-memory outbox `name` of this process (`SMTP_URL=memory://<name>`), made on first
+/// use: every mailer on that URL writes to it, and [`AsyncStubTransport::messages`] reads the
+/// raw emails back.
+pub fn memory_outbox(name: &str) -> AsyncStubTransport {
+    static OUTBOXES: OnceLock<Mutex<HashMap<String, AsyncStubTransport>>> = OnceLock::new();
+    let mut outboxes = OUTBOXES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("outbox registry lock");
+    outboxes
+        .entry(name.to_owned())
+        .or_insert_with(AsyncStubTransport::new_ok)
+        .clone()
 }
 
 fn builder(url: &str) -> Result<lettre::transport::smtp::AsyncSmtpTransportBuilder, ConfigError> {

@@ -1,4 +1,4 @@
-//! The three emails of CONTRACT.md §5, rendered from the templates in `templates/` (plain text
+//! The three emails of docs/contract.md §5, rendered from the templates in `templates/` (plain text
 //! and HTML, compiled into the binary).
 
 use minijinja::{Environment, context};

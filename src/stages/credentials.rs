@@ -3,12 +3,12 @@
 
 use chrono::Utc;
 
-use crate::broker::{Incoming, Outgoing, Stage, StageQueue};
-use crate::crypto::SecretKey;
+use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodable};
+use crate::crypto::{SecretKey, password_context};
 use crate::domain::{
     Booking, BookingRef, BookingRules, Credential, EmailKind, NotifyMessage, parse_booking_content,
+    peek_booking_id,
 };
-use crate::stages::StageError;
 use crate::store::{Intake, Store, StoredCredential, bookings};
 
 pub struct CredentialsStage {
@@ -24,23 +24,30 @@ impl CredentialsStage {
 }
 
 impl Stage for CredentialsStage {
-    fn queue(&self) -> StageQueue {
-        StageQueue::BookingCreated
+    const QUEUE: StageQueue = StageQueue::BookingCreated;
+    type Message = Booking;
+
+    /// A booking that breaks a rule of docs/contract.md §3 does not decode.
+    fn decode(&self, delivery: &Incoming) -> Result<Booking, Undecodable> {
+        parse_booking_content(&delivery.body, delivery.content_type(), &self.rules).map_err(|e| {
+            Undecodable {
+                reason: e.0,
+                subject: peek_booking_id(&delivery.body).map(|id| id.as_str().to_owned()),
+            }
+        })
     }
 
-    async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
-        let booking = parse_booking_content(&msg.body, msg.content_type(), &self.rules)
-            .map_err(|e| StageError::Permanent(e.0))?;
+    async fn handle(&self, booking: &Booking, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
         // A booking stored before is compared first: its copy arriving after the booking
         // ended is still a duplicate, not a new booking in the past.
-        let intake = match bookings::check_existing(&self.store.pool, &booking).await? {
+        let intake = match bookings::check_existing(&self.store.pool, booking).await? {
             Some(existing) => existing,
             None => {
                 booking
                     .check_not_over(Utc::now())
                     .map_err(|e| StageError::Permanent(e.0))?;
-                let stored = seal_credentials(&booking, &self.key).await?;
-                bookings::insert(&self.store.pool, &booking, &stored).await?
+                let stored = seal_credentials(booking, &self.key).await?;
+                bookings::insert(&self.store.pool, booking, &stored).await?
             }
         };
         match intake {
@@ -70,21 +77,8 @@ impl Stage for CredentialsStage {
 /// are published again when a booking comes twice (the first publish may not have happened).
 pub fn follow_ups(booking_id: &str) -> Vec<Outgoing> {
     vec![
-        Outgoing::json(
-            StageQueue::CredentialsReady,
-            format!("credentials-ready/{booking_id}"),
-            &BookingRef {
-                booking_id: booking_id.to_owned(),
-            },
-        ),
-        Outgoing::json(
-            StageQueue::Notify,
-            format!("notify/{booking_id}/confirmation"),
-            &NotifyMessage {
-                booking_id: booking_id.to_owned(),
-                kind: EmailKind::Confirmation,
-            },
-        ),
+        BookingRef::outgoing(StageQueue::CredentialsReady, booking_id),
+        NotifyMessage::outgoing(booking_id, EmailKind::Confirmation),
     ]
 }
 
@@ -114,9 +108,4 @@ async fn seal_credentials(
     })
     .await
     .map_err(StageError::transient)
-}
-
-/// The associated data a stored password is encrypted under.
-pub fn password_context(booking_id: &str, username: &str) -> String {
-    format!("{booking_id}/{username}")
 }

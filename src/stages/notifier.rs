@@ -3,15 +3,13 @@
 //!
 //! Passwords are decrypted here only, only to render the email.
 
-use crate::broker::{Incoming, Outgoing, Stage, StageQueue};
+use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodable};
 use crate::config::Bootstrap;
-use crate::crypto::SecretKey;
+use crate::crypto::{SecretKey, admin_context, password_context};
 use crate::domain::{EmailAddress, EmailKind, NotifyMessage};
 use crate::mail::render::{InstanceBlock, UserLine, message_id};
-use crate::mail::{Mailer, Rendered, SendError, Templates};
-use crate::stages::StageError;
-use crate::stages::credentials::password_context;
-use crate::stages::provisioner::admin_context;
+use crate::mail::{Mailer, Rendered, Templates};
+use crate::store::emails::Claim;
 use crate::store::{BookingRecord, Store, bookings, emails, slots};
 
 /// What the failure email says failed: plain words, never an internal error.
@@ -57,68 +55,16 @@ impl NotifierStage {
         let id = booking.booking_id.as_str();
         let time = crate::format_time(booking.booking_time);
         let ends = crate::format_time(booking.ends_at());
-        let undecryptable = |_| {
-            StageError::permanent(
-                "a stored password cannot be decrypted: is LABBOOK_SECRET_KEY the key it was stored with?",
-            )
-        };
         let rendered = match kind {
             EmailKind::Confirmation => {
-                let creds = bookings::credentials(&self.store.pool, id).await?;
-                let mut users = Vec::with_capacity(creds.len());
-                for c in creds {
-                    let password = self
-                        .key
-                        .decrypt(&c.password_encrypted, &password_context(id, &c.username))
-                        .map_err(undecryptable)?;
-                    users.push(UserLine {
-                        username: c.username,
-                        password: password.expose().to_owned(),
-                    });
-                }
+                let users = self.logins(id).await?;
                 self.templates.confirmation(id, &time, &ends, &users)
             }
             EmailKind::InstanceDetails => {
-                let creds = bookings::credentials(&self.store.pool, id).await?;
-                let slots = slots::for_booking(&self.store.pool, id).await?;
-                let mut instances = Vec::with_capacity(slots.len());
-                for slot in &slots {
-                    let address = slot.address().ok_or_else(|| {
-                        StageError::permanent(format!(
-                            "no running instance with an address is recorded for slot {}",
-                            slot.slot
-                        ))
-                    })?;
-                    let admin = self
-                        .key
-                        .decrypt(
-                            &slot.admin_password_encrypted,
-                            &admin_context(id, slot.slot),
-                        )
-                        .map_err(undecryptable)?;
-                    instances.push(InstanceBlock {
-                        url: format!("http://{address}"),
-                        usernames: creds
-                            .iter()
-                            .filter(|c| slot.user_positions().contains(&c.position))
-                            .map(|c| c.username.clone())
-                            .collect(),
-                        admin_username: slot.admin_username.clone(),
-                        admin_password: admin.expose().to_owned(),
-                    });
-                }
-                if instances.is_empty() {
-                    return Err(StageError::permanent(
-                        "no instances are recorded for this booking",
-                    ));
-                }
-                self.templates.instance_details(
-                    id,
-                    &time,
-                    &ends,
-                    &instances,
-                    self.bootstrap == Bootstrap::JupyterHub,
-                )
+                let instances = self.instances(id).await?;
+                let jupyterhub = self.bootstrap == Bootstrap::JupyterHub;
+                self.templates
+                    .instance_details(id, &time, &ends, &instances, jupyterhub)
             }
             EmailKind::Failure => self.templates.failure(id, &time, WHAT_FAILED),
         };
@@ -126,20 +72,69 @@ impl NotifierStage {
             StageError::permanent(format!("rendering the {} email: {e}", kind.as_str()))
         })
     }
+
+    /// Every trainee login of the booking, with its password decrypted for the email.
+    async fn logins(&self, id: &str) -> Result<Vec<UserLine>, StageError> {
+        let creds = bookings::credentials(&self.store.pool, id).await?;
+        let mut users = Vec::with_capacity(creds.len());
+        for c in creds {
+            let password = self
+                .key
+                .decrypt(&c.password_encrypted, &password_context(id, &c.username))?;
+            users.push(UserLine {
+                username: c.username,
+                password: password.expose().to_owned(),
+            });
+        }
+        Ok(users)
+    }
+
+    /// One block per machine: its address, its trainees, its admin login.
+    async fn instances(&self, id: &str) -> Result<Vec<InstanceBlock>, StageError> {
+        let creds = bookings::credentials(&self.store.pool, id).await?;
+        let slots = slots::for_booking(&self.store.pool, id).await?;
+        let mut instances = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            let address = slot.address().ok_or_else(|| {
+                StageError::permanent(format!(
+                    "no running instance with an address is recorded for slot {}",
+                    slot.slot
+                ))
+            })?;
+            let admin = self.key.decrypt(
+                &slot.admin_password_encrypted,
+                &admin_context(id, slot.slot),
+            )?;
+            instances.push(InstanceBlock {
+                url: format!("http://{address}"),
+                usernames: creds
+                    .iter()
+                    .filter(|c| slot.user_positions().contains(&c.position))
+                    .map(|c| c.username.clone())
+                    .collect(),
+                admin_username: slot.admin_username.clone(),
+                admin_password: admin.expose().to_owned(),
+            });
+        }
+        if instances.is_empty() {
+            return Err(StageError::permanent(
+                "no instances are recorded for this booking",
+            ));
+        }
+        Ok(instances)
+    }
 }
 
 impl Stage for NotifierStage {
-    fn queue(&self) -> StageQueue {
-        StageQueue::Notify
+    const QUEUE: StageQueue = StageQueue::Notify;
+    type Message = NotifyMessage;
+
+    fn decode(&self, delivery: &Incoming) -> Result<NotifyMessage, Undecodable> {
+        delivery.json()
     }
 
-    async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
-        let n: NotifyMessage = msg.json()?;
-        let booking = bookings::find(&self.store.pool, &n.booking_id)
-            .await?
-            .ok_or_else(|| {
-                StageError::permanent(format!("booking {} is not stored", n.booking_id))
-            })?;
+    async fn handle(&self, n: &NotifyMessage, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
+        let booking = self.store.stored_booking(&n.booking_id).await?;
         let id = message_id(&booking.booking_id, n.kind, &self.domain);
         if emails::is_sent(&self.store.pool, &booking.booking_id, n.kind).await? {
             tracing::info!(
@@ -150,34 +145,27 @@ impl Stage for NotifierStage {
         }
         // Rendered before the log row is locked, so a send holds one database connection.
         let email = self.render(&booking, n.kind).await?;
-        let claim = emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await?;
-        if claim.already_sent {
-            tracing::info!(
-                kind = n.kind.as_str(),
-                "email sent a moment ago by another worker"
-            );
-            return Ok(Vec::new());
-        }
+        let claimed =
+            match emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await? {
+                Claim::AlreadySent => {
+                    tracing::info!(
+                        kind = n.kind.as_str(),
+                        "email sent a moment ago by another worker"
+                    );
+                    return Ok(Vec::new());
+                }
+                Claim::Claimed(claimed) => claimed,
+            };
         let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
-        self.mailer
-            .send(&to, &id, &email)
-            .await
-            .map_err(|e| match e {
-                SendError::Permanent(_) => StageError::Permanent(e.to_string()),
-                SendError::Transient(_) => StageError::transient(e),
-                SendError::Unreachable(_) => StageError::Unavailable(e.into()),
-            })?;
+        self.mailer.send(&to, &id, &email).await?;
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.
-        claim.sent(&booking.booking_id, n.kind).await?;
+        claimed.sent().await?;
         tracing::info!(kind = n.kind.as_str(), subject = %email.subject, message_id = %id, "email sent");
         Ok(Vec::new())
     }
 
-    async fn give_up(&self, msg: &Incoming, reason: &str) -> Result<Vec<Outgoing>, StageError> {
-        let Ok(n) = msg.json::<NotifyMessage>() else {
-            return Ok(Vec::new());
-        };
+    async fn give_up(&self, n: &NotifyMessage, reason: &str) -> Result<Vec<Outgoing>, StageError> {
         if bookings::find(&self.store.pool, &n.booking_id)
             .await?
             .is_some()

@@ -9,15 +9,16 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use lapin::Channel;
-use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Incoming, Outgoing, Stage, StageQueue, Topology, connect_with_retry};
+use crate::broker::{
+    Incoming, Outgoing, Stage, StageError, StageQueue, Topology, Undecodable, confirmed_channel,
+    connect, retry_until_cancelled,
+};
 use crate::config::BrokerSettings;
 use crate::domain::BookingRef;
 use crate::health::ReadyFlag;
-use crate::stages::StageError;
 use crate::store::schedule::{self, Action};
 use crate::store::{BookingState, Store, bookings};
 
@@ -36,40 +37,27 @@ impl SchedulerStage {
 }
 
 impl Stage for SchedulerStage {
-    fn queue(&self) -> StageQueue {
-        StageQueue::CredentialsReady
+    const QUEUE: StageQueue = StageQueue::CredentialsReady;
+    type Message = BookingRef;
+
+    fn decode(&self, delivery: &Incoming) -> Result<BookingRef, Undecodable> {
+        delivery.json()
     }
 
-    async fn handle(&self, msg: &Incoming) -> Result<Vec<Outgoing>, StageError> {
-        let r: BookingRef = msg.json()?;
-        let booking = bookings::find(&self.store.pool, &r.booking_id)
-            .await?
-            .ok_or_else(|| {
-                StageError::permanent(format!("booking {} is not stored", r.booking_id))
-            })?;
+    async fn handle(&self, r: &BookingRef, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
+        let booking = self.store.stored_booking(&r.booking_id).await?;
         let lead = chrono::Duration::from_std(self.lead).unwrap_or(chrono::Duration::zero());
         let provision_at = (booking.booking_time - lead).max(Utc::now());
+        let pool = &self.store.pool;
+        schedule::insert(pool, &booking.booking_id, Action::Provision, provision_at).await?;
         schedule::insert(
-            &self.store.pool,
-            &booking.booking_id,
-            Action::Provision,
-            provision_at,
-        )
-        .await?;
-        schedule::insert(
-            &self.store.pool,
+            pool,
             &booking.booking_id,
             Action::Teardown,
             booking.ends_at(),
         )
         .await?;
-        bookings::transition(
-            &self.store.pool,
-            &booking.booking_id,
-            BookingState::Scheduled,
-            None,
-        )
-        .await?;
+        bookings::transition(pool, &booking.booking_id, BookingState::Scheduled, None).await?;
         tracing::info!(
             provision_at = %crate::format_time(provision_at),
             teardown_at = %crate::format_time(booking.ends_at()),
@@ -88,64 +76,77 @@ pub async fn run_timer(
     shutdown: CancellationToken,
 ) {
     let topology = Topology::new(broker.retry_delays.clone());
-    let mut database_down = false;
+    metrics::describe_histogram!(
+        "labbook_scheduler_lag_seconds",
+        "How late the timer published what was due"
+    );
+    for action in [Action::Provision, Action::Teardown] {
+        let _ = metrics::histogram!("labbook_scheduler_lag_seconds", "action" => action.as_str());
+    }
     loop {
-        let Some(conn) =
-            connect_with_retry(&broker.amqp_url, "labbook scheduler timer", &shutdown).await
-        else {
+        let setup = retry_until_cancelled("timer: cannot set up the broker", &shutdown, || {
+            open(&broker, &topology)
+        });
+        let Some((conn, channel)) = setup.await else {
             return;
-        };
-        let channel = match prepare(&conn, &topology).await {
-            Ok(c) => c,
-            Err(err) => {
-                tracing::warn!(error = %err, "timer: broker set-up failed; reconnecting");
-                tokio::time::sleep(tick).await;
-                continue;
-            }
         };
         tracing::info!(tick_ms = tick.as_millis() as u64, "timer running");
         ready.set(true);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    let _ = conn.close(200, "labbook: shutting down".into()).await;
-                    return;
-                }
-                _ = tokio::time::sleep(tick) => {}
-            }
-            if !conn.status().connected() {
-                tracing::warn!("timer: lost the broker connection; reconnecting");
-                break;
-            }
-            match publish_due(&store, &channel).await {
-                Ok(_) if database_down => {
-                    database_down = false;
-                    tracing::info!("timer: the database is back");
-                }
-                Ok(_) => {}
-                Err(TickError::Database(err)) => {
-                    if !database_down {
-                        tracing::warn!(error = %err, "timer: database unavailable; trying again every tick");
-                    }
-                    database_down = true;
-                }
-                Err(TickError::Broker(err)) => {
-                    tracing::warn!(error = %err, "timer: publishing failed; reconnecting");
-                    break;
-                }
-            }
-        }
+        tick_until_lost(&store, &conn, &channel, tick, &shutdown).await;
         ready.set(false);
+        let _ = conn.close(200, "labbook: closing".into()).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
     }
 }
 
-async fn prepare(conn: &lapin::Connection, topology: &Topology) -> lapin::Result<Channel> {
-    let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    Ok(channel)
+async fn open(
+    broker: &BrokerSettings,
+    topology: &Topology,
+) -> lapin::Result<(Connection, Channel)> {
+    let conn = connect(broker.amqp_url.expose_secret(), "labbook scheduler timer").await?;
+    let channel = confirmed_channel(&conn, topology).await?;
+    Ok((conn, channel))
+}
+
+/// Publishes what is due every `tick` until shutdown or until the broker goes away. A
+/// database outage is waited out tick by tick, logged once.
+async fn tick_until_lost(
+    store: &Store,
+    conn: &Connection,
+    channel: &Channel,
+    tick: Duration,
+    shutdown: &CancellationToken,
+) {
+    let mut database_down = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        if !conn.status().connected() {
+            tracing::warn!("timer: lost the broker connection; reconnecting");
+            return;
+        }
+        match publish_due(store, channel).await {
+            Ok(_) if database_down => {
+                database_down = false;
+                tracing::info!("timer: the database is back");
+            }
+            Ok(_) => {}
+            Err(TickError::Database(err)) => {
+                if !database_down {
+                    tracing::warn!(error = %err, "timer: database unavailable; trying again every tick");
+                }
+                database_down = true;
+            }
+            Err(TickError::Broker(err)) => {
+                tracing::warn!(error = %err, "timer: publishing failed; reconnecting");
+                return;
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,20 +162,16 @@ async fn publish_due(store: &Store, channel: &Channel) -> Result<usize, TickErro
     let mut tx = store.pool.begin().await?;
     let due = schedule::claim_due(&mut tx, BATCH).await?;
     for entry in &due {
-        let queue = match entry.action() {
-            Some(Action::Provision) => StageQueue::ProvisionDue,
-            Some(Action::Teardown) => StageQueue::TeardownDue,
-            None => continue,
+        let queue = match entry.action {
+            Action::Provision => StageQueue::ProvisionDue,
+            Action::Teardown => StageQueue::TeardownDue,
         };
-        let body = BookingRef {
-            booking_id: entry.booking_id.clone(),
-        };
-        Outgoing::json(queue, format!("{queue}/{}", entry.booking_id), &body)
+        BookingRef::outgoing(queue, &entry.booking_id)
             .publish(channel)
             .await?;
         schedule::mark_published(&mut tx, entry).await?;
         let lag = (Utc::now() - entry.due_at).num_milliseconds().max(0);
-        metrics::histogram!("labbook_scheduler_lag_seconds", "action" => entry.action.clone())
+        metrics::histogram!("labbook_scheduler_lag_seconds", "action" => entry.action.as_str())
             .record(lag as f64 / 1000.0);
         tracing::info!(booking_id = %entry.booking_id, %queue, lag_ms = lag, "due: published");
     }

@@ -5,8 +5,10 @@ use sqlx::{FromRow, PgPool};
 
 use crate::domain::Booking;
 
-/// A booking's life cycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A booking's life cycle, stored as its snake_case name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum BookingState {
     Received,
     Scheduled,
@@ -27,6 +29,17 @@ impl BookingState {
             BookingState::Ended => "ended",
         }
     }
+
+    /// Whether the booking is over for good: nothing more is launched for it.
+    pub fn is_over(self) -> bool {
+        matches!(self, BookingState::Failed | BookingState::Ended)
+    }
+}
+
+impl std::fmt::Display for BookingState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A booking as stored.
@@ -37,7 +50,7 @@ pub struct BookingRecord {
     pub booking_time: DateTime<Utc>,
     pub number_of_users: i32,
     pub duration_minutes: i32,
-    pub state: String,
+    pub state: BookingState,
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -195,9 +208,25 @@ pub async fn transition(
          WHERE booking_id = $1 AND state = ANY($4)",
     )
     .bind(booking_id)
-    .bind(state.as_str())
+    .bind(state)
     .bind(reason)
     .bind(&from)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(moved > 0)
+}
+
+/// Takes a failed booking back to `provisioning` (an operator replayed its provisioning after
+/// fixing the cause); returns whether it was failed.
+pub async fn reopen(pool: &PgPool, booking_id: &str) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE bookings SET state = $2, failure_reason = NULL, updated_at = now()
+         WHERE booking_id = $1 AND state = $3",
+    )
+    .bind(booking_id)
+    .bind(BookingState::Provisioning)
+    .bind(BookingState::Failed)
     .execute(pool)
     .await?
     .rows_affected();

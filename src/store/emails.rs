@@ -11,7 +11,7 @@ use crate::domain::EmailKind;
 
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct EmailRecord {
-    pub kind: String,
+    pub kind: EmailKind,
     pub message_id: String,
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -26,18 +26,28 @@ pub async fn is_sent(
     let sent: Option<Option<DateTime<Utc>>> =
         sqlx::query_scalar("SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2")
             .bind(booking_id)
-            .bind(kind.as_str())
+            .bind(kind)
             .fetch_optional(pool)
             .await?;
     Ok(sent.flatten().is_some())
 }
 
-/// The log row of one email, locked for this transaction.
-pub struct Claim {
-    pub tx: Transaction<'static, Postgres>,
-    pub already_sent: bool,
+/// What [`claim`] found in the log.
+pub enum Claim {
+    /// The email went out already (another worker sent it a moment ago): send nothing.
+    AlreadySent,
+    /// The row is locked for this sender until [`Claimed::sent`] or drop.
+    Claimed(Claimed),
 }
 
+/// The locked log row of one email, which the sender marks sent once the relay accepted it.
+pub struct Claimed {
+    tx: Transaction<'static, Postgres>,
+    booking_id: String,
+    kind: EmailKind,
+}
+
+/// Locks the log row of the booking's email of `kind` (creating it with `message_id`).
 pub async fn claim(
     pool: &PgPool,
     booking_id: &str,
@@ -47,7 +57,7 @@ pub async fn claim(
     let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO emails (booking_id, kind, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
         .bind(booking_id)
-        .bind(kind.as_str())
+        .bind(kind)
         .bind(message_id)
         .execute(&mut *tx)
         .await?;
@@ -55,21 +65,25 @@ pub async fn claim(
         "SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2 FOR UPDATE",
     )
     .bind(booking_id)
-    .bind(kind.as_str())
+    .bind(kind)
     .fetch_one(&mut *tx)
     .await?;
-    Ok(Claim {
+    if sent.is_some() {
+        return Ok(Claim::AlreadySent);
+    }
+    Ok(Claim::Claimed(Claimed {
         tx,
-        already_sent: sent.is_some(),
-    })
+        booking_id: booking_id.to_owned(),
+        kind,
+    }))
 }
 
-impl Claim {
+impl Claimed {
     /// Records the email as sent and releases the lock.
-    pub async fn sent(mut self, booking_id: &str, kind: EmailKind) -> Result<(), sqlx::Error> {
+    pub async fn sent(mut self) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE emails SET sent_at = now(), last_error = NULL WHERE booking_id = $1 AND kind = $2")
-            .bind(booking_id)
-            .bind(kind.as_str())
+            .bind(&self.booking_id)
+            .bind(self.kind)
             .execute(&mut *self.tx)
             .await?;
         self.tx.commit().await
@@ -89,7 +103,7 @@ pub async fn record_failure(
          ON CONFLICT (booking_id, kind) DO UPDATE SET last_error = EXCLUDED.last_error",
     )
     .bind(booking_id)
-    .bind(kind.as_str())
+    .bind(kind)
     .bind(message_id)
     .bind(error)
     .execute(pool)

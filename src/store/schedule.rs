@@ -4,8 +4,10 @@
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool, Postgres, Transaction};
 
-/// What the timer publishes when it is due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the timer publishes when it is due, stored as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Action {
     Provision,
     Teardown,
@@ -18,29 +20,15 @@ impl Action {
             Action::Teardown => "teardown",
         }
     }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "provision" => Some(Action::Provision),
-            "teardown" => Some(Action::Teardown),
-            _ => None,
-        }
-    }
 }
 
 /// One scheduled item.
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct Entry {
     pub booking_id: String,
-    pub action: String,
+    pub action: Action,
     pub due_at: DateTime<Utc>,
     pub published_at: Option<DateTime<Utc>>,
-}
-
-impl Entry {
-    pub fn action(&self) -> Option<Action> {
-        Action::parse(&self.action)
-    }
 }
 
 /// Schedules `action` for `booking_id` at `due_at`, once: a second call changes nothing.
@@ -52,7 +40,7 @@ pub async fn insert(
 ) -> Result<(), sqlx::Error> {
     sqlx::query("INSERT INTO schedule (booking_id, action, due_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
         .bind(booking_id)
-        .bind(action.as_str())
+        .bind(action)
         .bind(due_at)
         .execute(pool)
         .await?;
@@ -80,7 +68,7 @@ pub async fn mark_published(
 ) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE schedule SET published_at = now() WHERE booking_id = $1 AND action = $2")
         .bind(&entry.booking_id)
-        .bind(&entry.action)
+        .bind(entry.action)
         .execute(&mut **tx)
         .await?;
     Ok(())

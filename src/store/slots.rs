@@ -19,6 +19,8 @@ pub struct Slot {
     pub public_dns: Option<String>,
     pub public_ip: Option<String>,
     pub launched_at: Option<DateTime<Utc>>,
+    /// Raised each time the slot's machine is launched anew; part of its `ClientToken`.
+    pub generation: i32,
 }
 
 impl Slot {
@@ -130,4 +132,18 @@ pub async fn record_state(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Forgets the gone machines of a booking's slots and raises their generation, so they are
+/// launched anew (with new `ClientToken`s); returns how many slots were reset.
+pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
+                          public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
+         WHERE booking_id = $1 AND instance_state IN ('terminated', 'shutting-down')",
+    )
+    .bind(booking_id)
+    .execute(pool)
+    .await?
+    .rows_affected())
 }

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use labbook::crypto::admin_context;
+use labbook::crypto::password_context;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
 use labbook::mail::render::message_id;
-use labbook::stages::credentials::password_context;
-use labbook::stages::provisioner::admin_context;
 use labbook::startup::Worker;
 use labbook::store::{bookings, emails, slots};
 use lapin::BasicProperties;
@@ -83,7 +83,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
     );
     let source = reqwest::get(format!(
         "{}/{}/source",
-        crate::helpers::maildev_api(),
+        crate::helpers::maildev_api().await,
         confirmation["id"].as_str().unwrap()
     ))
     .await

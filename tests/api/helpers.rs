@@ -263,7 +263,7 @@ impl TestEnv {
                 let b = labbook::store::bookings::find(&store.pool, booking_id)
                     .await
                     .unwrap()?;
-                (b.state == state).then_some(())
+                (b.state.as_str() == state).then_some(())
             },
         )
         .await;
@@ -450,8 +450,24 @@ pub fn unique_id(prefix: &str) -> String {
     )
 }
 
-pub fn maildev_api() -> String {
-    std::env::var("TEST_MAILDEV_API").unwrap_or_else(|_| "http://127.0.0.1:1080/api/email".into())
+/// The sink's list of emails: `TEST_MAILDEV_API`, else whichever of maildev's two paths
+/// answers (`/email` in maildev 2.2, `/api/email` in some other 2.x releases).
+pub async fn maildev_api() -> String {
+    if let Ok(url) = std::env::var("TEST_MAILDEV_API") {
+        return url;
+    }
+    for url in [
+        "http://127.0.0.1:1080/email",
+        "http://127.0.0.1:1080/api/email",
+    ] {
+        if reqwest::get(url)
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return url.to_owned();
+        }
+    }
+    panic!("maildev's API answers on neither /email nor /api/email at 127.0.0.1:1080")
 }
 
 pub fn smtp_url() -> String {
@@ -460,7 +476,7 @@ pub fn smtp_url() -> String {
 
 /// Emails the SMTP sink holds for `address`, oldest first.
 pub async fn emails_to(address: &str) -> Vec<serde_json::Value> {
-    let all: Vec<serde_json::Value> = reqwest::get(maildev_api())
+    let all: Vec<serde_json::Value> = reqwest::get(maildev_api().await)
         .await
         .unwrap()
         .json()

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use labbook::crypto::password_context;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage};
-use labbook::stages::credentials::password_context;
 use labbook::startup::Worker;
 use labbook::store::bookings;
 
@@ -37,7 +37,7 @@ async fn a_valid_booking_is_stored_with_its_credentials_and_follow_ups() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(booking.state, "received");
+    assert_eq!(booking.state.as_str(), "received");
     let creds = bookings::credentials(&store.pool, "course-1")
         .await
         .unwrap();

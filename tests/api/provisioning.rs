@@ -4,10 +4,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::Utc;
+use labbook::crypto::admin_context;
+use labbook::crypto::password_context;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
 use labbook::ec2::LaunchRequest;
-use labbook::stages::credentials::password_context;
-use labbook::stages::provisioner::admin_context;
 use labbook::startup::Worker;
 use labbook::store::{bookings, schedule, slots};
 use lapin::BasicProperties;
@@ -59,7 +59,8 @@ async fn a_due_booking_gets_tagged_imdsv2_instances_with_hashed_user_data() {
             .await
             .unwrap()
             .unwrap()
-            .state,
+            .state
+            .as_str(),
         "provisioned"
     );
     let slots = slots::for_booking(&store.pool, &id).await.unwrap();
@@ -137,6 +138,7 @@ async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (S
     let request = LaunchRequest {
         booking_id: &id,
         slot,
+        generation: 0,
         user_data: "#cloud-config\n{}",
     };
     let orphan = env
@@ -182,8 +184,14 @@ async fn a_future_booking_is_not_provisioned_early() {
         (e.len() == 2).then_some(e)
     })
     .await;
-    let provision = entries.iter().find(|e| e.action == "provision").unwrap();
-    let teardown = entries.iter().find(|e| e.action == "teardown").unwrap();
+    let provision = entries
+        .iter()
+        .find(|e| e.action.as_str() == "provision")
+        .unwrap();
+    let teardown = entries
+        .iter()
+        .find(|e| e.action.as_str() == "teardown")
+        .unwrap();
     let at = chrono::DateTime::parse_from_rfc3339(&at.to_rfc3339())
         .unwrap()
         .with_timezone(&Utc);
@@ -207,7 +215,8 @@ async fn a_future_booking_is_not_provisioned_early() {
             .await
             .unwrap()
             .unwrap()
-            .state,
+            .state
+            .as_str(),
         "scheduled"
     );
     env.stop().await;
@@ -257,7 +266,7 @@ async fn a_permanent_failure_terminates_partial_launches_and_notifies() {
         "permanent: no retries"
     );
     let booking = bookings::find(&store.pool, &id).await.unwrap().unwrap();
-    assert_eq!(booking.state, "failed");
+    assert_eq!(booking.state.as_str(), "failed");
     let instances = instances_for(&id).await;
     assert_eq!(instances.len(), 1);
     assert!(all_terminated(&instances));
@@ -341,6 +350,7 @@ async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those(
         let request = LaunchRequest {
             booking_id: id,
             slot: 0,
+            generation: 0,
             user_data: "#cloud-config\n{}",
         };
         ec2.launch(&request, "ami-03cf127a").await.unwrap();

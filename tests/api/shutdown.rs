@@ -162,14 +162,14 @@ async fn no_password_reaches_the_logs_even_at_trace_level() {
     let store = env.store().await;
     let mut secrets = Vec::new();
     for c in bookings::credentials(&store.pool, &id).await.unwrap() {
-        let context = labbook::stages::credentials::password_context(&id, &c.username);
+        let context = labbook::crypto::password_context(&id, &c.username);
         secrets.push(env.key.decrypt(&c.password_encrypted, &context).unwrap());
     }
     for s in labbook::store::slots::for_booking(&store.pool, &id)
         .await
         .unwrap()
     {
-        let context = labbook::stages::provisioner::admin_context(&id, s.slot);
+        let context = labbook::crypto::admin_context(&id, s.slot);
         secrets.push(
             env.key
                 .decrypt(&s.admin_password_encrypted, &context)

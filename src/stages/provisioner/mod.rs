@@ -1,0 +1,167 @@
+//! Stage 3, `provision-due` and `teardown-due`: launch a booking's lab machines, once
+//! ([`launch`]), terminate them when the booking ends ([`teardown`]), and sweep up machines of
+//! bookings that are over ([`sweep`]).
+//!
+//! Idempotency: a booking's slots are planned once (stored); before launching a slot, the
+//! instance recorded for it, else one tagged with its booking and slot, is taken instead; the
+//! `ClientToken` makes EC2 itself return the same instance for a retried launch. So a retry, a
+//! redelivery or a crash between launch and record never launches a second machine.
+
+mod launch;
+mod sweep;
+mod teardown;
+
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodable};
+use crate::config::Ec2Settings;
+use crate::crypto::SecretKey;
+use crate::domain::{BookingRef, EmailKind, NotifyMessage};
+use crate::ec2::Ec2;
+use crate::store::{BookingState, Store, bookings};
+
+pub use launch::slot_count;
+pub use sweep::run_sweeper;
+
+/// What provisioning, teardown and the sweep share.
+pub struct Provisioner {
+    store: Store,
+    ec2: Ec2,
+    key: SecretKey,
+    settings: Ec2Settings,
+    ami_id: String,
+}
+
+impl Provisioner {
+    pub fn new(
+        store: Store,
+        ec2: Ec2,
+        key: SecretKey,
+        settings: Ec2Settings,
+        ami_id: String,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            ec2,
+            key,
+            settings,
+            ami_id,
+        })
+    }
+}
+
+/// `provision-due`.
+pub struct ProvisionStage(pub Arc<Provisioner>);
+
+impl Stage for ProvisionStage {
+    const QUEUE: StageQueue = StageQueue::ProvisionDue;
+    type Message = BookingRef;
+
+    fn decode(&self, delivery: &Incoming) -> Result<BookingRef, Undecodable> {
+        delivery.json()
+    }
+
+    async fn handle(
+        &self,
+        r: &BookingRef,
+        delivery: &Incoming,
+    ) -> Result<Vec<Outgoing>, StageError> {
+        let p = &self.0;
+        let booking = p.store.stored_booking(&r.booking_id).await?;
+        let id = booking.booking_id.as_str();
+        match booking.state {
+            BookingState::Failed if delivery.is_replay() => {
+                // The operator fixed the cause and replayed the dead letter: provision again.
+                bookings::reopen(&p.store.pool, id).await?;
+                let reset = crate::store::slots::reset_gone(&p.store.pool, id).await?;
+                tracing::warn!(
+                    slots_relaunched = reset,
+                    "replay of a failed booking: provisioning it again"
+                );
+            }
+            BookingState::Failed => {
+                // A copy of the message that failed for good: the failure email may not have
+                // been published when it failed (the notifier sends it once).
+                tracing::info!("the booking failed; asking for the failure email again");
+                return Ok(vec![NotifyMessage::outgoing(id, EmailKind::Failure)]);
+            }
+            BookingState::Ended => {
+                tracing::info!("the booking has ended; nothing to provision");
+                return Ok(Vec::new());
+            }
+            BookingState::Provisioned => {
+                // A duplicate or a replay: the machines run; make sure the email goes out.
+                tracing::info!("already provisioned; asking for the instance-details email again");
+                return Ok(vec![NotifyMessage::outgoing(
+                    id,
+                    EmailKind::InstanceDetails,
+                )]);
+            }
+            _ => {}
+        }
+        if booking.ends_at() <= Utc::now() {
+            tracing::warn!("the booking is over before it was provisioned; nothing to launch");
+            return Ok(Vec::new());
+        }
+        p.provision(&booking).await
+    }
+
+    /// The booking cannot be provisioned: terminate what was launched, mark it failed and
+    /// tell the booker.
+    async fn give_up(&self, r: &BookingRef, reason: &str) -> Result<Vec<Outgoing>, StageError> {
+        let p = &self.0;
+        if bookings::find(&p.store.pool, &r.booking_id)
+            .await?
+            .is_none()
+        {
+            return Ok(Vec::new());
+        }
+        let terminated = p.terminate_all(&r.booking_id).await?;
+        let failed = bookings::transition(
+            &p.store.pool,
+            &r.booking_id,
+            BookingState::Failed,
+            Some(reason),
+        )
+        .await?;
+        if !failed {
+            // Already failed, or ended meanwhile: the booker has been told, or needs nothing.
+            tracing::warn!(
+                terminated,
+                "provisioning given up; the booking was no longer in progress"
+            );
+            return Ok(Vec::new());
+        }
+        tracing::warn!(
+            terminated,
+            "provisioning failed; partial launches terminated, booking marked failed"
+        );
+        Ok(vec![NotifyMessage::outgoing(
+            &r.booking_id,
+            EmailKind::Failure,
+        )])
+    }
+}
+
+/// `teardown-due`.
+pub struct TeardownStage(pub Arc<Provisioner>);
+
+impl Stage for TeardownStage {
+    const QUEUE: StageQueue = StageQueue::TeardownDue;
+    type Message = BookingRef;
+
+    fn decode(&self, delivery: &Incoming) -> Result<BookingRef, Undecodable> {
+        delivery.json()
+    }
+
+    /// Machines left running cost money and stay open: never give up on terminating them.
+    fn retries_forever(&self) -> bool {
+        true
+    }
+
+    async fn handle(&self, r: &BookingRef, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
+        self.0.teardown(&r.booking_id).await
+    }
+}

@@ -1,0 +1,57 @@
+//! The sweep: the safety net that terminates machines of bookings that are over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio_util::sync::CancellationToken;
+
+use super::Provisioner;
+use crate::broker::StageError;
+use crate::store::bookings;
+
+impl Provisioner {
+    /// Terminates the machines of bookings that are over (ended, failed, or past their end by
+    /// more than `grace`) which are still running: launched by an attempt that raced the
+    /// teardown, or left by a teardown that could not finish. Only bookings this database
+    /// knows are touched, so several labbook installations may share an AWS account.
+    pub async fn sweep(&self, grace: chrono::Duration) -> Result<usize, StageError> {
+        let running = self.ec2.find_managed(None).await?;
+        let mut booking_ids: Vec<&str> = running
+            .iter()
+            .filter_map(|i| i.booking_id.as_deref())
+            .collect();
+        booking_ids.sort_unstable();
+        booking_ids.dedup();
+        let mut terminated = 0;
+        for id in booking_ids {
+            let Some(booking) = bookings::find(&self.store.pool, id).await? else {
+                continue;
+            };
+            if booking.state.is_over() || booking.ends_at() + grace < Utc::now() {
+                let n = self.terminate_all(id).await?;
+                tracing::warn!(booking_id = id, terminated = n, state = %booking.state, "sweep: terminated machines of a booking that is over");
+                terminated += n;
+            }
+        }
+        Ok(terminated)
+    }
+}
+
+/// Sweeps every `every` until `shutdown` fires (see [`Provisioner::sweep`]).
+pub async fn run_sweeper(
+    provisioner: Arc<Provisioner>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let grace = chrono::Duration::minutes(5);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if let Err(err) = provisioner.sweep(grace).await {
+            tracing::warn!(error = %err, "sweep failed; trying again next time");
+        }
+    }
+}
