@@ -79,15 +79,95 @@ pub struct Ec2Settings {
     pub bootstrap: Bootstrap,
     pub admin_username: Username,
     pub launch_concurrency: usize,
+    /// `LABBOOK_RUNNING_TIMEOUT_SECONDS` (default 600, at most 1500: below RabbitMQ's
+    /// `consumer_timeout`): how long to wait for launched instances to run.
     pub running_timeout: Duration,
     /// How often the provisioner looks for machines of bookings that are over.
     pub sweep_interval: Duration,
+    /// `LABBOOK_INSTALLATION` (default `default`; 1–32 of `a-z 0-9 -`): the value of the
+    /// `labbook:installation` tag. An installation finds, adopts, sweeps and terminates only
+    /// its own instances, so several may share an AWS account.
+    pub installation: String,
     /// `AWS_REGION` (else the SDK's chain decides).
     pub region: Option<String>,
     /// `AWS_ENDPOINT_URL`: an EC2 API emulator in tests.
     pub endpoint_url: Option<String>,
     /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` when both are set (else the SDK's chain).
     pub static_credentials: Option<(String, secrecy::SecretString)>,
+}
+
+/// `LABBOOK_RUNNING_TIMEOUT_SECONDS`. The provisioner waits for its instances while it holds
+/// the unacknowledged `provision-due` delivery, and RabbitMQ closes the channel of a consumer
+/// that holds a delivery longer than its `consumer_timeout` (30 minutes by default). The wait
+/// is therefore capped at 25 minutes, which leaves time for the launch and the rest of the work.
+const RUNNING_TIMEOUT: &str = "LABBOOK_RUNNING_TIMEOUT_SECONDS";
+
+impl Ec2Settings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let admin = v.get("LABBOOK_ADMIN_USERNAME").unwrap_or("labadmin");
+        let admin_username =
+            Username::parse(admin).map_err(|e| ConfigError::new("LABBOOK_ADMIN_USERNAME", e))?;
+        let running_timeout = v.seconds(RUNNING_TIMEOUT, 600, 1, 1500).map_err(|e| {
+            ConfigError::new(
+                RUNNING_TIMEOUT,
+                format!(
+                    "{}: it must stay below RabbitMQ's consumer_timeout of 30 minutes",
+                    e.problem
+                ),
+            )
+        })?;
+        Ok(Self {
+            ami_id: v.string("LABBOOK_AMI_ID"),
+            instance_type: v
+                .get("LABBOOK_INSTANCE_TYPE")
+                .unwrap_or("t3.micro")
+                .to_owned(),
+            subnet_id: v.string("LABBOOK_SUBNET_ID"),
+            security_group_ids: v.list("LABBOOK_SECURITY_GROUP_IDS"),
+            key_name: v.string("LABBOOK_KEY_NAME"),
+            allowed_cidrs: Some(v.list("LABBOOK_ALLOWED_CIDRS"))
+                .filter(|cidrs| !cidrs.is_empty())
+                .unwrap_or_else(|| vec!["0.0.0.0/0".to_owned()]),
+            users_per_instance: v.number("LABBOOK_USERS_PER_INSTANCE", 2, 1, 1000)? as u32,
+            bootstrap: v.choice(
+                "LABBOOK_BOOTSTRAP",
+                "jupyterhub",
+                [
+                    ("jupyterhub", Bootstrap::JupyterHub),
+                    ("ssh", Bootstrap::Ssh),
+                ],
+            )?,
+            admin_username,
+            launch_concurrency: v.number("LABBOOK_LAUNCH_CONCURRENCY", 4, 1, 64)? as usize,
+            running_timeout,
+            sweep_interval: v.seconds("LABBOOK_SWEEP_INTERVAL_SECONDS", 300, 1, 86_400)?,
+            installation: installation(v)?,
+            region: v
+                .string("AWS_REGION")
+                .or_else(|| v.string("AWS_DEFAULT_REGION")),
+            endpoint_url: v.string("AWS_ENDPOINT_URL"),
+            static_credentials: v
+                .get("AWS_ACCESS_KEY_ID")
+                .zip(v.get("AWS_SECRET_ACCESS_KEY"))
+                .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
+        })
+    }
+}
+
+/// `LABBOOK_INSTALLATION`: `default`, or 1–32 characters of `a-z 0-9 -`.
+fn installation(v: &Vars<'_>) -> Result<String, ConfigError> {
+    let name = v.get("LABBOOK_INSTALLATION").unwrap_or("default");
+    let valid = name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(ConfigError::new(
+            "LABBOOK_INSTALLATION",
+            format!("must be 1 to 32 characters of a-z, 0-9 and - (got {name:?})"),
+        ));
+    }
+    Ok(name.to_owned())
 }
 
 /// Retry tiers and consumer limits, shared by every stage.
@@ -98,6 +178,58 @@ pub struct BrokerSettings {
     pub retry_delays: Vec<Duration>,
     pub max_attempts: u32,
     pub shutdown_timeout: Duration,
+    /// `LABBOOK_PUBLISH_TIMEOUT_SECONDS` (default 30, 1 to 600): how long a publish waits for
+    /// the broker's confirm.
+    pub publish_timeout: Duration,
+    /// `LABBOOK_DECLARE_TOPOLOGY` (`true`, the default, or `false`): whether a worker declares
+    /// the topology at start-up, or only checks passively that it exists (then its broker user
+    /// needs no *configure* permission).
+    pub declare_topology: bool,
+}
+
+impl BrokerSettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let retry_delays =
+            v.durations_ms("LABBOOK_RETRY_DELAYS_MS", &[1_000, 10_000, 60_000, 600_000])?;
+        let max_attempts = v.number(
+            "LABBOOK_MAX_ATTEMPTS",
+            retry_delays.len() as u64 + 1,
+            1,
+            100,
+        )? as u32;
+        Ok(Self {
+            amqp_url: amqp_url(v)?,
+            prefetch: v.number("LABBOOK_PREFETCH", 8, 1, 1000)? as u16,
+            retry_delays,
+            max_attempts,
+            shutdown_timeout: v.seconds("LABBOOK_SHUTDOWN_TIMEOUT_SECONDS", 30, 1, 3600)?,
+            publish_timeout: v.seconds("LABBOOK_PUBLISH_TIMEOUT_SECONDS", 30, 1, 600)?,
+            declare_topology: v.choice(
+                "LABBOOK_DECLARE_TOPOLOGY",
+                "true",
+                [("true", true), ("false", false)],
+            )?,
+        })
+    }
+}
+
+fn amqp_url(v: &Vars<'_>) -> Result<SecretUrl, ConfigError> {
+    let url = v
+        .get("AMQP_URL")
+        .unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f");
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(ConfigError::new(
+            "AMQP_URL",
+            "must start with amqp:// or amqps://",
+        ));
+    }
+    url.parse::<lapin::uri::AMQPUri>().map_err(|_| {
+        ConfigError::new(
+            "AMQP_URL",
+            "is not a valid AMQP URL (amqp://user:pass@host:5672/vhost)",
+        )
+    })?;
+    Ok(SecretUrl::new(url))
 }
 
 /// Everything a labbook process may need. Binaries ask for the parts they use with the
@@ -106,6 +238,9 @@ pub struct BrokerSettings {
 pub struct Settings {
     pub broker: BrokerSettings,
     pub database_url: SecretUrl,
+    /// `LABBOOK_DB_MAX_CONNECTIONS` (1 to 1000): the size of the database pool. Unset (`None`):
+    /// the process chooses from what it runs.
+    pub db_max_connections: Option<u32>,
     pub smtp_url: SecretUrl,
     pub mail_from: EmailAddress,
     pub ec2: Ec2Settings,
@@ -139,172 +274,26 @@ impl Settings {
     /// Builds settings from a map of variables (the environment, or a test's own).
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let v = Vars(vars);
-        let retry_delays =
-            v.durations_ms("LABBOOK_RETRY_DELAYS_MS", &[1_000, 10_000, 60_000, 600_000])?;
-        let max_attempts = v.number(
-            "LABBOOK_MAX_ATTEMPTS",
-            retry_delays.len() as u64 + 1,
-            1,
-            100,
-        )? as u32;
-        let bootstrap = match v.get("LABBOOK_BOOTSTRAP").unwrap_or("jupyterhub") {
-            "jupyterhub" => Bootstrap::JupyterHub,
-            "ssh" => Bootstrap::Ssh,
-            other => {
-                return Err(ConfigError::new(
-                    "LABBOOK_BOOTSTRAP",
-                    format!("must be jupyterhub or ssh (got {other:?})"),
-                ));
-            }
-        };
-        let admin = v.get("LABBOOK_ADMIN_USERNAME").unwrap_or("labadmin");
-        let admin_username =
-            Username::parse(admin).map_err(|e| ConfigError::new("LABBOOK_ADMIN_USERNAME", e))?;
-        let mail_from = EmailAddress::parse(v.get("MAIL_FROM").unwrap_or("labbook@localhost"))
-            .map_err(|e| ConfigError::new("MAIL_FROM", e))?;
-        let smtp_url = v
-            .get("SMTP_URL")
-            .unwrap_or("smtp://127.0.0.1:1025")
-            .to_owned();
-        crate::mail::check_url(&smtp_url)?;
-        let amqp_url = v
-            .get("AMQP_URL")
-            .unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f")
-            .to_owned();
-        if !(amqp_url.starts_with("amqp://") || amqp_url.starts_with("amqps://")) {
-            return Err(ConfigError::new(
-                "AMQP_URL",
-                "must start with amqp:// or amqps://",
-            ));
-        }
-        amqp_url.parse::<lapin::uri::AMQPUri>().map_err(|_| {
-            ConfigError::new(
-                "AMQP_URL",
-                "is not a valid AMQP URL (amqp://user:pass@host:5672/vhost)",
-            )
-        })?;
-        let database_url = v
-            .get("DATABASE_URL")
-            .unwrap_or("postgres://postgres@127.0.0.1:5432/labbook")
-            .to_owned();
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(ConfigError::new(
-                "DATABASE_URL",
-                "must start with postgres://",
-            ));
-        }
-        let metrics_addr = match v.get("LABBOOK_METRICS_ADDR").unwrap_or("0.0.0.0:9464") {
-            "off" | "" => None,
-            addr => Some(addr.parse().map_err(|_| {
-                ConfigError::new(
-                    "LABBOOK_METRICS_ADDR",
-                    format!("must be HOST:PORT or off (got {addr:?})"),
-                )
-            })?),
-        };
-        let json_logs = match v.get("LABBOOK_LOG_FORMAT").unwrap_or("text") {
-            "text" => false,
-            "json" => true,
-            other => {
-                return Err(ConfigError::new(
-                    "LABBOOK_LOG_FORMAT",
-                    format!("must be text or json (got {other:?})"),
-                ));
-            }
-        };
-        let secret_key = v
-            .get("LABBOOK_SECRET_KEY")
-            .map(|raw| {
-                SecretKey::from_base64(raw).map_err(|e| ConfigError::new("LABBOOK_SECRET_KEY", e))
-            })
-            .transpose()?;
-        let max_users = v.number("LABBOOK_MAX_USERS_PER_BOOKING", 50, 1, 10_000)? as u32;
-        let default_duration_minutes = v.number(
-            "LABBOOK_DEFAULT_DURATION_MINUTES",
-            180,
-            u64::from(crate::domain::booking::MIN_DURATION_MINUTES),
-            u64::from(crate::domain::booking::MAX_DURATION_MINUTES),
-        )? as u32;
-
+        let broker = BrokerSettings::from_vars(&v)?;
+        let database = DatabaseSettings::from_vars(&v)?;
+        let mail = MailSettings::from_vars(&v)?;
+        let ec2 = Ec2Settings::from_vars(&v)?;
+        let schedule = ScheduleSettings::from_vars(&v)?;
+        let telemetry = TelemetrySettings::from_vars(&v)?;
         Ok(Self {
-            broker: BrokerSettings {
-                amqp_url: SecretUrl::new(amqp_url),
-                prefetch: v.number("LABBOOK_PREFETCH", 8, 1, 1000)? as u16,
-                retry_delays,
-                max_attempts,
-                shutdown_timeout: Duration::from_secs(v.number(
-                    "LABBOOK_SHUTDOWN_TIMEOUT_SECONDS",
-                    30,
-                    1,
-                    3600,
-                )?),
-            },
-            database_url: SecretUrl::new(database_url),
-            smtp_url: SecretUrl::new(smtp_url),
-            mail_from,
-            ec2: Ec2Settings {
-                ami_id: v.get("LABBOOK_AMI_ID").map(str::to_owned),
-                instance_type: v
-                    .get("LABBOOK_INSTANCE_TYPE")
-                    .unwrap_or("t3.micro")
-                    .to_owned(),
-                subnet_id: v.get("LABBOOK_SUBNET_ID").map(str::to_owned),
-                security_group_ids: v.list("LABBOOK_SECURITY_GROUP_IDS"),
-                key_name: v.get("LABBOOK_KEY_NAME").map(str::to_owned),
-                allowed_cidrs: {
-                    let cidrs = v.list("LABBOOK_ALLOWED_CIDRS");
-                    if cidrs.is_empty() {
-                        vec!["0.0.0.0/0".to_owned()]
-                    } else {
-                        cidrs
-                    }
-                },
-                users_per_instance: v.number("LABBOOK_USERS_PER_INSTANCE", 2, 1, 1000)? as u32,
-                bootstrap,
-                admin_username,
-                launch_concurrency: v.number("LABBOOK_LAUNCH_CONCURRENCY", 4, 1, 64)? as usize,
-                running_timeout: Duration::from_secs(v.number(
-                    "LABBOOK_RUNNING_TIMEOUT_SECONDS",
-                    600,
-                    1,
-                    7200,
-                )?),
-                sweep_interval: Duration::from_secs(v.number(
-                    "LABBOOK_SWEEP_INTERVAL_SECONDS",
-                    300,
-                    1,
-                    86_400,
-                )?),
-                region: v
-                    .get("AWS_REGION")
-                    .or(v.get("AWS_DEFAULT_REGION"))
-                    .map(str::to_owned),
-                endpoint_url: v.get("AWS_ENDPOINT_URL").map(str::to_owned),
-                static_credentials: v
-                    .get("AWS_ACCESS_KEY_ID")
-                    .zip(v.get("AWS_SECRET_ACCESS_KEY"))
-                    .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
-            },
-            rules: BookingRules {
-                max_users,
-                default_duration_minutes,
-            },
-            provision_lead: Duration::from_secs(v.number(
-                "LABBOOK_PROVISION_LEAD_SECONDS",
-                900,
-                0,
-                7 * 86_400,
-            )?),
-            scheduler_tick: Duration::from_millis(v.number(
-                "LABBOOK_SCHEDULER_TICK_MS",
-                1000,
-                10,
-                600_000,
-            )?),
-            metrics_addr,
-            metrics_addr_explicit: v.get("LABBOOK_METRICS_ADDR").is_some(),
-            json_logs,
-            secret_key,
+            broker,
+            database_url: database.url,
+            db_max_connections: database.max_connections,
+            smtp_url: mail.smtp_url,
+            mail_from: mail.from,
+            ec2,
+            rules: schedule.rules,
+            provision_lead: schedule.provision_lead,
+            scheduler_tick: schedule.tick,
+            metrics_addr: telemetry.metrics_addr,
+            metrics_addr_explicit: telemetry.metrics_addr_explicit,
+            json_logs: telemetry.json_logs,
+            secret_key: secret_key(&v)?,
         })
     }
 
@@ -326,17 +315,186 @@ impl Settings {
     }
 }
 
+fn secret_key(v: &Vars<'_>) -> Result<Option<SecretKey>, ConfigError> {
+    v.get("LABBOOK_SECRET_KEY")
+        .map(|raw| {
+            SecretKey::from_base64(raw).map_err(|e| ConfigError::new("LABBOOK_SECRET_KEY", e))
+        })
+        .transpose()
+}
+
+/// `DATABASE_URL` and `LABBOOK_DB_MAX_CONNECTIONS` (flattened into [`Settings`]).
+struct DatabaseSettings {
+    url: SecretUrl,
+    max_connections: Option<u32>,
+}
+
+impl DatabaseSettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let url = v
+            .get("DATABASE_URL")
+            .unwrap_or("postgres://postgres@127.0.0.1:5432/labbook");
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must start with postgres://",
+            ));
+        }
+        Ok(Self {
+            url: SecretUrl::new(url),
+            max_connections: v
+                .optional_number("LABBOOK_DB_MAX_CONNECTIONS", 1, 1000)?
+                .map(|n| n as u32),
+        })
+    }
+}
+
+/// `SMTP_URL` and `MAIL_FROM` (flattened into [`Settings`]).
+struct MailSettings {
+    smtp_url: SecretUrl,
+    from: EmailAddress,
+}
+
+impl MailSettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let from = EmailAddress::parse(v.get("MAIL_FROM").unwrap_or("labbook@localhost"))
+            .map_err(|e| ConfigError::new("MAIL_FROM", e))?;
+        let smtp_url = v.get("SMTP_URL").unwrap_or("smtp://127.0.0.1:1025");
+        crate::mail::check_url(smtp_url)?;
+        Ok(Self {
+            smtp_url: SecretUrl::new(smtp_url),
+            from,
+        })
+    }
+}
+
+/// The booking rules and the timer (flattened into [`Settings`]).
+struct ScheduleSettings {
+    rules: BookingRules,
+    provision_lead: Duration,
+    tick: Duration,
+}
+
+impl ScheduleSettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let max_users = v.number("LABBOOK_MAX_USERS_PER_BOOKING", 50, 1, 10_000)? as u32;
+        let default_duration_minutes = v.number(
+            "LABBOOK_DEFAULT_DURATION_MINUTES",
+            180,
+            u64::from(crate::domain::booking::MIN_DURATION_MINUTES),
+            u64::from(crate::domain::booking::MAX_DURATION_MINUTES),
+        )? as u32;
+        Ok(Self {
+            rules: BookingRules {
+                max_users,
+                default_duration_minutes,
+            },
+            provision_lead: v.seconds("LABBOOK_PROVISION_LEAD_SECONDS", 900, 0, 7 * 86_400)?,
+            tick: Duration::from_millis(v.number(
+                "LABBOOK_SCHEDULER_TICK_MS",
+                1000,
+                10,
+                600_000,
+            )?),
+        })
+    }
+}
+
+/// Metrics endpoint and log format (flattened into [`Settings`]).
+struct TelemetrySettings {
+    metrics_addr: Option<SocketAddr>,
+    metrics_addr_explicit: bool,
+    json_logs: bool,
+}
+
+impl TelemetrySettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let metrics_addr = match v.get("LABBOOK_METRICS_ADDR").unwrap_or("0.0.0.0:9464") {
+            "off" | "" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                ConfigError::new(
+                    "LABBOOK_METRICS_ADDR",
+                    format!("must be HOST:PORT or off (got {addr:?})"),
+                )
+            })?),
+        };
+        Ok(Self {
+            metrics_addr,
+            metrics_addr_explicit: v.get("LABBOOK_METRICS_ADDR").is_some(),
+            json_logs: v.choice(
+                "LABBOOK_LOG_FORMAT",
+                "text",
+                [("text", false), ("json", true)],
+            )?,
+        })
+    }
+}
+
+/// Reads a `LABBOOK_CONFIG` file. A malformed line is reported by its number only: it may
+/// hold a secret.
 fn read_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
-    let iter = dotenvy::from_path_iter(path).map_err(|e| {
+    let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError::new(
             "LABBOOK_CONFIG",
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    iter.map(|item| {
-        item.map_err(|e| ConfigError::new("LABBOOK_CONFIG", format!("{}: {e}", path.display())))
+    parse_file(&text).map_err(|line| {
+        ConfigError::new(
+            "LABBOOK_CONFIG",
+            format!("{} line {line} is not KEY=VALUE", path.display()),
+        )
     })
-    .collect()
+}
+
+/// Parses `KEY=VALUE` lines: blank lines and `#` comments are skipped, `export ` before the key
+/// is allowed, and the value may be in matching single or double quotes (taken literally: no
+/// escapes, no `$` substitution, one line). An unquoted value ends at ` #` (a comment). A key
+/// given twice takes its last value. Err: the number (from 1) of the first malformed line.
+fn parse_file(text: &str) -> Result<HashMap<String, String>, usize> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut vars = HashMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = parse_line(line).ok_or(index + 1)?;
+        vars.insert(key.to_owned(), value.to_owned());
+    }
+    Ok(vars)
+}
+
+fn parse_line(line: &str) -> Option<(&str, &str)> {
+    let line = line
+        .strip_prefix("export")
+        .filter(|rest| rest.starts_with(char::is_whitespace))
+        .map_or(line, str::trim_start);
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim_end();
+    let mut chars = key.chars();
+    let valid_key = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !valid_key {
+        return None;
+    }
+    Some((key, parse_value(value.trim_start())?))
+}
+
+fn parse_value(raw: &str) -> Option<&str> {
+    if let Some(quote) = raw.chars().next().filter(|c| matches!(c, '"' | '\'')) {
+        let inner = &raw[1..];
+        let end = inner.find(quote)?;
+        let after = inner[end + 1..].trim_start();
+        return (after.is_empty() || after.starts_with('#')).then_some(&inner[..end]);
+    }
+    let comment = raw
+        .match_indices('#')
+        .map(|(i, _)| i)
+        .find(|&i| raw[..i].ends_with(char::is_whitespace));
+    Some(raw[..comment.unwrap_or(raw.len())].trim_end())
 }
 
 struct Vars<'a>(&'a HashMap<String, String>);
@@ -346,6 +504,28 @@ impl Vars<'_> {
         self.0.get(key).map(|s| s.trim()).filter(|s| !s.is_empty())
     }
 
+    fn string(&self, key: &str) -> Option<String> {
+        self.get(key).map(str::to_owned)
+    }
+
+    /// One of a few words, each standing for a value; the error lists the words.
+    fn choice<T: Copy, const N: usize>(
+        &self,
+        key: &'static str,
+        default: &str,
+        options: [(&str, T); N],
+    ) -> Result<T, ConfigError> {
+        let raw = self.get(key).unwrap_or(default);
+        if let Some((_, value)) = options.iter().find(|(word, _)| *word == raw) {
+            return Ok(*value);
+        }
+        let words: Vec<&str> = options.iter().map(|(word, _)| *word).collect();
+        Err(ConfigError::new(
+            key,
+            format!("must be {} (got {raw:?})", words.join(" or ")),
+        ))
+    }
+
     fn number(
         &self,
         key: &'static str,
@@ -353,16 +533,35 @@ impl Vars<'_> {
         min: u64,
         max: u64,
     ) -> Result<u64, ConfigError> {
+        Ok(self.optional_number(key, min, max)?.unwrap_or(default))
+    }
+
+    fn optional_number(
+        &self,
+        key: &'static str,
+        min: u64,
+        max: u64,
+    ) -> Result<Option<u64>, ConfigError> {
         let Some(raw) = self.get(key) else {
-            return Ok(default);
+            return Ok(None);
         };
         match raw.parse::<u64>() {
-            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
             _ => Err(ConfigError::new(
                 key,
                 format!("must be a whole number from {min} to {max} (got {raw:?})"),
             )),
         }
+    }
+
+    fn seconds(
+        &self,
+        key: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        Ok(Duration::from_secs(self.number(key, default, min, max)?))
     }
 
     fn list(&self, key: &str) -> Vec<String> {
@@ -472,5 +671,150 @@ mod tests {
                     .starts_with(&format!("configuration error: {var}: "))
             );
         }
+    }
+
+    fn error(var: &str, value: &str) -> ConfigError {
+        let err = with(&[(var, value)]).unwrap_err();
+        assert_eq!(err.var, var);
+        err
+    }
+
+    #[test]
+    fn publish_timeout_defaults_to_30_seconds_and_is_bounded() {
+        assert_eq!(
+            with(&[]).unwrap().broker.publish_timeout,
+            Duration::from_secs(30)
+        );
+        let s = with(&[("LABBOOK_PUBLISH_TIMEOUT_SECONDS", "600")]).unwrap();
+        assert_eq!(s.broker.publish_timeout, Duration::from_secs(600));
+        for bad in ["0", "601", "1.5", "soon"] {
+            error("LABBOOK_PUBLISH_TIMEOUT_SECONDS", bad);
+        }
+    }
+
+    #[test]
+    fn declare_topology_is_true_unless_false() {
+        assert!(with(&[]).unwrap().broker.declare_topology);
+        assert!(
+            with(&[("LABBOOK_DECLARE_TOPOLOGY", "true")])
+                .unwrap()
+                .broker
+                .declare_topology
+        );
+        assert!(
+            !with(&[("LABBOOK_DECLARE_TOPOLOGY", "false")])
+                .unwrap()
+                .broker
+                .declare_topology
+        );
+        for bad in ["no", "0", "FALSE", "yes"] {
+            let err = error("LABBOOK_DECLARE_TOPOLOGY", bad);
+            assert!(err.to_string().contains("must be true or false"), "{err}");
+        }
+    }
+
+    #[test]
+    fn installation_defaults_to_default_and_is_checked() {
+        assert_eq!(with(&[]).unwrap().ec2.installation, "default");
+        let name = "a".repeat(32);
+        for good in ["staging-2", "x", name.as_str()] {
+            let s = with(&[("LABBOOK_INSTALLATION", good)]).unwrap();
+            assert_eq!(s.ec2.installation, good);
+        }
+        let too_long = "a".repeat(33);
+        for bad in ["Prod", "a_b", "a b", "é", too_long.as_str()] {
+            error("LABBOOK_INSTALLATION", bad);
+        }
+    }
+
+    #[test]
+    fn running_timeout_stays_below_the_consumer_timeout() {
+        let s = with(&[]).unwrap();
+        assert_eq!(s.ec2.running_timeout, Duration::from_secs(600));
+        let s = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500")]).unwrap();
+        assert_eq!(s.ec2.running_timeout, Duration::from_secs(1500));
+        let err = error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1501");
+        assert!(err.to_string().contains("1 to 1500"), "{err}");
+        assert!(err.to_string().contains("consumer_timeout"), "{err}");
+        error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "0");
+    }
+
+    #[test]
+    fn db_max_connections_is_optional_and_bounded() {
+        assert_eq!(with(&[]).unwrap().db_max_connections, None);
+        let s = with(&[("LABBOOK_DB_MAX_CONNECTIONS", "1000")]).unwrap();
+        assert_eq!(s.db_max_connections, Some(1000));
+        let s = with(&[("LABBOOK_DB_MAX_CONNECTIONS", "1")]).unwrap();
+        assert_eq!(s.db_max_connections, Some(1));
+        for bad in ["0", "1001", "-1", "many"] {
+            error("LABBOOK_DB_MAX_CONNECTIONS", bad);
+        }
+    }
+
+    fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("labbook-config-{}-{name}", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn config_file_lines_are_parsed() {
+        let path = temp_file(
+            "good",
+            "\u{feff}# a comment\n\n  AMQP_URL = amqp://u:p@mq:5672/%2f\r\n\
+             export LABBOOK_PREFETCH=3 # inline comment\n\
+             MAIL_FROM=\"ops@example.org\"\n\
+             LABBOOK_SECRET_KEY='a#b\"c$d'  # quoted\n\
+             LABBOOK_BOOTSTRAP=jupyterhub\nLABBOOK_BOOTSTRAP=ssh\n\
+             SMTP_URL=\n",
+        );
+        let vars = read_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        let vars = vars.unwrap();
+        assert_eq!(vars["AMQP_URL"], "amqp://u:p@mq:5672/%2f");
+        assert_eq!(vars["LABBOOK_PREFETCH"], "3");
+        assert_eq!(vars["MAIL_FROM"], "ops@example.org");
+        assert_eq!(vars["LABBOOK_SECRET_KEY"], "a#b\"c$d");
+        assert_eq!(vars["LABBOOK_BOOTSTRAP"], "ssh");
+        assert_eq!(vars["SMTP_URL"], "");
+        assert_eq!(vars.len(), 6);
+    }
+
+    #[test]
+    fn a_bad_config_line_is_named_by_its_number_not_its_content() {
+        let bad_lines = [
+            "hunter2-is-the-password",
+            "DATABASE_URL=\"postgres://app:hunter2@db/labbook",
+            "DATABASE_URL='postgres://app:hunter2@db/labbook' trailing",
+            "postgres://app:hunter2@db/labbook=x",
+            "=hunter2",
+        ];
+        for (i, bad) in bad_lines.iter().enumerate() {
+            let path = temp_file(
+                &format!("bad-{i}"),
+                &format!("# labbook\n\nAMQP_URL=amqp://mq\n{bad}\nMAIL_FROM=a@b.org\n"),
+            );
+            let err = read_file(&path).unwrap_err();
+            std::fs::remove_file(&path).unwrap();
+            assert_eq!(err.var, "LABBOOK_CONFIG");
+            let shown = err.to_string();
+            assert_eq!(
+                shown,
+                format!(
+                    "configuration error: LABBOOK_CONFIG: {} line 4 is not KEY=VALUE",
+                    path.display()
+                )
+            );
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named() {
+        let path = std::env::temp_dir().join("labbook-config-does-not-exist");
+        let err = read_file(&path).unwrap_err();
+        assert_eq!(err.var, "LABBOOK_CONFIG");
+        assert!(err.to_string().contains("cannot read"), "{err}");
     }
 }

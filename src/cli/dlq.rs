@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
+use lapin::Connection;
 
 use crate::broker::StageQueue;
 use crate::broker::dlq::{self, DeadLetter};
@@ -75,128 +76,166 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
     let (conn, channel) = super::open_broker(settings, "labbook dlq").await?;
     let _ = channel.close(200, "done".into()).await;
 
-    match command {
-        DlqCommand::List { .. } => {
-            let letters = dlq::read_all(&conn, stage).await?;
-            println!(
-                "{:<28} {:>8}  {:<20} {:>6}  ERROR",
-                "BOOKING ID", "ATTEMPTS", "FAILED AT", "AGE"
-            );
-            for l in &letters {
-                println!(
-                    "{:<28} {:>8}  {:<20} {:>6}  {}",
-                    l.booking_id.as_deref().unwrap_or("-"),
-                    l.attempts.map_or("-".into(), |a| a.to_string()),
-                    l.failed_at.map_or("-".into(), crate::format_time),
-                    l.failed_at.map_or("-".into(), age),
-                    l.error.as_deref().unwrap_or("-"),
-                );
-            }
-            println!("{} dead letter(s) in {}", letters.len(), stage.dlq());
-        }
-        DlqCommand::Show { booking_id, .. } => {
-            let letters = dlq::read_all(&conn, stage).await?;
-            let shown: Vec<&DeadLetter> = letters
-                .iter()
-                .filter(|l| l.matches(booking_id.as_deref()))
-                .collect();
-            for (i, l) in shown.iter().enumerate() {
-                println!("--- {} #{}", stage.dlq(), i + 1);
-                let p = &l.properties;
-                if let Some(ct) = p.content_type() {
-                    println!("content-type: {ct}");
-                }
-                if let Some(id) = p.message_id() {
-                    println!("message-id: {id}");
-                }
-                if let Some(id) = p.correlation_id() {
-                    println!("correlation-id: {id}");
-                }
-                if let Some(headers) = p.headers() {
-                    for (k, _) in headers {
-                        let v =
-                            crate::broker::headers::str_header(p, k.as_str()).unwrap_or_default();
-                        println!("{k}: {v}");
-                    }
-                }
-                println!();
-                println!("{}", String::from_utf8_lossy(&l.body));
-            }
-            println!(
-                "{} of {} dead letter(s) in {} shown",
-                shown.len(),
-                letters.len(),
-                stage.dlq()
-            );
-        }
+    let code = match command {
+        DlqCommand::List { .. } => list(&conn, stage).await?,
+        DlqCommand::Show { booking_id, .. } => show(&conn, stage, booking_id.as_deref()).await?,
         DlqCommand::Replay {
             booking_id,
             limit,
-            dry_run,
+            dry_run: true,
             ..
-        } => {
-            if dry_run {
-                let letters = dlq::read_all(&conn, stage).await?;
-                let mut n = 0;
-                for l in letters.iter().filter(|l| l.matches(booking_id.as_deref())) {
-                    if limit.is_some_and(|max| n >= max) {
-                        break;
-                    }
-                    n += 1;
-                    println!(
-                        "would replay {} ({})",
-                        l.booking_id.as_deref().unwrap_or("-"),
-                        l.error.as_deref().unwrap_or("-")
-                    );
-                }
-                println!(
-                    "dry run: {n} dead letter(s) would go back to {}",
-                    stage.name()
-                );
-            } else {
-                let total = dlq::depth(&conn, &stage.dlq()).await? as u64;
-                let bar = progress(limit.map_or(total, |n| total.min(n as u64)));
-                let report = dlq::replay(&conn, stage, booking_id.as_deref(), limit, |_| {
-                    bar.inc(1);
-                    ControlFlow::Continue(())
-                })
-                .await?;
-                bar.finish_and_clear();
-                println!(
-                    "replayed {} dead letter(s) to {} ({} left in {})",
-                    report.replayed,
-                    stage.name(),
-                    report.skipped,
-                    stage.dlq()
-                );
-            }
-        }
+        } => replay_dry_run(&conn, stage, booking_id.as_deref(), limit).await?,
+        DlqCommand::Replay {
+            booking_id, limit, ..
+        } => replay(&conn, stage, booking_id.as_deref(), limit).await?,
         DlqCommand::Purge {
             booking_id, yes, ..
-        } => {
-            let letters = dlq::read_all(&conn, stage).await?;
-            let n = letters
-                .iter()
-                .filter(|l| l.matches(booking_id.as_deref()))
-                .count();
-            if n == 0 {
-                println!("nothing to purge in {}", stage.dlq());
-                return Ok(ExitCode::SUCCESS);
-            }
-            if !yes
-                && !confirm(&format!(
-                    "delete {n} dead letter(s) from {} for good?",
-                    stage.dlq()
-                ))?
-            {
-                println!("nothing deleted");
-                return Ok(ExitCode::FAILURE);
-            }
-            let removed = dlq::purge(&conn, stage, booking_id.as_deref()).await?;
-            println!("deleted {removed} dead letter(s) from {}", stage.dlq());
+        } => purge(&conn, stage, booking_id.as_deref(), yes).await?,
+    };
+    let _ = conn.close(200, "done".into()).await;
+    Ok(code)
+}
+
+/// `dlq list`: one line per dead letter, then a count.
+async fn list(conn: &Connection, stage: StageQueue) -> anyhow::Result<ExitCode> {
+    let letters = dlq::read_all(conn, stage).await?;
+    println!(
+        "{:<28} {:>8}  {:<20} {:>6}  ERROR",
+        "BOOKING ID", "ATTEMPTS", "FAILED AT", "AGE"
+    );
+    for l in &letters {
+        println!(
+            "{:<28} {:>8}  {:<20} {:>6}  {}",
+            l.booking_id.as_deref().unwrap_or("-"),
+            l.attempts.map_or("-".into(), |a| a.to_string()),
+            l.failed_at.map_or("-".into(), crate::format_time),
+            l.failed_at.map_or("-".into(), age),
+            l.error.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("{} dead letter(s) in {}", letters.len(), stage.dlq());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq show`: headers and body of each dead letter (of one booking if given).
+async fn show(
+    conn: &Connection,
+    stage: StageQueue,
+    booking_id: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    let letters = dlq::read_all(conn, stage).await?;
+    let shown: Vec<&DeadLetter> = letters.iter().filter(|l| l.matches(booking_id)).collect();
+    for (i, l) in shown.iter().enumerate() {
+        println!("--- {} #{}", stage.dlq(), i + 1);
+        print_letter(l);
+    }
+    println!(
+        "{} of {} dead letter(s) in {} shown",
+        shown.len(),
+        letters.len(),
+        stage.dlq()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A dead letter's properties and headers, a blank line, then its body.
+fn print_letter(l: &DeadLetter) {
+    let p = &l.properties;
+    if let Some(ct) = p.content_type() {
+        println!("content-type: {ct}");
+    }
+    if let Some(id) = p.message_id() {
+        println!("message-id: {id}");
+    }
+    if let Some(id) = p.correlation_id() {
+        println!("correlation-id: {id}");
+    }
+    if let Some(headers) = p.headers() {
+        for (k, _) in headers {
+            let v = crate::broker::headers::str_header(p, k.as_str()).unwrap_or_default();
+            println!("{k}: {v}");
         }
     }
-    let _ = conn.close(200, "done".into()).await;
+    println!();
+    println!("{}", String::from_utf8_lossy(&l.body));
+}
+
+/// `dlq replay --dry-run`: what would be replayed; changes nothing.
+async fn replay_dry_run(
+    conn: &Connection,
+    stage: StageQueue,
+    booking_id: Option<&str>,
+    limit: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    let letters = dlq::read_all(conn, stage).await?;
+    let mut n = 0;
+    for l in letters.iter().filter(|l| l.matches(booking_id)) {
+        if limit.is_some_and(|max| n >= max) {
+            break;
+        }
+        n += 1;
+        println!(
+            "would replay {} ({})",
+            l.booking_id.as_deref().unwrap_or("-"),
+            l.error.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "dry run: {n} dead letter(s) would go back to {}",
+        stage.name()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq replay`: moves dead letters back to their stage queue, with a progress bar.
+async fn replay(
+    conn: &Connection,
+    stage: StageQueue,
+    booking_id: Option<&str>,
+    limit: Option<usize>,
+) -> anyhow::Result<ExitCode> {
+    let total = dlq::depth(conn, &stage.dlq()).await? as u64;
+    let bar = progress(limit.map_or(total, |n| total.min(n as u64)));
+    let report = dlq::replay(conn, stage, booking_id, limit, |_| {
+        bar.inc(1);
+        ControlFlow::Continue(())
+    })
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "replayed {} dead letter(s) to {} ({} left in {})",
+        report.replayed,
+        stage.name(),
+        report.skipped,
+        stage.dlq()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dlq purge`: deletes dead letters after asking (unless `--yes`).
+async fn purge(
+    conn: &Connection,
+    stage: StageQueue,
+    booking_id: Option<&str>,
+    yes: bool,
+) -> anyhow::Result<ExitCode> {
+    let letters = dlq::read_all(conn, stage).await?;
+    let n = letters.iter().filter(|l| l.matches(booking_id)).count();
+    if n == 0 {
+        println!("nothing to purge in {}", stage.dlq());
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !yes
+        && !confirm(&format!(
+            "delete {n} dead letter(s) from {} for good?",
+            stage.dlq()
+        ))?
+    {
+        println!("nothing deleted");
+        return Ok(ExitCode::FAILURE);
+    }
+    let removed = dlq::purge(conn, stage, booking_id).await?;
+    println!("deleted {removed} dead letter(s) from {}", stage.dlq());
     Ok(ExitCode::SUCCESS)
 }
 
