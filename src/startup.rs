@@ -184,8 +184,11 @@ impl Application {
 
 /// Database connections for this process: every message in flight may hold one (the notifier
 /// holds one while it sends), plus the timer and the schema task; `LABBOOK_DB_MAX_CONNECTIONS`
-/// caps it (see the README for the sum over every replica).
+/// replaces it (see the README for the sum over every replica).
 fn pool_size(settings: &Settings, workers: &[Worker]) -> u32 {
+    if let Some(max) = settings.db_max_connections {
+        return max;
+    }
     let consumers: u32 = workers
         .iter()
         .map(|w| if *w == Worker::Provisioner { 2 } else { 1 })

@@ -18,11 +18,11 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     Connection::connect(url, props).await
 }
 
-/// A channel in confirm mode on which `topology` is in place: the one way labbook opens a
-/// channel it publishes on.
+/// A channel in confirm mode on which `topology` is in place (declared, or checked when this
+/// process may not declare it): the one way labbook opens a channel it publishes on.
 pub async fn confirmed_channel(conn: &Connection, topology: &Topology) -> lapin::Result<Channel> {
     let channel = conn.create_channel().await?;
-    topology.declare(&channel).await?;
+    topology.prepare(&channel).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

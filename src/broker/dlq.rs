@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 
 use super::headers;
-use super::publisher::publish_confirmed;
+use super::publisher::{DEFAULT_CONFIRM_TIMEOUT, publish_confirmed};
 use super::topology::{EXCHANGE, StageQueue};
 
 /// A dead-letter operation failed.
@@ -146,7 +146,8 @@ pub async fn replay(
             continue;
         }
         let props = headers::for_replay(&letter.properties, chrono::Utc::now());
-        publish_confirmed(&channel, EXCHANGE, stage.name(), &letter.body, props).await?;
+        let route = (EXCHANGE, stage.name());
+        publish_confirmed(&channel, route, &letter.body, props, DEFAULT_CONFIRM_TIMEOUT).await?;
         if on_each(&letter).is_break() {
             return Ok(report);
         }

@@ -1,6 +1,8 @@
 //! Publishing with publisher confirms: a message counts as sent only once the broker has
 //! confirmed it and routed it to a queue.
 
+use std::time::Duration;
+
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation};
 
@@ -12,11 +14,30 @@ pub enum PublishError {
     Nacked,
     #[error("no queue is bound for routing key {0:?}: declare the topology (`labbook topology`)")]
     Unroutable(String),
+    #[error("the broker did not confirm the message within {0:?} (a memory or disk alarm, a lost quorum?)")]
+    Unconfirmed(Duration),
 }
 
-/// Publishes `body` (mandatory) and waits for the broker's confirm. The channel must be in
-/// confirm mode.
+/// How long a publish waits for the broker's confirm unless told otherwise
+/// (`LABBOOK_PUBLISH_TIMEOUT_SECONDS`).
+pub const DEFAULT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Publishes `body` (mandatory) and waits at most `timeout` for the broker's confirm: a publish
+/// that is not confirmed in time has failed. The channel must be in confirm mode.
 pub async fn publish_confirmed(
+    channel: &Channel,
+    (exchange, routing_key): (&str, &str),
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), PublishError> {
+    let publish = publish(channel, exchange, routing_key, body, properties);
+    tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| PublishError::Unconfirmed(timeout))?
+}
+
+async fn publish(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,

@@ -119,16 +119,16 @@ impl Outgoing {
         }
     }
 
-    /// Publishes to the `labbook` exchange with the stage queue's name as the routing key.
-    pub async fn publish(&self, channel: &Channel) -> Result<(), super::PublishError> {
-        publish_confirmed(
-            channel,
-            EXCHANGE,
-            self.queue.name(),
-            &self.body,
-            json_properties(&self.message_id),
-        )
-        .await
+    /// Publishes to the `labbook` exchange with the stage queue's name as the routing key,
+    /// waiting at most `timeout` for the confirm.
+    pub async fn publish(
+        &self,
+        channel: &Channel,
+        timeout: Duration,
+    ) -> Result<(), super::PublishError> {
+        let route = (EXCHANGE, self.queue.name());
+        let props = json_properties(&self.message_id);
+        publish_confirmed(channel, route, &self.body, props, timeout).await
     }
 }
 
@@ -175,7 +175,7 @@ pub async fn run_stage<S: Stage>(
     ready: ReadyFlag,
     shutdown: CancellationToken,
 ) {
-    let topology = Topology::new(settings.retry_delays.clone());
+    let topology = Topology::from_settings(&settings);
     let queue = S::QUEUE;
     register_metrics(queue);
     let name = format!("labbook {queue}");
@@ -195,6 +195,7 @@ pub async fn run_stage<S: Stage>(
             channel,
             topology: topology.clone(),
             max_attempts: settings.max_attempts,
+            publish_timeout: settings.publish_timeout,
             reset: CancellationToken::new(),
         });
         let end = consume(&ctx, consumer, &settings, &shutdown).await;
@@ -225,7 +226,7 @@ pub async fn run_until_empty<S: Stage>(
     stage: Arc<S>,
     settings: &BrokerSettings,
 ) -> lapin::Result<usize> {
-    let topology = Topology::new(settings.retry_delays.clone());
+    let topology = Topology::from_settings(settings);
     let name = format!("labbook {} (until empty)", S::QUEUE);
     let conn = super::connect(settings.amqp_url.expose_secret(), &name).await?;
     let channel = super::confirmed_channel(&conn, &topology).await?;
@@ -234,6 +235,7 @@ pub async fn run_until_empty<S: Stage>(
         channel: channel.clone(),
         topology,
         max_attempts: settings.max_attempts,
+        publish_timeout: settings.publish_timeout,
         reset: CancellationToken::new(),
     };
     let mut handled = 0;
@@ -305,6 +307,7 @@ struct Ctx<S> {
     channel: Channel,
     topology: Topology,
     max_attempts: u32,
+    publish_timeout: Duration,
     /// Fired when an outcome could not be published: the session starts over on a new
     /// connection, which returns the unacknowledged message to its queue and declares the
     /// topology again.
@@ -440,7 +443,7 @@ impl Outcome {
         msg: &Incoming,
     ) -> Result<(), super::PublishError> {
         match self {
-            Outcome::Done(outs) => publish_all(&ctx.channel, &outs).await,
+            Outcome::Done(outs) => publish_all(ctx, &outs).await,
             Outcome::Retry {
                 delay,
                 queue_name,
@@ -451,11 +454,12 @@ impl Outcome {
             } => {
                 tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, attempts, waits, "not done yet; will try again");
                 let props = headers::for_retry(&msg.properties, attempts, waits);
-                publish_confirmed(&ctx.channel, "", &queue_name, &msg.body, props).await
+                let route = ("", queue_name.as_str());
+                publish_confirmed(&ctx.channel, route, &msg.body, props, ctx.publish_timeout).await
             }
             Outcome::DeadLetter { reason, follow_up } => {
                 tracing::error!(error = %reason, "giving up; dead-lettering the message");
-                publish_all(&ctx.channel, &follow_up).await?;
+                publish_all(ctx, &follow_up).await?;
                 let props = headers::for_dead_letter(
                     &msg.properties,
                     S::QUEUE.name(),
@@ -463,7 +467,9 @@ impl Outcome {
                     &reason,
                     chrono::Utc::now(),
                 );
-                publish_confirmed(&ctx.channel, "", &S::QUEUE.dlq(), &msg.body, props).await
+                let dlq = S::QUEUE.dlq();
+                let route = ("", dlq.as_str());
+                publish_confirmed(&ctx.channel, route, &msg.body, props, ctx.publish_timeout).await
             }
         }
     }
@@ -574,9 +580,9 @@ fn wait<S: Stage>(ctx: &Ctx<S>, msg: &Incoming, tier: u32, err: anyhow::Error) -
     }
 }
 
-async fn publish_all(channel: &Channel, outs: &[Outgoing]) -> Result<(), super::PublishError> {
+async fn publish_all<S: Stage>(ctx: &Ctx<S>, outs: &[Outgoing]) -> Result<(), super::PublishError> {
     for out in outs {
-        out.publish(channel).await?;
+        out.publish(&ctx.channel, ctx.publish_timeout).await?;
     }
     Ok(())
 }

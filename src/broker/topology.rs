@@ -63,16 +63,58 @@ impl fmt::Display for StageQueue {
     }
 }
 
-/// The retry tiers in force; everything else about the topology is fixed.
+/// The retry tiers in force, and whether this process declares the topology or only checks
+/// it; everything else about the topology is fixed.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub retry_delays: Vec<Duration>,
+    /// `LABBOOK_DECLARE_TOPOLOGY`: false for a broker user without the *configure* permission
+    /// (docs/contract.md §2); [`Topology::prepare`] then only checks, passively.
+    pub declare: bool,
 }
 
 impl Topology {
+    /// A topology this process declares.
     pub fn new(retry_delays: Vec<Duration>) -> Self {
         assert!(!retry_delays.is_empty(), "at least one retry tier");
-        Self { retry_delays }
+        Self {
+            retry_delays,
+            declare: true,
+        }
+    }
+
+    /// The topology as the broker settings describe it.
+    pub fn from_settings(settings: &crate::config::BrokerSettings) -> Self {
+        Self {
+            declare: settings.declare_topology,
+            ..Self::new(settings.retry_delays.clone())
+        }
+    }
+
+    /// What a worker does at start-up: declares the topology, or with `declare` off checks
+    /// passively that every exchange and queue exists (a missing one fails with NOT_FOUND and
+    /// the worker tries again later).
+    pub async fn prepare(&self, channel: &Channel) -> lapin::Result<()> {
+        if self.declare {
+            return self.declare(channel).await;
+        }
+        let passive = ExchangeDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(EXCHANGE.into(), ExchangeKind::Direct, passive, FieldTable::default())
+            .await?;
+        for name in self.queue_names() {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await?;
+        }
+        Ok(())
     }
 
     /// The delay before attempt `attempts_done + 1`, and the queue that holds the message

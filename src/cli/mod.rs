@@ -103,6 +103,8 @@ async fn open_broker(
     let conn = connect(settings.broker.amqp_url.expose_secret(), name)
         .await
         .context("cannot reach the broker")?;
+    // The operator's commands declare the topology whatever LABBOOK_DECLARE_TOPOLOGY says:
+    // `labbook topology` is how an admin user declares it for workers that may not.
     let topology = Topology::new(settings.broker.retry_delays.clone());
     let channel = crate::broker::confirmed_channel(&conn, &topology)
         .await

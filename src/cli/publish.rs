@@ -5,7 +5,6 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use lapin::options::ConfirmSelectOptions;
 
 use crate::broker::publisher::json_properties;
 use crate::broker::{EXCHANGE, StageQueue, publish_confirmed};
@@ -30,19 +29,11 @@ pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
         }
     };
     let (conn, channel) = super::open_broker(settings, "labbook publish").await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
     let queue = StageQueue::BookingCreated.name();
     let message_id = format!("booking/{}", booking.id);
-    publish_confirmed(
-        &channel,
-        EXCHANGE,
-        queue,
-        &body,
-        json_properties(&message_id),
-    )
-    .await?;
+    let props = json_properties(&message_id);
+    let timeout = settings.broker.publish_timeout;
+    publish_confirmed(&channel, (EXCHANGE, queue), &body, props, timeout).await?;
     let _ = conn.close(200, "done".into()).await;
     println!(
         "published booking {} ({} users at {}) to exchange {EXCHANGE}, routing key {queue}: confirmed by the broker",

@@ -19,6 +19,11 @@ use crate::config::Ec2Settings;
 pub const TAG_BOOKING: &str = "labbook:booking-id";
 pub const TAG_SLOT: &str = "labbook:slot";
 pub const TAG_MANAGED: &str = "labbook:managed";
+/// The labbook installation (`LABBOOK_INSTALLATION`) that launched the instance.
+pub const TAG_INSTALLATION: &str = "labbook:installation";
+/// The installation that also owns managed instances without [`TAG_INSTALLATION`] (launched
+/// before installations had their own tag).
+pub const DEFAULT_INSTALLATION: &str = "default";
 /// The security group labbook finds or creates when none is configured.
 pub const SECURITY_GROUP_NAME: &str = "labbook-lab";
 
@@ -155,11 +160,18 @@ pub struct InstanceInfo {
     pub public_ip: Option<String>,
     pub slot: Option<i32>,
     pub booking_id: Option<String>,
+    pub installation: Option<String>,
 }
 
 impl InstanceInfo {
     pub fn is_gone(&self) -> bool {
         matches!(self.state.as_str(), "shutting-down" | "terminated")
+    }
+
+    /// Whether `installation` owns the instance: its tag says so, or it has none and this is
+    /// the default installation.
+    pub fn belongs_to(&self, installation: &str) -> bool {
+        self.installation.as_deref().unwrap_or(DEFAULT_INSTALLATION) == installation
     }
 
     pub fn is_ready(&self) -> bool {
@@ -179,6 +191,7 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
         public_ip: non_empty(i.public_ip_address()),
         slot: tag(i, TAG_SLOT).and_then(|v| v.parse().ok()),
         booking_id: tag(i, TAG_BOOKING).map(str::to_owned),
+        installation: tag(i, TAG_INSTALLATION).map(str::to_owned),
     })
 }
 
@@ -200,14 +213,19 @@ pub struct LaunchRequest<'a> {
     pub user_data: &'a str,
 }
 
-/// The `ClientToken` for a booking's slot in a launch generation: EC2 returns the same
-/// instance for the same token, so a retried launch never makes a second machine, and a new
-/// generation makes a new one.
-pub fn client_token(booking_id: &str, slot: i32, generation: i32) -> String {
-    let seed = match generation {
+/// The `ClientToken` for a booking's slot in a launch generation of an installation: EC2
+/// returns the same instance for the same token, so a retried launch never makes a second
+/// machine, a new generation makes a new one, and two installations sharing an account never
+/// get each other's. (The default installation's first generation keeps the tokens of the
+/// machines launched before generations and installations existed.)
+pub fn client_token(installation: &str, booking_id: &str, slot: i32, generation: i32) -> String {
+    let mut seed = match generation {
         0 => format!("{booking_id}/{slot}"),
         g => format!("{booking_id}/{slot}/g{g}"),
     };
+    if installation != DEFAULT_INSTALLATION {
+        seed = format!("{installation}:{seed}");
+    }
     let digest = Sha256::digest(seed.as_bytes());
     let hex: String = digest.iter().take(24).map(|b| format!("{b:02x}")).collect();
     format!("labbook-{hex}")
@@ -266,18 +284,28 @@ impl Ec2 {
         self.find_managed(Some(booking_id)).await
     }
 
-    /// Every instance labbook launched (tagged `labbook:managed=true`) that is not terminated,
-    /// of one booking or of all.
+    /// Every instance this installation launched (tagged `labbook:managed=true` and with its
+    /// `labbook:installation`) that is not terminated, of one booking or of all.
     pub async fn find_managed(
         &self,
         booking_id: Option<&str>,
     ) -> Result<Vec<InstanceInfo>, Ec2Error> {
+        let installation = self.settings.installation.as_str();
         let mut request = self.client.describe_instances().filters(
             Filter::builder()
                 .name(format!("tag:{TAG_MANAGED}"))
                 .values("true")
                 .build(),
         );
+        if installation != DEFAULT_INSTALLATION {
+            // EC2 filters cannot ask for a missing tag: the default installation filters below.
+            request = request.filters(
+                Filter::builder()
+                    .name(format!("tag:{TAG_INSTALLATION}"))
+                    .values(installation)
+                    .build(),
+            );
+        }
         if let Some(id) = booking_id {
             request = request.filters(
                 Filter::builder()
@@ -295,7 +323,7 @@ impl Ec2 {
                     r.instances()
                         .iter()
                         .filter_map(info)
-                        .filter(|i| !i.is_gone()),
+                        .filter(|i| !i.is_gone() && i.belongs_to(installation)),
                 );
             }
         }
@@ -332,6 +360,7 @@ impl Ec2 {
             (TAG_BOOKING, req.booking_id.to_owned()),
             (TAG_SLOT, req.slot.to_string()),
             (TAG_MANAGED, "true".to_owned()),
+            (TAG_INSTALLATION, self.settings.installation.clone()),
             ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
         ];
         let tag_spec = |kind: ResourceType| {
@@ -349,7 +378,12 @@ impl Ec2 {
             .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(client_token(req.booking_id, req.slot, req.generation))
+            .client_token(client_token(
+                &self.settings.installation,
+                req.booking_id,
+                req.slot,
+                req.generation,
+            ))
             .set_subnet_id(self.settings.subnet_id.clone())
             .set_security_group_ids(Some(security_groups))
             .set_key_name(self.settings.key_name.clone())
@@ -529,11 +563,13 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_short_and_distinct() {
-        let a = client_token("course-42", 0, 0);
-        assert_eq!(a, client_token("course-42", 0, 0));
-        assert_ne!(a, client_token("course-42", 1, 0));
-        assert_ne!(a, client_token("course-42", 0, 1));
+        let a = client_token("default", "course-42", 0, 0);
+        assert_eq!(a, client_token("default", "course-42", 0, 0));
+        assert_ne!(a, client_token("default", "course-42", 1, 0));
+        assert_ne!(a, client_token("default", "course-42", 0, 1));
+        assert_ne!(a, client_token("staging", "course-42", 0, 0));
         assert!(a.len() <= 64 && a.is_ascii());
-        assert_eq!(client_token(&"x".repeat(64), 999, 7).len(), a.len());
+        let longest = client_token(&"s".repeat(32), &"x".repeat(64), 999, 7);
+        assert_eq!(longest.len(), a.len());
     }
 }

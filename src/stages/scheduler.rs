@@ -75,7 +75,7 @@ pub async fn run_timer(
     ready: ReadyFlag,
     shutdown: CancellationToken,
 ) {
-    let topology = Topology::new(broker.retry_delays.clone());
+    let topology = Topology::from_settings(&broker);
     metrics::describe_histogram!(
         "labbook_scheduler_lag_seconds",
         "How late the timer published what was due"
@@ -92,7 +92,8 @@ pub async fn run_timer(
         };
         tracing::info!(tick_ms = tick.as_millis() as u64, "timer running");
         ready.set(true);
-        tick_until_lost(&store, &conn, &channel, tick, &shutdown).await;
+        let timeout = broker.publish_timeout;
+        tick_until_lost(&store, (&conn, &channel, timeout), tick, &shutdown).await;
         ready.set(false);
         let _ = conn.close(200, "labbook: closing".into()).await;
         if shutdown.is_cancelled() {
@@ -114,8 +115,7 @@ async fn open(
 /// database outage is waited out tick by tick, logged once.
 async fn tick_until_lost(
     store: &Store,
-    conn: &Connection,
-    channel: &Channel,
+    (conn, channel, timeout): (&Connection, &Channel, Duration),
     tick: Duration,
     shutdown: &CancellationToken,
 ) {
@@ -129,7 +129,7 @@ async fn tick_until_lost(
             tracing::warn!("timer: lost the broker connection; reconnecting");
             return;
         }
-        match publish_due(store, channel).await {
+        match publish_due(store, channel, timeout).await {
             Ok(_) if database_down => {
                 database_down = false;
                 tracing::info!("timer: the database is back");
@@ -158,7 +158,13 @@ enum TickError {
 }
 
 /// Publishes every due row once; returns how many.
-async fn publish_due(store: &Store, channel: &Channel) -> Result<usize, TickError> {
+/// A publish that is not confirmed within `timeout` fails the tick: the transaction, and the
+/// row locks it holds, end with it, and the rows are published again.
+async fn publish_due(
+    store: &Store,
+    channel: &Channel,
+    timeout: Duration,
+) -> Result<usize, TickError> {
     let mut tx = store.pool.begin().await?;
     let due = schedule::claim_due(&mut tx, BATCH).await?;
     for entry in &due {
@@ -167,7 +173,7 @@ async fn publish_due(store: &Store, channel: &Channel) -> Result<usize, TickErro
             Action::Teardown => StageQueue::TeardownDue,
         };
         BookingRef::outgoing(queue, &entry.booking_id)
-            .publish(channel)
+            .publish(channel, timeout)
             .await?;
         schedule::mark_published(&mut tx, entry).await?;
         let lag = (Utc::now() - entry.due_at).num_milliseconds().max(0);

@@ -372,3 +372,79 @@ async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those(
     );
     env.stop().await;
 }
+
+/// The installation tag of an instance as EC2 shows it.
+fn installation_of(i: &aws_sdk_ec2::types::Instance) -> Option<String> {
+    i.tags()
+        .iter()
+        .find(|t| t.key() == Some("labbook:installation"))
+        .and_then(|t| t.value())
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn installations_sharing_an_account_touch_only_their_own_machines() {
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    let (staging, production) = (format!("staging-{suffix}"), format!("prod-{suffix}"));
+    let a = TestEnv::with(&[("LABBOOK_INSTALLATION", &staging)]).await;
+    let b = TestEnv::with(&[("LABBOOK_INSTALLATION", &production)]).await;
+    // The same booking id in both: over in staging, running in production.
+    let id = unique_id("shared");
+    for (env, state, ends) in [(&a, "ended", "-1 hour"), (&b, "provisioned", "2 hours")] {
+        sqlx::query(
+            "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes, state)
+             VALUES ($1, 'a@example.org', now() + $3::interval - interval '60 minutes', 2, 60, $2)",
+        )
+        .bind(&id)
+        .bind(state)
+        .bind(ends)
+        .execute(&env.store().await.pool)
+        .await
+        .unwrap();
+        let request = LaunchRequest {
+            booking_id: &id,
+            slot: 0,
+            generation: 0,
+            user_data: "#cloud-config\n{}",
+        };
+        env.ec2().await.launch(&request, "ami-03cf127a").await.unwrap();
+    }
+    let both = instances_for(&id).await;
+    assert_eq!(both.len(), 2);
+    let tags: HashSet<Option<String>> = both.iter().map(installation_of).collect();
+    assert_eq!(
+        tags,
+        HashSet::from([Some(staging.clone()), Some(production.clone())])
+    );
+    for (env, name) in [(&a, &staging), (&b, &production)] {
+        let found = env.ec2().await.find_for_booking(&id).await.unwrap();
+        assert_eq!(found.len(), 1, "{name} finds only its own machine");
+        assert_eq!(found[0].installation.as_deref(), Some(name.as_str()));
+    }
+
+    // Staging's sweep, twice: its own machine goes, production's stays.
+    let settings = a.settings();
+    let sweeper = labbook::stages::provisioner::Provisioner::new(
+        a.store().await,
+        a.ec2().await,
+        a.key.clone(),
+        settings.ec2.clone(),
+        "ami-03cf127a".into(),
+    );
+    for _ in 0..2 {
+        sweeper.sweep(chrono::Duration::minutes(5)).await.unwrap();
+    }
+    let instances = instances_for(&id).await;
+    let state = |name: &str| {
+        let i = instances
+            .iter()
+            .find(|i| installation_of(i).as_deref() == Some(name))
+            .unwrap();
+        state_of(i)
+    };
+    assert!(matches!(
+        state(&staging).as_str(),
+        "terminated" | "shutting-down"
+    ));
+    assert_eq!(state(&production), "running", "production's machine is untouched");
+}
