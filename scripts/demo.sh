@@ -11,8 +11,11 @@ say() { printf '\n==> %s\n' "$*"; }
 scripts/services.sh
 
 say "building labbook"
-cargo build --bins
-BIN=target/debug
+# The binaries and the test targets in one build: building the tests turns on the features the
+# dev-dependencies ask of shared crates, so scripts/test.sh afterwards reuses these artifacts
+# instead of compiling most dependencies a second time with other features.
+cargo build --bins --tests --locked
+BIN="${CARGO_TARGET_DIR:-target}/debug"
 
 DEMO_DIR=.demo
 mkdir -p "$DEMO_DIR"

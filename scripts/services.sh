@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs (if missing) and starts what labbook's tests and demo talk to, on a Debian machine:
 # PostgreSQL and RabbitMQ (started if down), the moto EC2 API emulator (PyPI) and the maildev
-# SMTP sink with its web inbox (npm), and cloud-init's schema checker (Debian).
+# SMTP sink with its web inbox (npm).
 # Idempotent: safe to run again; it leaves running what already runs.
 set -euo pipefail
 
@@ -56,9 +56,6 @@ for _ in $(seq 1 60); do
   rabbitmqctl -q await_startup >/dev/null 2>&1 && break
   sleep 1
 done
-
-# cloud-init's schema checker, for the user-data tests
-if ! command -v cloud-init >/dev/null; then apt_install cloud-init; fi
 
 # moto: the EC2 API emulator
 if ! command -v moto_server >/dev/null; then
