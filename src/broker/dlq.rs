@@ -1,18 +1,27 @@
 //! Dead-letter queues for operators: read without disturbing, replay, purge.
 //!
 //! Reading takes every message with `basic.get` and acknowledges none: closing the channel
-//! returns them all to the queue in their order. Replaying publishes a message (confirmed) to
-//! its stage queue before it acknowledges it in the dead-letter queue, so a replay interrupted
-//! at any point loses nothing (at worst a message is in both queues; stages are idempotent).
+//! returns them all to the queue in their order. On RabbitMQ 4.0–4.2 every such return counts
+//! towards a quorum queue's delivery limit (20 by default), past which a message without a
+//! dead-letter target is dropped; so when a message a reader holds has gone back
+//! [`REFRESH_AT`] times, the reader puts every message it holds back as a fresh copy instead,
+//! in the same order, each copy confirmed before its original is acknowledged (see
+//! [`put_back`]). Listing any number of times loses nothing on any version, and the queues keep
+//! the plain arguments an outside declaration expects.
+//!
+//! Replaying publishes a message (confirmed) to its stage queue before it acknowledges it in
+//! the dead-letter queue, so a replay interrupted at any point loses nothing (at worst a
+//! message is in both queues; stages are idempotent).
 
 use std::ops::ControlFlow;
 
 use chrono::{DateTime, Utc};
+use lapin::Acker;
 use lapin::options::{
     BasicAckOptions, BasicGetOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection};
+use lapin::{BasicProperties, Channel, Connection};
 
 use super::headers;
 use super::publisher::{DEFAULT_CONFIRM_TIMEOUT, publish_confirmed};
@@ -87,22 +96,88 @@ pub async fn depth(conn: &Connection, queue: &str) -> lapin::Result<u32> {
     Ok(q.message_count())
 }
 
-/// Every message of `stage`'s dead-letter queue, in order, left in place.
-pub async fn read_all(conn: &Connection, stage: StageQueue) -> lapin::Result<Vec<DeadLetter>> {
-    let channel = conn.create_channel().await?;
-    let mut out = Vec::new();
-    while let Some(msg) = channel
-        .basic_get(stage.dlq().into(), BasicGetOptions { no_ack: false })
-        .await?
-    {
-        out.push(DeadLetter::from_delivery(
-            msg.delivery.properties,
-            msg.delivery.data,
-        ));
+/// How many times a dead letter may have gone back to its queue before a reader replaces it
+/// with a fresh copy: well under RabbitMQ 4.x's default delivery limit of 20.
+pub const REFRESH_AT: i64 = 10;
+
+/// A dead letter a reader holds unacknowledged.
+struct Held {
+    acker: Acker,
+    letter: DeadLetter,
+}
+
+impl Held {
+    /// How many times the broker says the message went back to its queue.
+    fn returns(&self) -> i64 {
+        let p = &self.letter.properties;
+        let count = |name| headers::int_header(p, name).unwrap_or(0);
+        count("x-delivery-count").max(count("x-acquired-count"))
     }
-    // Nothing was acknowledged: closing the channel puts every message back.
-    channel.close(200, "labbook dlq: read only".into()).await?;
-    Ok(out)
+}
+
+/// A channel in confirm mode for reading a dead-letter queue.
+async fn reader(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// The next message of `queue`, held.
+async fn next(channel: &Channel, queue: &str) -> lapin::Result<Option<Held>> {
+    let got = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?;
+    Ok(got.map(|msg| Held {
+        acker: msg.delivery.acker,
+        letter: DeadLetter::from_delivery(msg.delivery.properties, msg.delivery.data),
+    }))
+}
+
+/// Leaves the held messages in `queue` and closes the channel. They go back as they are when
+/// the channel closes; but when one of them has gone back [`REFRESH_AT`] times, every one is
+/// published again to the tail as a fresh copy (body, properties and labbook's headers kept;
+/// the broker's counts reset), in order, each confirmed before its original is acknowledged:
+/// a crash part-way leaves a message twice, never none. A dead letter that arrives during a
+/// refresh is the only one that can end up ahead of older ones.
+async fn put_back(channel: Channel, queue: &str, held: Vec<Held>) -> Result<(), DlqError> {
+    if held.iter().any(|h| h.returns() >= REFRESH_AT) {
+        for h in &held {
+            let props = headers::for_refresh(&h.letter.properties);
+            let route = ("", queue);
+            publish_confirmed(
+                &channel,
+                route,
+                &h.letter.body,
+                props,
+                DEFAULT_CONFIRM_TIMEOUT,
+            )
+            .await?;
+            h.acker.ack(BasicAckOptions::default()).await?;
+        }
+        tracing::info!(
+            queue,
+            refreshed = held.len(),
+            "dead letters put back as fresh copies"
+        );
+    }
+    // What is still unacknowledged goes back when the channel closes.
+    channel.close(200, "labbook dlq: done".into()).await?;
+    Ok(())
+}
+
+/// Every message of `stage`'s dead-letter queue, in order, left in place.
+pub async fn read_all(conn: &Connection, stage: StageQueue) -> Result<Vec<DeadLetter>, DlqError> {
+    let channel = reader(conn).await?;
+    let queue = stage.dlq();
+    let mut held = Vec::new();
+    while let Some(h) = next(&channel, &queue).await? {
+        held.push(h);
+    }
+    let letters = held.iter().map(|h| h.letter.clone()).collect();
+    put_back(channel, &queue, held).await?;
+    Ok(letters)
 }
 
 /// What [`replay`] did.
@@ -124,39 +199,39 @@ pub async fn replay(
 ) -> Result<ReplayReport, DlqError> {
     // Only what is there now: a replayed message that fails again lands in the DLQ behind
     // them and waits for the next replay, instead of going round this one forever.
-    let present = depth(conn, &stage.dlq()).await? as usize;
-    let channel = conn.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let queue = stage.dlq();
+    let present = depth(conn, &queue).await? as usize;
+    let channel = reader(conn).await?;
     channel.basic_qos(100, BasicQosOptions::default()).await?;
     let mut report = ReplayReport::default();
-    while report.replayed + report.skipped < present && limit.is_none_or(|n| report.replayed < n) {
-        let Some(msg) = channel
-            .basic_get(stage.dlq().into(), BasicGetOptions { no_ack: false })
-            .await?
-        else {
+    let mut skipped = Vec::new();
+    while report.replayed + skipped.len() < present && limit.is_none_or(|n| report.replayed < n) {
+        let Some(h) = next(&channel, &queue).await? else {
             break;
         };
-        let acker = msg.delivery.acker.clone();
-        let letter = DeadLetter::from_delivery(msg.delivery.properties, msg.delivery.data);
-        if !letter.matches(booking_id) {
-            // Left unacknowledged: it goes back when the channel closes.
-            report.skipped += 1;
+        if !h.letter.matches(booking_id) {
+            skipped.push(h);
             continue;
         }
-        let props = headers::for_replay(&letter.properties, chrono::Utc::now());
+        let props = headers::for_replay(&h.letter.properties, Utc::now());
         let route = (EXCHANGE, stage.name());
-        publish_confirmed(&channel, route, &letter.body, props, DEFAULT_CONFIRM_TIMEOUT).await?;
-        if on_each(&letter).is_break() {
+        publish_confirmed(
+            &channel,
+            route,
+            &h.letter.body,
+            props,
+            DEFAULT_CONFIRM_TIMEOUT,
+        )
+        .await?;
+        if on_each(&h.letter).is_break() {
+            report.skipped = skipped.len();
             return Ok(report);
         }
-        acker.ack(BasicAckOptions::default()).await?;
+        h.acker.ack(BasicAckOptions::default()).await?;
         report.replayed += 1;
     }
-    channel
-        .close(200, "labbook dlq: replay done".into())
-        .await?;
+    report.skipped = skipped.len();
+    put_back(channel, &queue, skipped).await?;
     Ok(report)
 }
 
@@ -165,25 +240,25 @@ pub async fn purge(
     conn: &Connection,
     stage: StageQueue,
     booking_id: Option<&str>,
-) -> lapin::Result<usize> {
-    let channel = conn.create_channel().await?;
+) -> Result<usize, DlqError> {
+    let queue = stage.dlq();
+    let channel = reader(conn).await?;
     if booking_id.is_none() {
         let n = channel
-            .queue_purge(stage.dlq().into(), Default::default())
+            .queue_purge(queue.as_str().into(), Default::default())
             .await?;
         let _ = channel.close(200, "done".into()).await;
         return Ok(n as usize);
     }
-    let mut removed = 0;
-    while let Some(msg) = channel
-        .basic_get(stage.dlq().into(), BasicGetOptions { no_ack: false })
-        .await?
-    {
-        if booking_id_of(&msg.delivery.data).as_deref() == booking_id {
-            msg.delivery.acker.ack(BasicAckOptions::default()).await?;
+    let (mut removed, mut kept) = (0, Vec::new());
+    while let Some(h) = next(&channel, &queue).await? {
+        if h.letter.matches(booking_id) {
+            h.acker.ack(BasicAckOptions::default()).await?;
             removed += 1;
+        } else {
+            kept.push(h);
         }
     }
-    channel.close(200, "labbook dlq: purge done".into()).await?;
+    put_back(channel, &queue, kept).await?;
     Ok(removed)
 }

@@ -163,6 +163,20 @@ pub fn for_dead_letter(
     carried_over(props, headers)
 }
 
+/// Properties for a fresh copy of a dead letter put back in its queue: everything labbook and
+/// the original publisher set, without what the broker added (its delivery counts).
+pub fn for_refresh(props: &BasicProperties) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(all) = props.headers() {
+        for (k, v) in all {
+            if !BROKER_HEADERS.contains(&k.as_str()) && k.as_str() != "x-acquired-count" {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    carried_over(props, headers)
+}
+
 /// Properties for a replayed dead letter: the original ones, attempt count reset, marked as
 /// replayed at `at`.
 pub fn for_replay(props: &BasicProperties, at: DateTime<Utc>) -> BasicProperties {

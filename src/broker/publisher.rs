@@ -14,7 +14,9 @@ pub enum PublishError {
     Nacked,
     #[error("no queue is bound for routing key {0:?}: declare the topology (`labbook topology`)")]
     Unroutable(String),
-    #[error("the broker did not confirm the message within {0:?} (a memory or disk alarm, a lost quorum?)")]
+    #[error(
+        "the broker did not confirm the message within {0:?} (a memory or disk alarm, a lost quorum?)"
+    )]
     Unconfirmed(Duration),
 }
 

@@ -103,7 +103,12 @@ impl Topology {
             ..Default::default()
         };
         channel
-            .exchange_declare(EXCHANGE.into(), ExchangeKind::Direct, passive, FieldTable::default())
+            .exchange_declare(
+                EXCHANGE.into(),
+                ExchangeKind::Direct,
+                passive,
+                FieldTable::default(),
+            )
             .await?;
         for name in self.queue_names() {
             let passive = QueueDeclareOptions {

@@ -94,8 +94,18 @@ pub fn pg_base() -> String {
     std::env::var("TEST_PG_BASE").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn rabbitmqctl(args: &[&str]) {
-    let out = Command::new("rabbitmqctl")
+/// `rabbitmqctl`, or the command `TEST_RABBITMQCTL` names for the broker under test (e.g.
+/// `scripts/rabbitmq4.sh ctl` for the RabbitMQ 4.x node).
+fn rabbitmqctl_command() -> Command {
+    let line = std::env::var("TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = line.split_whitespace();
+    let mut cmd = Command::new(words.next().expect("TEST_RABBITMQCTL names a command"));
+    cmd.args(words);
+    cmd
+}
+
+pub fn rabbitmqctl(args: &[&str]) {
+    let out = rabbitmqctl_command()
         .args(args)
         .output()
         .expect("rabbitmqctl runs");
@@ -242,7 +252,8 @@ impl TestEnv {
         addr
     }
 
-    /// Stops the in-process workers and waits until they have drained.
+    /// Stops the in-process workers and waits until they have drained; workers spawned
+    /// afterwards run until the next stop.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();
         for app in self.apps.drain(..) {
@@ -251,6 +262,7 @@ impl TestEnv {
                 .expect("workers stop")
                 .unwrap();
         }
+        self.shutdown = CancellationToken::new();
     }
 
     /// Waits until the booking is stored in `state`.
@@ -383,7 +395,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         self.shutdown.cancel();
-        let _ = Command::new("rabbitmqctl")
+        let _ = rabbitmqctl_command()
             .args(["delete_vhost", &self.vhost])
             .output();
         let _ = Command::new("psql")

@@ -2,6 +2,7 @@
 //! stages, an SMTP server and an EC2 API emulator). Each test has its own vhost and database.
 
 mod emails;
+mod faults;
 mod helpers;
 mod intake;
 mod operations;

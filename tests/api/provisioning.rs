@@ -407,7 +407,11 @@ async fn installations_sharing_an_account_touch_only_their_own_machines() {
             generation: 0,
             user_data: "#cloud-config\n{}",
         };
-        env.ec2().await.launch(&request, "ami-03cf127a").await.unwrap();
+        env.ec2()
+            .await
+            .launch(&request, "ami-03cf127a")
+            .await
+            .unwrap();
     }
     let both = instances_for(&id).await;
     assert_eq!(both.len(), 2);
@@ -446,5 +450,9 @@ async fn installations_sharing_an_account_touch_only_their_own_machines() {
         state(&staging).as_str(),
         "terminated" | "shutting-down"
     ));
-    assert_eq!(state(&production), "running", "production's machine is untouched");
+    assert_eq!(
+        state(&production),
+        "running",
+        "production's machine is untouched"
+    );
 }

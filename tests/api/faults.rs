@@ -1,0 +1,321 @@
+//! Faults that follow each other (docs/contract.md §2, version 2): each test forces the
+//! sequence against the real broker, database, SMTP server and EC2 emulator.
+
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use labbook::broker::{StageQueue, dlq};
+use labbook::domain::{BookingRef, EmailKind, NotifyMessage};
+use labbook::startup::Worker;
+use labbook::store::{bookings, emails};
+use lapin::BasicProperties;
+
+use crate::helpers::{
+    TestEnv, booking_for, booking_json, eventually, header, instances_for, state_of, unique_id,
+};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
+    let body = serde_json::to_vec(&BookingRef {
+        booking_id: booking_id.into(),
+    })
+    .unwrap();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    env.publish_raw(queue, &body, props).await;
+}
+
+/// Takes `notify` messages until one of `kind` for `booking_id` arrives.
+async fn wait_notify(env: &TestEnv, booking_id: &str, kind: EmailKind) {
+    eventually(WAIT, "a notify message", || async {
+        env.take("notify", 10, Duration::from_millis(300))
+            .await
+            .into_iter()
+            .map(|d| serde_json::from_slice::<NotifyMessage>(&d.data).unwrap())
+            .find(|n| n.kind == kind && n.booking_id == booking_id)
+    })
+    .await;
+}
+
+/// An SMTP server that greylists: the first `RCPT` gets `451`, the later ones `250`; it keeps
+/// the recipients of the emails it accepts.
+async fn greylisting_smtp(port: u16) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let rcpts = Arc::new(Mutex::new(0usize));
+    let kept = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (accepted, rcpts) = (kept.clone(), rcpts.clone());
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 grey.test ESMTP\r\n").await;
+                let (mut to, mut in_data) = (String::new(), false);
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if in_data {
+                        if line == "." {
+                            in_data = false;
+                            accepted.lock().unwrap().push(to.clone());
+                            let _ = write.write_all(b"250 2.0.0 queued\r\n").await;
+                        }
+                        continue;
+                    }
+                    let verb = line
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_ascii_uppercase();
+                    let reply: &[u8] = match verb.as_str() {
+                        "EHLO" | "HELO" => b"250 grey.test\r\n",
+                        "MAIL" | "RSET" | "NOOP" => b"250 OK\r\n",
+                        "RCPT" => {
+                            let mut n = rcpts.lock().unwrap();
+                            *n += 1;
+                            to = line.clone();
+                            if *n == 1 {
+                                b"451 4.7.1 greylisted, try again later\r\n"
+                            } else {
+                                b"250 OK\r\n"
+                            }
+                        }
+                        "DATA" => {
+                            in_data = true;
+                            b"354 go ahead\r\n"
+                        }
+                        "QUIT" => b"221 bye\r\n",
+                        _ => b"500 5.5.1 not understood\r\n",
+                    };
+                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (task, accepted)
+}
+
+#[tokio::test]
+async fn a_relay_outage_then_greylisting_still_delivers_the_email() {
+    // Two attempts in all: an outage that spent attempts would leave none for the 451.
+    let port = crate::helpers::free_port();
+    let smtp = format!("smtp://127.0.0.1:{port}");
+    let mut env = TestEnv::with(&[
+        ("SMTP_URL", smtp.as_str()),
+        ("LABBOOK_RETRY_DELAYS_MS", "100,200"),
+        ("LABBOOK_MAX_ATTEMPTS", "2"),
+    ])
+    .await;
+    env.spawn(&[Worker::Credentials, Worker::Notifier]).await;
+    let id = unique_id("outage-451");
+    let to = format!("{id}@example.org");
+    let at = Utc::now() + chrono::Duration::days(1);
+    env.publish_booking(&booking_for(&id, &to, 1, at, 60)).await;
+
+    // The relay is down for a while: the confirmation waits, many times more than its
+    // attempts (the delays are 100 and 200 ms).
+    env.wait_state(&id, "received").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let store = env.store().await;
+    assert_eq!(
+        env.depth("notify.dlq").await,
+        0,
+        "an outage dead-letters nothing"
+    );
+
+    let (relay, accepted) = greylisting_smtp(port).await;
+    eventually(WAIT, "the email delivered after the 451", || async {
+        let log = emails::for_booking(&store.pool, &id).await.unwrap();
+        log.iter().any(|e| e.sent_at.is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(accepted.lock().unwrap().len(), 1, "delivered once");
+    assert!(accepted.lock().unwrap()[0].contains(&to));
+    assert_eq!(env.depth("notify.dlq").await, 0);
+    relay.abort();
+    env.stop().await;
+}
+
+/// A booking stored as failed, as `give_up` leaves it.
+async fn failed_booking(env: &TestEnv, id: &str) {
+    env.publish_booking(&booking_json(id, 2, -1)).await;
+    env.wait_state(id, "scheduled").await;
+    let store = env.store().await;
+    sqlx::query(
+        "UPDATE bookings SET state = 'failed', failure_reason = 'test' WHERE booking_id = $1",
+    )
+    .bind(id)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_bookings_provision_message_asks_for_the_failure_email_again() {
+    // give_up committed `failed`, then publishing the failure notify failed: the message comes
+    // again and must not be acked with nothing sent.
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
+    let id = unique_id("lost-failure");
+    failed_booking(&env, &id).await;
+    env.stop().await;
+    env.take("notify", 10, Duration::from_millis(300)).await;
+    env.spawn(&[Worker::Provisioner]).await;
+    publish_ref(&env, "provision-due", &id).await;
+    wait_notify(&env, &id, EmailKind::Failure).await;
+    assert!(instances_for(&id).await.is_empty(), "nothing launched");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn replaying_a_failed_bookings_provisioning_provisions_it() {
+    let mut env = TestEnv::new().await;
+    // The cause: a subnet that does not exist.
+    env.spawn_with(
+        &[Worker::Credentials, Worker::Scheduler, Worker::Provisioner],
+        &[("LABBOOK_SUBNET_ID", "subnet-doesnotexist")],
+    )
+    .await;
+    let id = unique_id("replay-failed");
+    env.publish_booking(&booking_json(&id, 3, -1)).await;
+    env.wait_state(&id, "failed").await;
+    eventually(WAIT, "the dead letter", || async {
+        (env.depth("provision-due.dlq").await == 1).then_some(())
+    })
+    .await;
+    env.stop().await;
+
+    // The operator fixes the cause and replays.
+    env.spawn(&[Worker::Provisioner]).await;
+    let conn = labbook::broker::connect(&env.amqp_url(), "test")
+        .await
+        .unwrap();
+    let report = dlq::replay(&conn, StageQueue::ProvisionDue, Some(&id), None, |_| {
+        ControlFlow::Continue(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.replayed, 1);
+    env.wait_state(&id, "provisioned").await;
+    wait_notify(&env, &id, EmailKind::InstanceDetails).await;
+    let running = instances_for(&id)
+        .await
+        .iter()
+        .filter(|i| state_of(i) == "running")
+        .count();
+    assert_eq!(running, 2, "both machines launched anew");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_stray_teardown_is_dead_lettered_and_the_class_keeps_its_machines() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("stray");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    publish_ref(&env, "teardown-due", &id).await;
+    let dead = env.take("teardown-due.dlq", 1, WAIT).await;
+    assert_eq!(dead.len(), 1);
+    let error = header(&dead[0], "x-labbook-error").unwrap();
+    assert!(error.contains("has not ended"), "{error}");
+    let store = env.store().await;
+    let booking = bookings::find(&store.pool, &id).await.unwrap().unwrap();
+    assert_eq!(booking.state.as_str(), "provisioned");
+    let instances = instances_for(&id).await;
+    assert!(instances.iter().all(|i| state_of(i) == "running"));
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_broker_user_without_configure_permission_consumes_with_passive_checks() {
+    let mut env = TestEnv::new().await;
+    // The operator declares the topology as an admin user.
+    drop(env.channel().await);
+    let user = format!("lb-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    crate::helpers::rabbitmqctl(&["add_user", &user, "secret-pw"]);
+    crate::helpers::rabbitmqctl(&["set_permissions", "-p", &env.vhost, &user, "^$", ".*", ".*"]);
+    let url = format!("amqp://{user}:secret-pw@127.0.0.1:5672/{}", env.vhost);
+    let url = std::env::var("TEST_AMQP_BASE")
+        .map(|base| {
+            format!(
+                "{}/{}",
+                base.replacen("guest:guest", &format!("{user}:secret-pw"), 1),
+                env.vhost
+            )
+        })
+        .unwrap_or(url);
+    env.spawn_with(
+        &[Worker::Credentials],
+        &[
+            ("AMQP_URL", url.as_str()),
+            ("LABBOOK_DECLARE_TOPOLOGY", "false"),
+        ],
+    )
+    .await;
+    let id = unique_id("no-configure");
+    env.publish_booking(&booking_json(&id, 1, 24)).await;
+    let ready = env.take("credentials-ready", 1, WAIT).await;
+    crate::helpers::rabbitmqctl(&["delete_user", &user]);
+    assert_eq!(ready.len(), 1, "the worker consumed without declaring");
+    env.stop().await;
+}
+
+/// The process's peak resident memory, in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_huge_message_is_dead_lettered_without_reading_it() {
+    // 50 MiB; RabbitMQ 4.x refuses messages over 16 MiB unless told otherwise, so its run sets
+    // TEST_HUGE_MESSAGE_MIB lower.
+    let mib: usize = std::env::var("TEST_HUGE_MESSAGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let body_len = mib * 1024 * 1024;
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials]).await;
+    let before = peak_rss();
+    let mut body = br#"{"booking_id": "huge", "padding": ""#.to_vec();
+    body.resize(body_len, b'a');
+    body.extend_from_slice(br#""}"#);
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    env.publish_raw("booking-created", &body, props).await;
+    drop(body);
+    let dead = env
+        .take("booking-created.dlq", 1, Duration::from_secs(60))
+        .await;
+    assert_eq!(dead.len(), 1);
+    let error = header(&dead[0], "x-labbook-error").unwrap();
+    assert!(error.contains("at most 65536"), "{error}");
+    assert_eq!(
+        dead[0].data.len(),
+        body_len + 2,
+        "the body is kept byte for byte"
+    );
+    let grown = peak_rss().saturating_sub(before);
+    // The test itself holds the body while publishing and taking it back; the worker adds
+    // its delivery and the dead letter's copy.
+    assert!(
+        grown < 8 * body_len as u64,
+        "peak memory grew by {} MiB for a {mib} MiB message",
+        grown >> 20,
+    );
+    env.stop().await;
+}
