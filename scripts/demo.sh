@@ -65,7 +65,8 @@ say "publishing a demo booking: 5 users at $WHEN ($DEMO_DIR/booking.json)"
 $BIN/labbook publish "$DEMO_DIR/booking.json"
 
 emails_for_booking() {
-  curl -fsS "$INBOX/api/email" | python3 -c '
+  # maildev 2.2 lists emails at /email (some other 2.x releases at /api/email).
+  { curl -fsS "$INBOX/email" 2>/dev/null || curl -fsS "$INBOX/api/email"; } | python3 -c '
 import json, sys
 want = "Booking ID: " + sys.argv[1]
 mails = [m for m in json.load(sys.stdin) if want in (m.get("text") or "")]

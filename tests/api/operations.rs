@@ -355,6 +355,18 @@ async fn health_and_metrics_endpoints_answer() {
         (reqwest::get(format!("{base}/readyz")).await.ok()?.status() == 200).then_some(())
     })
     .await;
+    // Every series is there from start-up, at 0, before any message.
+    let fresh = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for outcome in ["done", "retried", "waiting", "dead_lettered"] {
+        let series =
+            format!("labbook_messages_total{{stage=\"booking-created\",outcome=\"{outcome}\"}} 0");
+        assert!(fresh.contains(&series), "{series} missing from:\n{fresh}");
+    }
     env.publish_booking(&booking_json("metered", 1, 24)).await;
     env.take("credentials-ready", 1, WAIT).await;
     let metrics = eventually(WAIT, "the message counted", || async {

@@ -62,6 +62,12 @@ async fn sigterm_finishes_the_message_in_flight_then_exits_0() {
 
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
+    let mut logs = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut logs).unwrap();
+    assert!(
+        !logs.lines().any(|l| l.contains("ERROR")),
+        "a normal SIGTERM logs no ERROR line:\n{logs}"
+    );
     let store = env.store().await;
     assert!(
         bookings::find(&store.pool, "in-flight")
