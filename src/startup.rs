@@ -182,9 +182,12 @@ impl Application {
     }
 }
 
-/// Database connections for this process: every message in flight may hold one (the notifier
-/// holds one while it sends), plus the timer and the schema task; `LABBOOK_DB_MAX_CONNECTIONS`
-/// replaces it (see the README for the sum over every replica).
+/// Database connections for this process: up to 4 per consumer (a handler holds one only
+/// while it queries, the notifier while it sends; a handler that cannot get one in time waits
+/// without spending an attempt) plus 2 for the timer and the schema task. The defaults come to
+/// 6 (credentials, scheduler, notifier) and 10 (provisioner), 28 for one replica of each, so
+/// three replicas of every worker fit PostgreSQL's default `max_connections` of 100.
+/// `LABBOOK_DB_MAX_CONNECTIONS` replaces it.
 fn pool_size(settings: &Settings, workers: &[Worker]) -> u32 {
     if let Some(max) = settings.db_max_connections {
         return max;
@@ -193,7 +196,7 @@ fn pool_size(settings: &Settings, workers: &[Worker]) -> u32 {
         .iter()
         .map(|w| if *w == Worker::Provisioner { 2 } else { 1 })
         .sum();
-    (u32::from(settings.broker.prefetch) * consumers + 4).clamp(4, 100)
+    u32::from(settings.broker.prefetch.min(4)) * consumers + 2
 }
 
 /// Installs the metrics recorder and binds its endpoint. An address that was chosen must be
@@ -322,4 +325,20 @@ pub fn about(worker: Worker) -> String {
          KEY=VALUE file for what the environment leaves unset. Stops on SIGTERM/SIGINT after \
          finishing the messages in flight (exit 0); a configuration error exits 2."
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_replicas_of_every_worker_fit_postgres_default_connections() {
+        let settings = Settings::from_map(&Default::default()).unwrap();
+        let one_each: u32 = Worker::ALL
+            .iter()
+            .map(|w| pool_size(&settings, std::slice::from_ref(w)))
+            .sum();
+        assert_eq!(one_each, 28);
+        assert!(3 * one_each <= 100 - 10, "room left for operators and migrations");
+    }
 }
