@@ -339,6 +339,9 @@ mod tests {
             .map(|w| pool_size(&settings, std::slice::from_ref(w)))
             .sum();
         assert_eq!(one_each, 28);
-        assert!(3 * one_each <= 100 - 10, "room left for operators and migrations");
+        assert!(
+            3 * one_each <= 100 - 10,
+            "room left for operators and migrations"
+        );
     }
 }

@@ -177,35 +177,7 @@ pub fn parse_booking_content(
     rules: &BookingRules,
 ) -> Result<Booking, InvalidBooking> {
     let invalid = |s: String| InvalidBooking(s);
-    if let Some(ct) = content_type {
-        let essence = ct.split(';').next().unwrap_or("").trim();
-        if !essence.eq_ignore_ascii_case("application/json") {
-            return Err(invalid(format!(
-                "content type must be application/json (got {})",
-                truncate(ct, 60)
-            )));
-        }
-    }
-    if body.len() > MAX_BODY_BYTES {
-        return Err(invalid(format!(
-            "body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
-            body.len()
-        )));
-    }
-    let text = std::str::from_utf8(body).map_err(|_| invalid("body is not UTF-8".into()))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        invalid(format!(
-            "body is not valid JSON (line {}, column {})",
-            e.line(),
-            e.column()
-        ))
-    })?;
-    if !value.is_object() {
-        return Err(invalid("body must be a JSON object".into()));
-    }
-    let UniqueKeys(fields) =
-        serde_json::from_str(text).map_err(|e| invalid(format!("body is ambiguous: {e}")))?;
-
+    let fields = json_object(body, content_type)?;
     let id = BookingId::parse(required_str(&fields, "booking_id")?).map_err(invalid)?;
     let email = EmailAddress::parse(required_str(&fields, "email")?).map_err(invalid)?;
     let time_raw = required_str(&fields, "booking_time")?;
@@ -247,6 +219,43 @@ pub fn parse_booking_content(
         number_of_users,
         duration_minutes,
     })
+}
+
+/// The body as a JSON object with distinct keys, after the content type and size rules.
+fn json_object(
+    body: &[u8],
+    content_type: Option<&str>,
+) -> Result<Map<String, Value>, InvalidBooking> {
+    let invalid = |s: String| InvalidBooking(s);
+    if let Some(ct) = content_type {
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(invalid(format!(
+                "content type must be application/json (got {})",
+                truncate(ct, 60)
+            )));
+        }
+    }
+    if body.len() > MAX_BODY_BYTES {
+        return Err(invalid(format!(
+            "body is {} bytes; at most {MAX_BODY_BYTES} are accepted",
+            body.len()
+        )));
+    }
+    let text = std::str::from_utf8(body).map_err(|_| invalid("body is not UTF-8".into()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        invalid(format!(
+            "body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if !value.is_object() {
+        return Err(invalid("body must be a JSON object".into()));
+    }
+    let UniqueKeys(fields) =
+        serde_json::from_str(text).map_err(|e| invalid(format!("body is ambiguous: {e}")))?;
+    Ok(fields)
 }
 
 /// A JSON object whose keys are all different: with a repeated key (`"number_of_users"`

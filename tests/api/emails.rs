@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{SubsecRound, Utc};
 use labbook::crypto::admin_context;
 use labbook::crypto::password_context;
 use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
@@ -156,7 +156,9 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
         );
     }
 
-    // Redelivering every kind of message sends nothing again.
+    // Redelivering every kind of message sends nothing again: with the workers stopped, the
+    // copies are handled by draining every queue, then nothing is left to happen.
+    env.stop().await;
     publish_json(
         &env,
         "booking-created",
@@ -182,33 +184,51 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
         },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(env.drain().await >= 4, "every copy was handled");
+    assert_eq!(env.retries_waiting().await, 0);
     assert_eq!(emails_to(&to).await.len(), 2, "no email was sent twice");
     let log = emails::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(log.iter().filter(|e| e.sent_at.is_some()).count(), 2);
-    env.stop().await;
 }
 
 #[tokio::test]
 async fn a_future_booking_gets_its_confirmation_now_and_no_machines_yet() {
-    let mut env = TestEnv::with(&[("LABBOOK_PROVISION_LEAD_SECONDS", "900")]).await;
-    env.spawn(&Worker::ALL).await;
+    // Emails into an in-memory outbox; the stages run by draining their queues.
+    let outbox = unique_id("outbox");
+    let smtp = format!("memory://{outbox}");
+    let env = TestEnv::with(&[
+        ("LABBOOK_PROVISION_LEAD_SECONDS", "900"),
+        ("SMTP_URL", smtp.as_str()),
+    ])
+    .await;
     let id = unique_id("future");
     let to = format!("{id}@example.org");
-    env.publish_booking(&booking_for(
-        &id,
-        &to,
-        2,
-        Utc::now() + chrono::Duration::days(2),
-        60,
-    ))
-    .await;
-    let all = wait_emails(&to, 1).await;
-    assert_eq!(all[0]["subject"], "Booking Confirmation");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(emails_to(&to).await.len(), 1);
+    let at = Utc::now() + chrono::Duration::days(2);
+    env.publish_booking(&booking_for(&id, &to, 2, at, 60)).await;
+    // Intake, scheduling and the confirmation; then nothing is left to do.
+    assert_eq!(env.drain().await, 3);
+    assert_eq!(env.retries_waiting().await, 0);
+    let sent = labbook::mail::memory_outbox(&outbox).messages().await;
+    assert_eq!(sent.len(), 1, "one email: the confirmation");
+    let (envelope, raw) = &sent[0];
+    assert_eq!(envelope.to()[0].to_string(), to);
+    assert!(raw.contains("Subject: Booking Confirmation"), "{raw}");
+    assert!(raw.contains(&format!("Booking ID: {id}")));
+    // Provisioning waits for its time: 15 minutes before the booking.
+    let store = env.store().await;
+    let due = labbook::store::schedule::for_booking(&store.pool, &id)
+        .await
+        .unwrap();
+    let provision = due
+        .iter()
+        .find(|e| e.action == labbook::store::schedule::Action::Provision)
+        .unwrap();
+    assert_eq!(
+        provision.due_at,
+        at.trunc_subsecs(6) - chrono::Duration::minutes(15)
+    );
+    assert!(provision.published_at.is_none());
     assert!(crate::helpers::instances_for(&id).await.is_empty());
-    env.stop().await;
 }
 
 #[tokio::test]

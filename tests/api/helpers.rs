@@ -116,6 +116,18 @@ pub fn rabbitmqctl(args: &[&str]) {
     );
 }
 
+/// Logs of the workers a test runs in-process, shown with `TEST_LOG=1` (nextest prints a
+/// failing test's output); without it no subscriber is installed and nothing is formatted.
+fn init_test_logs() {
+    static LOGS: std::sync::Once = std::sync::Once::new();
+    LOGS.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let filter = "debug,lapin=info,sqlx=info,aws_config=warn,aws_smithy_runtime=warn";
+            labbook::telemetry::init(false, filter, std::io::stdout);
+        }
+    });
+}
+
 /// A test's own broker vhost and database, removed when dropped.
 pub struct TestEnv {
     pub vhost: String,
@@ -152,6 +164,7 @@ impl TestEnv {
 
     /// Settings only: no database is made (for start-up checks).
     pub fn unprepared(extra: &[(&str, &str)]) -> Self {
+        init_test_logs();
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let vhost = format!("labbook-test-{id}");
         rabbitmqctl(&["add_vhost", &vhost]);
@@ -263,6 +276,68 @@ impl TestEnv {
                 .unwrap();
         }
         self.shutdown = CancellationToken::new();
+    }
+
+    /// Handles every message waiting in the pipeline's queues (intake, scheduling, provisioning,
+    /// emails), stage after stage with the same code the workers run, until a whole pass finds
+    /// them all empty; returns how many it handled. A test proves that nothing else happens by
+    /// draining, not by waiting. Messages waiting in a retry tier are not there yet: check
+    /// [`TestEnv::retries_waiting`] too.
+    pub async fn drain(&self) -> usize {
+        use labbook::broker::run_until_empty;
+        use labbook::stages::credentials::CredentialsStage;
+        use labbook::stages::notifier::NotifierStage;
+        use labbook::stages::provisioner::{ProvisionStage, Provisioner};
+        use labbook::stages::scheduler::SchedulerStage;
+        use std::sync::Arc;
+        let settings = self.settings();
+        let (store, key, broker) = (self.store().await, self.key.clone(), &settings.broker);
+        let credentials = Arc::new(CredentialsStage::new(
+            store.clone(),
+            key.clone(),
+            settings.rules,
+        ));
+        let scheduler = Arc::new(SchedulerStage::new(store.clone(), settings.provision_lead));
+        let ami = settings.require_ami_id().unwrap().to_owned();
+        let ec2 = labbook::ec2::Ec2::new(settings.ec2.clone()).await;
+        let provisioner =
+            Provisioner::new(store.clone(), ec2, key.clone(), settings.ec2.clone(), ami);
+        let provision = Arc::new(ProvisionStage(provisioner));
+        let smtp = settings.smtp_url.expose_secret();
+        let mailer = labbook::mail::Mailer::new(smtp, &settings.mail_from).unwrap();
+        let bootstrap = settings.ec2.bootstrap;
+        let notifier = Arc::new(NotifierStage::new(
+            store,
+            key,
+            mailer,
+            bootstrap,
+            &settings.mail_from,
+        ));
+        let mut total = 0;
+        loop {
+            let pass = run_until_empty(credentials.clone(), broker).await.unwrap()
+                + run_until_empty(scheduler.clone(), broker).await.unwrap()
+                + run_until_empty(provision.clone(), broker).await.unwrap()
+                + run_until_empty(notifier.clone(), broker).await.unwrap();
+            if pass == 0 {
+                return total;
+            }
+            total += pass;
+        }
+    }
+
+    /// Messages waiting in any retry tier of any stage queue.
+    pub async fn retries_waiting(&self) -> u32 {
+        let topology = Topology::new(self.settings().broker.retry_delays);
+        let mut n = 0;
+        for name in topology
+            .queue_names()
+            .iter()
+            .filter(|q| q.contains(".retry."))
+        {
+            n += self.depth(name).await;
+        }
+        n
     }
 
     /// Waits until the booking is stored in `state`.
