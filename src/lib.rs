@@ -10,13 +10,20 @@
 //! ```
 //!
 //! Layout:
-//! - [`domain`]: parsed, valid values (bookings, credentials, messages);
-//! - [`broker`]: topology, confirmed publishing and the consumer runtime every stage runs on;
+//! - [`domain`]: parsed, valid values (bookings, credentials, the inter-stage messages and
+//!   their ids);
+//! - [`broker`]: the consumer runtime every stage runs on (a [`broker::Stage`] names its queue
+//!   and its message type; the runtime decodes, retries, waits and dead-letters), the
+//!   topology, confirmed publishing and the dead-letter tooling;
 //! - [`store`]: PostgreSQL (bookings, credentials, schedule, slots, email log);
-//! - [`stages`]: one module per stage, each a step function over one queue;
+//! - [`stages`]: one module per stage, each a step function over one queue's messages;
+//! - [`ec2`], [`mail`]: the narrow EC2 client and the emails, each sorting its own errors;
 //! - [`config`], [`telemetry`], [`crypto`]: settings, logs and the encryption of stored passwords;
-//! - [`startup`]: wiring the workers and running them until a shutdown signal;
+//! - [`startup`]: the process bootstrap, wiring the workers and running them until a shutdown
+//!   signal; [`health`]: metrics and probes;
 //! - [`cli`]: the operator's `labbook` command.
+//!
+//! The contract with the upstream systems, operators and trainees is `docs/contract.md`.
 
 pub mod broker;
 pub mod cli;

@@ -1,19 +1,24 @@
 //! RabbitMQ: the topology (docs/contract.md §2), confirmed publishing, and the consumer
 //! runtime that every stage runs on. The runtime knows queues, messages and how a stage
 //! failed ([`StageError`]); it knows nothing of bookings.
+//!
+//! What other code needs is re-exported here; the modules are the crate's own, except the
+//! operator's dead-letter tooling ([`dlq`]) and the `x-labbook-*` headers ([`headers`]).
 
-pub mod connection;
+pub(crate) mod connection;
 pub mod dlq;
 mod error;
 pub mod headers;
-pub mod publisher;
-pub mod runtime;
-pub mod topology;
+pub(crate) mod publisher;
+pub(crate) mod runtime;
+pub(crate) mod topology;
 
 pub use connection::{
     confirmed_channel, connect, connect_with_retry, reconnect_delays, retry_until_cancelled,
 };
 pub use error::StageError;
-pub use publisher::{PublishError, publish_confirmed};
-pub use runtime::{Incoming, Outgoing, Stage, Subject, Undecodable, run_stage, run_until_empty};
-pub use topology::{EXCHANGE, StageQueue, Topology};
+pub use publisher::{DEFAULT_CONFIRM_TIMEOUT, PublishError, json_properties, publish_confirmed};
+pub use runtime::{
+    Incoming, MAX_BODY_BYTES, Outgoing, Stage, Subject, Undecodable, run_stage, run_until_empty,
+};
+pub use topology::{EXCHANGE, StageQueue, Topology, delay_queue_name};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use crate::broker::publisher::json_properties;
+use crate::broker::json_properties;
 use crate::broker::{EXCHANGE, StageQueue, publish_confirmed};
 use crate::config::Settings;
 use crate::domain::parse_booking;
