@@ -107,6 +107,17 @@ struct Held {
 }
 
 impl Held {
+    /// Publishes the letter's body with `props` to `route`, confirmed.
+    async fn publish_copy(
+        &self,
+        channel: &Channel,
+        route: (&str, &str),
+        props: BasicProperties,
+    ) -> Result<(), super::PublishError> {
+        let body = &self.letter.body;
+        publish_confirmed(channel, route, body, props, DEFAULT_CONFIRM_TIMEOUT).await
+    }
+
     /// How many times the broker says the message went back to its queue.
     fn returns(&self) -> i64 {
         let p = &self.letter.properties;
@@ -145,15 +156,7 @@ async fn put_back(channel: Channel, queue: &str, held: Vec<Held>) -> Result<(), 
     if held.iter().any(|h| h.returns() >= REFRESH_AT) {
         for h in &held {
             let props = headers::for_refresh(&h.letter.properties);
-            let route = ("", queue);
-            publish_confirmed(
-                &channel,
-                route,
-                &h.letter.body,
-                props,
-                DEFAULT_CONFIRM_TIMEOUT,
-            )
-            .await?;
+            h.publish_copy(&channel, ("", queue), props).await?;
             h.acker.ack(BasicAckOptions::default()).await?;
         }
         tracing::info!(
@@ -214,15 +217,8 @@ pub async fn replay(
             continue;
         }
         let props = headers::for_replay(&h.letter.properties, Utc::now());
-        let route = (EXCHANGE, stage.name());
-        publish_confirmed(
-            &channel,
-            route,
-            &h.letter.body,
-            props,
-            DEFAULT_CONFIRM_TIMEOUT,
-        )
-        .await?;
+        h.publish_copy(&channel, (EXCHANGE, stage.name()), props)
+            .await?;
         if on_each(&h.letter).is_break() {
             report.skipped = skipped.len();
             return Ok(report);

@@ -26,6 +26,8 @@ pub struct UserLine {
 #[derive(Debug, Serialize)]
 pub struct InstanceBlock {
     pub url: String,
+    /// The machine's public DNS name or IP, for `ssh user@host`.
+    pub host: String,
     pub usernames: Vec<String>,
     pub admin_username: String,
     pub admin_password: String,
@@ -195,6 +197,7 @@ mod tests {
     fn instance_blocks_come_in_order() {
         let instances = [InstanceBlock {
             url: "http://ec2-1.example".into(),
+            host: "ec2-1.example".into(),
             usernames: vec!["ua".into(), "ub".into()],
             admin_username: "labadmin".into(),
             admin_password: "Secret1".into(),
@@ -217,6 +220,22 @@ mod tests {
             .instance_details("b", "t", "e", &instances, false)
             .unwrap();
         assert_eq!(ssh.subject, "Lab Access Information");
+        // In SSH mode each login's command line is there too; the contract's lines stay.
+        let ssh_lines: Vec<&str> = ssh.text.lines().collect();
+        for line in [
+            "Instance URL: http://ec2-1.example",
+            "- ua",
+            "SSH: ssh ua@ec2-1.example",
+            "SSH: ssh ub@ec2-1.example",
+            "SSH: ssh labadmin@ec2-1.example",
+        ] {
+            assert!(ssh_lines.contains(&line), "{line} in {ssh_lines:?}");
+        }
+        assert!(
+            !r.text.contains("SSH: ssh"),
+            "JupyterHub mode has no ssh lines"
+        );
+        assert!(ssh.html.contains("<code>ssh ua@ec2-1.example</code>"));
     }
 
     #[test]

@@ -107,6 +107,7 @@ impl NotifierStage {
             )?;
             instances.push(InstanceBlock {
                 url: format!("http://{address}"),
+                host: address.to_owned(),
                 usernames: creds
                     .iter()
                     .filter(|c| slot.user_positions().contains(&c.position))

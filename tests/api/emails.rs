@@ -297,45 +297,15 @@ async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_b
     env.stop().await;
 }
 
-/// An SMTP server that refuses every recipient with a 550, as a relay that will never take
-/// the email does.
-async fn refusing_smtp(port: u16) -> tokio::task::JoinHandle<()> {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let _ = write.write_all(b"220 refusing.test ESMTP\r\n").await;
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let verb = line
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_ascii_uppercase();
-                    let reply: &[u8] = match verb.as_str() {
-                        "EHLO" | "HELO" => b"250 refusing.test\r\n",
-                        "MAIL" | "RSET" | "NOOP" => b"250 OK\r\n",
-                        "RCPT" => b"550 5.1.1 no such mailbox here\r\n",
-                        "QUIT" => b"221 bye\r\n",
-                        _ => b"500 5.5.1 not understood\r\n",
-                    };
-                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
-                        break;
-                    }
-                }
-            });
-        }
-    })
+/// A relay that will never take the email: every `RCPT` gets `550`.
+fn refusing(_: usize) -> &'static [u8] {
+    b"550 5.1.1 no such mailbox here\r\n"
 }
 
 #[tokio::test]
 async fn a_relay_that_refuses_the_email_dead_letters_it_and_marks_the_booking() {
     let port = crate::helpers::free_port();
-    let relay = refusing_smtp(port).await;
+    let (relay, _) = crate::helpers::scripted_smtp(port, refusing).await;
     let smtp = format!("smtp://127.0.0.1:{port}");
     let mut env = TestEnv::with(&[("SMTP_URL", smtp.as_str())]).await;
     env.spawn(&[Worker::Credentials, Worker::Notifier]).await;

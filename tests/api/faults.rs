@@ -2,32 +2,21 @@
 //! sequence against the real broker, database, SMTP server and EC2 emulator.
 
 use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use labbook::broker::{StageQueue, dlq};
-use labbook::domain::{BookingRef, EmailKind, NotifyMessage};
+use labbook::domain::{EmailKind, NotifyMessage};
 use labbook::startup::Worker;
 use labbook::store::{bookings, emails};
 use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, booking_for, booking_json, eventually, header, instances_for, state_of, unique_id,
+    TestEnv, booking_for, booking_json, eventually, header, instances_for, publish_ref, state_of,
+    unique_id,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
-    let body = serde_json::to_vec(&BookingRef {
-        booking_id: booking_id.into(),
-    })
-    .unwrap();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    env.publish_raw(queue, &body, props).await;
-}
 
 /// Takes `notify` messages until one of `kind` for `booking_id` arrives.
 async fn wait_notify(env: &TestEnv, booking_id: &str, kind: EmailKind) {
@@ -41,66 +30,13 @@ async fn wait_notify(env: &TestEnv, booking_id: &str, kind: EmailKind) {
     .await;
 }
 
-/// An SMTP server that greylists: the first `RCPT` gets `451`, the later ones `250`; it keeps
-/// the recipients of the emails it accepts.
-async fn greylisting_smtp(port: u16) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let accepted = Arc::new(Mutex::new(Vec::new()));
-    let rcpts = Arc::new(Mutex::new(0usize));
-    let kept = accepted.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (accepted, rcpts) = (kept.clone(), rcpts.clone());
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let mut lines = BufReader::new(read).lines();
-                let _ = write.write_all(b"220 grey.test ESMTP\r\n").await;
-                let (mut to, mut in_data) = (String::new(), false);
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if in_data {
-                        if line == "." {
-                            in_data = false;
-                            accepted.lock().unwrap().push(to.clone());
-                            let _ = write.write_all(b"250 2.0.0 queued\r\n").await;
-                        }
-                        continue;
-                    }
-                    let verb = line
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_ascii_uppercase();
-                    let reply: &[u8] = match verb.as_str() {
-                        "EHLO" | "HELO" => b"250 grey.test\r\n",
-                        "MAIL" | "RSET" | "NOOP" => b"250 OK\r\n",
-                        "RCPT" => {
-                            let mut n = rcpts.lock().unwrap();
-                            *n += 1;
-                            to = line.clone();
-                            if *n == 1 {
-                                b"451 4.7.1 greylisted, try again later\r\n"
-                            } else {
-                                b"250 OK\r\n"
-                            }
-                        }
-                        "DATA" => {
-                            in_data = true;
-                            b"354 go ahead\r\n"
-                        }
-                        "QUIT" => b"221 bye\r\n",
-                        _ => b"500 5.5.1 not understood\r\n",
-                    };
-                    if write.write_all(reply).await.is_err() || verb == "QUIT" {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    (task, accepted)
+/// A relay that greylists: the first `RCPT` gets `451`, the later ones `250`.
+fn greylisting(n: usize) -> &'static [u8] {
+    if n == 0 {
+        b"451 4.7.1 greylisted, try again later\r\n"
+    } else {
+        b"250 OK\r\n"
+    }
 }
 
 #[tokio::test]
@@ -131,7 +67,7 @@ async fn a_relay_outage_then_greylisting_still_delivers_the_email() {
         "an outage dead-letters nothing"
     );
 
-    let (relay, accepted) = greylisting_smtp(port).await;
+    let (relay, accepted) = crate::helpers::scripted_smtp(port, greylisting).await;
     eventually(WAIT, "the email delivered after the 451", || async {
         let log = emails::for_booking(&store.pool, &id).await.unwrap();
         log.iter().any(|e| e.sent_at.is_some()).then_some(())

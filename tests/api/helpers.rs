@@ -660,3 +660,84 @@ pub async fn lock_bookings(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Po
         .unwrap();
     tx
 }
+
+/// Publishes `{"booking_id": …}` to `queue`, as the scheduler (or a replayed message) would.
+pub async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
+    let body = serde_json::to_vec(&labbook::domain::BookingRef {
+        booking_id: booking_id.into(),
+    })
+    .unwrap();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2);
+    env.publish_raw(queue, &body, props).await;
+}
+
+/// The emails (their `RCPT TO` lines) a [`scripted_smtp`] server accepted.
+pub type Accepted = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// A small SMTP server on 127.0.0.1:`port` whose answer to the n-th `RCPT` (from 0) is
+/// `rcpt(n)`, as relays that refuse (5xx) or defer (4xx) do; it keeps what it accepts.
+pub async fn scripted_smtp(
+    port: u16,
+    rcpt: fn(usize) -> &'static [u8],
+) -> (tokio::task::JoinHandle<()>, Accepted) {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let accepted = Accepted::default();
+    let rcpts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let kept = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (kept, rcpts) = (kept.clone(), rcpts.clone());
+            tokio::spawn(smtp_session(stream, rcpt, rcpts, kept));
+        }
+    });
+    (task, accepted)
+}
+
+async fn smtp_session(
+    stream: tokio::net::TcpStream,
+    rcpt: fn(usize) -> &'static [u8],
+    rcpts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    accepted: Accepted,
+) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let _ = write.write_all(b"220 scripted.test ESMTP\r\n").await;
+    let (mut to, mut in_data) = (String::new(), false);
+    while let Ok(Some(line)) = lines.next_line().await {
+        if in_data {
+            if line == "." {
+                in_data = false;
+                accepted.lock().unwrap().push(to.clone());
+                let _ = write.write_all(b"250 2.0.0 queued\r\n").await;
+            }
+            continue;
+        }
+        let verb = line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let reply: &[u8] = match verb.as_str() {
+            "EHLO" | "HELO" => b"250 scripted.test\r\n",
+            "MAIL" | "RSET" | "NOOP" => b"250 OK\r\n",
+            "RCPT" => {
+                to = line.clone();
+                rcpt(rcpts.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+            }
+            "DATA" => {
+                in_data = true;
+                b"354 go ahead\r\n"
+            }
+            "QUIT" => b"221 bye\r\n",
+            _ => b"500 5.5.1 not understood\r\n",
+        };
+        if write.write_all(reply).await.is_err() || verb == "QUIT" {
+            break;
+        }
+    }
+}

@@ -10,11 +10,10 @@ use labbook::domain::{BookingRef, EmailKind, NotifyMessage, Password};
 use labbook::ec2::LaunchRequest;
 use labbook::startup::Worker;
 use labbook::store::{bookings, schedule, slots};
-use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, all_terminated, booking_at, booking_json, eventually, header, instances_for, state_of,
-    unique_id, user_data_of,
+    TestEnv, all_terminated, booking_at, booking_json, eventually, header, instances_for,
+    publish_ref, state_of, unique_id, user_data_of,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -29,17 +28,6 @@ async fn wait_notify(env: &TestEnv, kind: EmailKind) -> NotifyMessage {
             .find(|n| n.kind == kind)
     })
     .await
-}
-
-async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
-    let body = serde_json::to_vec(&BookingRef {
-        booking_id: booking_id.into(),
-    })
-    .unwrap();
-    let props = BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2);
-    env.publish_raw(queue, &body, props).await;
 }
 
 #[tokio::test]

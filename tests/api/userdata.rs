@@ -118,3 +118,59 @@ fn the_schema_rejects_invalid_user_data() {
         );
     }
 }
+
+/// Runs the bootstrap script the user-data writes, as cloud-init's `runcmd` would, with the
+/// console and the installer's address pointed at this machine; returns its exit code and
+/// what it wrote to the console.
+fn run_bootstrap(bootstrap: Bootstrap, installer_url: &str) -> (Option<i32>, String) {
+    let user_data = render_sample(bootstrap);
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&user_data).unwrap();
+    let script = config["write_files"][0]["content"].as_str().unwrap();
+    let args: Vec<&str> = config["runcmd"][0]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("labbook-boot-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("bootstrap"), script).unwrap();
+    let status = std::process::Command::new("bash")
+        .arg(dir.join("bootstrap"))
+        .args(&args[1..])
+        .env("LABBOOK_CONSOLE", dir.join("console"))
+        .env("LABBOOK_BOOTSTRAP_LOG", dir.join("log"))
+        .env("LABBOOK_TLJH_URL", installer_url)
+        .env("LABBOOK_RETRY_SECONDS", "0")
+        .status()
+        .unwrap();
+    let console = std::fs::read_to_string(dir.join("console")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    (status.code(), console)
+}
+
+#[test]
+fn a_bootstrap_whose_installer_cannot_be_fetched_fails_loudly() {
+    // Nothing listens there: every download is refused.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/bootstrap.py");
+    let (code, console) = run_bootstrap(Bootstrap::JupyterHub, &url);
+    assert_ne!(code, Some(0), "the script fails: {console}");
+    assert_eq!(
+        console.trim(),
+        "labbook-bootstrap: failed: download The Littlest JupyterHub's installer (exit 7)",
+        "curl's 'could not connect' is reported with its step"
+    );
+    assert!(console.starts_with(labbook::ec2::userdata::REPORT_FAILED));
+}
+
+#[test]
+fn an_ssh_bootstrap_reports_success_on_the_console() {
+    let (code, console) = run_bootstrap(Bootstrap::Ssh, "http://127.0.0.1:9/unused");
+    assert_eq!(code, Some(0));
+    assert_eq!(console.trim(), labbook::ec2::userdata::REPORT_OK);
+}
