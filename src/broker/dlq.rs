@@ -152,7 +152,15 @@ async fn next(channel: &Channel, queue: &str) -> lapin::Result<Option<Held>> {
 /// the broker's counts reset), in order, each confirmed before its original is acknowledged:
 /// a crash part-way leaves a message twice, never none. A dead letter that arrives during a
 /// refresh is the only one that can end up ahead of older ones.
-async fn put_back(channel: Channel, queue: &str, held: Vec<Held>) -> Result<(), DlqError> {
+///
+/// A quorum queue takes returned messages back asynchronously; this waits (a little) until
+/// they are visible again, so the next command sees the queue as it was.
+async fn put_back(
+    conn: &Connection,
+    channel: Channel,
+    queue: &str,
+    held: Vec<Held>,
+) -> Result<(), DlqError> {
     if held.iter().any(|h| h.returns() >= REFRESH_AT) {
         for h in &held {
             let props = headers::for_refresh(&h.letter.properties);
@@ -167,6 +175,13 @@ async fn put_back(channel: Channel, queue: &str, held: Vec<Held>) -> Result<(), 
     }
     // What is still unacknowledged goes back when the channel closes.
     channel.close(200, "labbook dlq: done".into()).await?;
+    let back = held.len() as u32;
+    for _ in 0..100 {
+        if back == 0 || depth(conn, queue).await? >= back {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     Ok(())
 }
 
@@ -179,7 +194,7 @@ pub async fn read_all(conn: &Connection, stage: StageQueue) -> Result<Vec<DeadLe
         held.push(h);
     }
     let letters = held.iter().map(|h| h.letter.clone()).collect();
-    put_back(channel, &queue, held).await?;
+    put_back(conn, channel, &queue, held).await?;
     Ok(letters)
 }
 
@@ -227,7 +242,7 @@ pub async fn replay(
         report.replayed += 1;
     }
     report.skipped = skipped.len();
-    put_back(channel, &queue, skipped).await?;
+    put_back(conn, channel, &queue, skipped).await?;
     Ok(report)
 }
 
@@ -255,6 +270,6 @@ pub async fn purge(
             kept.push(h);
         }
     }
-    put_back(channel, &queue, kept).await?;
+    put_back(conn, channel, &queue, kept).await?;
     Ok(removed)
 }
