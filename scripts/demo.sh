@@ -84,7 +84,7 @@ for i in $(seq 1 180); do
   else
     state="not stored yet"
   fi
-  count=$(emails_for_booking "$ID" | head -n 1)
+  count=$(emails_for_booking "$ID" | sed -n 1p)
   printf '\r  %3ss  booking: %-14s emails received: %s/2 ' "$i" "$state" "$count"
   if [ "$count" -ge 2 ] || [ "$state" = failed ]; then break; fi
   sleep 1
@@ -99,4 +99,8 @@ emails_for_booking "$ID" | tail -n +2
 echo
 echo "read them in the web inbox: $INBOX"
 echo "metrics of this run: http://127.0.0.1:${LABBOOK_DEMO_METRICS_PORT:-9464}/metrics"
-[ "$state" = provisioned ] && [ "$(emails_for_booking "$ID" | head -n 1)" -ge 2 ]
+# The demo succeeds when the booking is provisioned and both emails arrived (the state read in
+# the loop may predate the last email).
+state=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["booking"]["state"])' \
+  "$($BIN/labbook status "$ID" --json)")
+[ "$state" = provisioned ] && [ "$(emails_for_booking "$ID" | sed -n 1p)" -ge 2 ]

@@ -73,6 +73,14 @@ pub fn is_replay(props: &BasicProperties) -> bool {
     str_header(props, REPLAYED_AT).is_some()
 }
 
+/// When `labbook dlq replay` put the message back, if it did.
+pub fn replayed_at(props: &BasicProperties) -> Option<DateTime<Utc>> {
+    let at = str_header(props, REPLAYED_AT)?;
+    DateTime::parse_from_rfc3339(&at)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 fn count_header(props: &BasicProperties, name: &str) -> u32 {
     int_header(props, name).map_or(0, |n| n.clamp(0, i64::from(u32::MAX)) as u32)
 }
@@ -181,9 +189,10 @@ pub fn for_refresh(props: &BasicProperties) -> BasicProperties {
 /// replayed at `at`.
 pub fn for_replay(props: &BasicProperties, at: DateTime<Utc>) -> BasicProperties {
     let mut headers = original_headers(props);
+    // Milliseconds: the provisioner compares it with when the booking failed.
     headers.insert(
         REPLAYED_AT.into(),
-        long_string(&at.to_rfc3339_opts(SecondsFormat::Secs, true)),
+        long_string(&at.to_rfc3339_opts(SecondsFormat::Millis, true)),
     );
     carried_over(props, headers)
 }

@@ -63,7 +63,7 @@ pub struct Incoming {
 impl Incoming {
     pub fn new(body: Vec<u8>, properties: BasicProperties) -> Self {
         Self {
-            attempt: headers::attempts_done(&properties) + 1,
+            attempt: headers::attempts_done(&properties).saturating_add(1),
             waits: headers::waits_done(&properties),
             body,
             properties,
@@ -78,6 +78,11 @@ impl Incoming {
     /// again, even where it had failed for good).
     pub fn is_replay(&self) -> bool {
         headers::is_replay(&self.properties)
+    }
+
+    /// When `labbook dlq replay` put this message back, if it did.
+    pub fn replayed_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        headers::replayed_at(&self.properties)
     }
 
     /// Decodes one of labbook's own JSON messages; a body that does not decode is permanent.
@@ -181,6 +186,7 @@ pub async fn run_stage<S: Stage>(
     let name = format!("labbook {queue}");
     // Backoff between sessions whose outcome could not be published: the cause may persist.
     let mut after_reset = reconnect_delays();
+    let unpublished = Unpublished::default();
     loop {
         let setup = retry_until_cancelled("cannot start consuming", &shutdown, || {
             open_consumer::<S>(&settings, &topology, &name)
@@ -197,6 +203,7 @@ pub async fn run_stage<S: Stage>(
             max_attempts: settings.max_attempts,
             publish_timeout: settings.publish_timeout,
             reset: CancellationToken::new(),
+            unpublished: unpublished.clone(),
         });
         let end = consume(&ctx, consumer, &settings, &shutdown).await;
         ready.set(false);
@@ -237,6 +244,7 @@ pub async fn run_until_empty<S: Stage>(
         max_attempts: settings.max_attempts,
         publish_timeout: settings.publish_timeout,
         reset: CancellationToken::new(),
+        unpublished: Unpublished::default(),
     };
     let mut handled = 0;
     let get = BasicGetOptions { no_ack: false };
@@ -312,6 +320,44 @@ struct Ctx<S> {
     /// connection, which returns the unacknowledged message to its queue and declares the
     /// topology again.
     reset: CancellationToken,
+    /// Deliveries this process handled but could not publish the outcome of (kept across
+    /// sessions): their redeliveries are the broker's doing, not a worker crashing on them, so
+    /// they do not count towards [`MAX_REDELIVERIES`].
+    unpublished: Unpublished,
+}
+
+/// Keys of deliveries whose outcome this process could not publish.
+#[derive(Clone, Default)]
+struct Unpublished(Arc<std::sync::Mutex<std::collections::HashSet<u64>>>);
+
+impl Unpublished {
+    fn key(msg: &Incoming) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        msg.properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str())
+            .hash(&mut h);
+        msg.body.hash(&mut h);
+        h.finish()
+    }
+
+    fn mark(&self, msg: &Incoming, unpublished: bool) {
+        let mut set = self.0.lock().expect("unpublished set");
+        if unpublished {
+            set.insert(Self::key(msg));
+        } else {
+            set.remove(&Self::key(msg));
+        }
+    }
+
+    fn contains(&self, msg: &Incoming) -> bool {
+        self.0
+            .lock()
+            .expect("unpublished set")
+            .contains(&Self::key(msg))
+    }
 }
 
 /// Handles deliveries until shutdown or a lost connection, then lets those in flight finish.
@@ -387,6 +433,7 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
             .record(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
+                ctx.unpublished.mark(&msg, false);
                 metrics::counter!("labbook_messages_total", "stage" => queue.name(), "outcome" => label).increment(1);
                 if let Err(err) = acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(error = %err, "ack failed; the message will come again");
@@ -396,6 +443,7 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
             }
             Err(err) => {
                 tracing::error!(error = %err, "could not publish the outcome; the message goes back to its queue");
+                ctx.unpublished.mark(&msg, true);
                 ctx.reset.cancel();
             }
         }
@@ -492,7 +540,7 @@ async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
     };
     tracing::Span::current().record("booking_id", message.subject());
     let redeliveries = headers::int_header(&msg.properties, "x-delivery-count").unwrap_or(0);
-    let result = if redeliveries >= MAX_REDELIVERIES {
+    let result = if redeliveries >= MAX_REDELIVERIES && !ctx.unpublished.contains(msg) {
         Err(StageError::Permanent(format!(
             "delivered {redeliveries} times without an outcome: the worker may be crashing on this message"
         )))
@@ -534,7 +582,9 @@ async fn sort<S: Stage>(
     let reason = match result {
         Ok(outs) => return Outcome::Done(outs),
         // A dependency is down: wait for it without spending the message's attempts.
-        Err(StageError::Unavailable(err)) => return wait(ctx, msg, msg.waits + 1, err),
+        // The tier grows with the waits but stops at the third, so a message is tried again
+        // soon after the dependency is back (teardown within a minute of the end).
+        Err(StageError::Unavailable(err)) => return wait(ctx, msg, msg.waits.min(2) + 1, err),
         Err(StageError::Transient(err))
             if msg.attempt < ctx.max_attempts || ctx.stage.retries_forever() =>
         {
@@ -573,7 +623,7 @@ fn wait<S: Stage>(ctx: &Ctx<S>, msg: &Incoming, tier: u32, err: anyhow::Error) -
     Outcome::Retry {
         delay,
         queue_name,
-        attempts: msg.attempt - 1,
+        attempts: msg.attempt.saturating_sub(1),
         waits: msg.waits.saturating_add(1),
         waiting: true,
         reason: format!("{err:#}"),

@@ -112,6 +112,13 @@ async fn open_broker(
     Ok((conn, channel))
 }
 
+/// Closes the channel, then the connection (closing a connection under an open channel makes
+/// the AMQP client log an error).
+async fn close_broker(conn: lapin::Connection, channel: lapin::Channel) {
+    let _ = channel.close(200, "labbook: done".into()).await;
+    let _ = conn.close(200, "labbook: done".into()).await;
+}
+
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Migrate => {
@@ -122,12 +129,12 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Topology => {
-            let (conn, _) = open_broker(&settings, "labbook topology").await?;
+            let (conn, channel) = open_broker(&settings, "labbook topology").await?;
             println!("declared exchange {} and queues:", crate::broker::EXCHANGE);
             for name in Topology::new(settings.broker.retry_delays.clone()).queue_names() {
                 println!("  {name}");
             }
-            let _ = conn.close(200, "done".into()).await;
+            close_broker(conn, channel).await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish { file } => publish::run(&settings, &file).await,

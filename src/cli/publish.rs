@@ -34,7 +34,7 @@ pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
     let props = json_properties(&message_id);
     let timeout = settings.broker.publish_timeout;
     publish_confirmed(&channel, (EXCHANGE, queue), &body, props, timeout).await?;
-    let _ = conn.close(200, "done".into()).await;
+    super::close_broker(conn, channel).await;
     println!(
         "published booking {} ({} users at {}) to exchange {EXCHANGE}, routing key {queue}: confirmed by the broker",
         booking.id,

@@ -4,6 +4,7 @@
 pub mod userdata;
 
 use aws_sdk_ec2::Client;
+use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
@@ -97,16 +98,21 @@ const TRANSIENT_CODES: &[&str] = &[
     "InsufficientReservedInstanceCapacity",
 ];
 
-fn classify<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt::Debug>(
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     operation: &'static str,
-    err: SdkError<E, R>,
+    err: SdkError<E, HttpResponse>,
 ) -> Ec2Error {
     let (outcome, err) = match &err {
         SdkError::ServiceError(service) => {
             let e = service.err();
             let code = e.code().unwrap_or("Unknown").to_owned();
             let detail = format!("{code}: {}", e.message().unwrap_or(""));
-            if BACKPRESSURE_CODES.contains(&code.as_str()) || code.starts_with("Internal") {
+            // A 5xx is EC2 (or a proxy in front of it) failing, whatever its body says.
+            let server_error = service.raw().status().is_server_error();
+            if server_error
+                || BACKPRESSURE_CODES.contains(&code.as_str())
+                || code.starts_with("Internal")
+            {
                 ("throttled", Ec2Error::Unavailable { operation, detail })
             } else if TRANSIENT_CODES.contains(&code.as_str()) {
                 ("transient", Ec2Error::Transient { operation, detail })
@@ -224,7 +230,8 @@ pub fn client_token(installation: &str, booking_id: &str, slot: i32, generation:
         g => format!("{booking_id}/{slot}/g{g}"),
     };
     if installation != DEFAULT_INSTALLATION {
-        seed = format!("{installation}:{seed}");
+        // `|` is in neither an installation name nor a booking id: no two seeds collide.
+        seed = format!("{installation}|{seed}");
     }
     let digest = Sha256::digest(seed.as_bytes());
     let hex: String = digest.iter().take(24).map(|b| format!("{b:02x}")).collect();
@@ -568,6 +575,12 @@ mod tests {
         assert_ne!(a, client_token("default", "course-42", 1, 0));
         assert_ne!(a, client_token("default", "course-42", 0, 1));
         assert_ne!(a, client_token("staging", "course-42", 0, 0));
+        // A booking id may hold `:`; the default installation's `staging:c1` is not
+        // installation `staging`'s `c1`.
+        assert_ne!(
+            client_token("default", "staging:c1", 0, 0),
+            client_token("staging", "c1", 0, 0)
+        );
         assert!(a.len() <= 64 && a.is_ascii());
         let longest = client_token(&"s".repeat(32), &"x".repeat(64), 999, 7);
         assert_eq!(longest.len(), a.len());

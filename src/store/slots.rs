@@ -135,12 +135,15 @@ pub async fn record_state(
 }
 
 /// Forgets the gone machines of a booking's slots and raises their generation, so they are
-/// launched anew (with new `ClientToken`s); returns how many slots were reset.
+/// launched anew (with new `ClientToken`s); returns how many slots were reset. A slot with no
+/// instance recorded is reset too: a launch of it may have happened, unrecorded, and been
+/// terminated since, and its old token would return that terminated machine.
 pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
         "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
                           public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
-         WHERE booking_id = $1 AND instance_state IN ('terminated', 'shutting-down')",
+         WHERE booking_id = $1
+           AND (instance_id IS NULL OR instance_state IN ('terminated', 'shutting-down'))",
     )
     .bind(booking_id)
     .execute(pool)

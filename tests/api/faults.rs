@@ -255,3 +255,39 @@ async fn a_huge_message_is_dead_lettered_without_reading_it() {
     );
     env.stop().await;
 }
+
+#[tokio::test]
+async fn giving_up_on_a_provisioned_bookings_message_keeps_its_machines() {
+    // E.g. a provision-due redelivered too often while the broker refused its outcome.
+    use labbook::broker::Stage;
+    let mut env = TestEnv::new().await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("kept");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    env.stop().await;
+
+    let settings = env.settings();
+    let provisioner = labbook::stages::provisioner::Provisioner::new(
+        env.store().await,
+        env.ec2().await,
+        env.key.clone(),
+        settings.ec2.clone(),
+        "ami-03cf127a".into(),
+    );
+    let stage = labbook::stages::provisioner::ProvisionStage(provisioner);
+    let msg = labbook::domain::BookingRef {
+        booking_id: id.clone(),
+    };
+    let follow_up = stage.give_up(&msg, "test: gave up").await.unwrap();
+    assert!(follow_up.is_empty(), "no failure email");
+    let store = env.store().await;
+    let booking = bookings::find(&store.pool, &id).await.unwrap().unwrap();
+    assert_eq!(booking.state.as_str(), "provisioned");
+    assert!(
+        instances_for(&id)
+            .await
+            .iter()
+            .all(|i| state_of(i) == "running")
+    );
+}

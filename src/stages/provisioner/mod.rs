@@ -71,8 +71,14 @@ impl Stage for ProvisionStage {
         let p = &self.0;
         let booking = p.store.stored_booking(&r.booking_id).await?;
         let id = booking.booking_id.as_str();
+        let over = booking.ends_at() <= Utc::now();
+        // A replay asks for the work again only if the booking failed before it was replayed:
+        // a copy of the replayed message that comes back after failing again does not.
+        let replayed_after_failure = delivery
+            .replayed_at()
+            .is_some_and(|at| booking.updated_at <= at);
         match booking.state {
-            BookingState::Failed if delivery.is_replay() => {
+            BookingState::Failed if replayed_after_failure && !over => {
                 // The operator fixed the cause and replayed the dead letter: provision again.
                 bookings::reopen(&p.store.pool, id).await?;
                 let reset = crate::store::slots::reset_gone(&p.store.pool, id).await?;
@@ -99,11 +105,11 @@ impl Stage for ProvisionStage {
                     EmailKind::InstanceDetails,
                 )]);
             }
+            _ if over => {
+                tracing::warn!("the booking is over before it was provisioned; nothing to launch");
+                return Ok(Vec::new());
+            }
             _ => {}
-        }
-        if booking.ends_at() <= Utc::now() {
-            tracing::warn!("the booking is over before it was provisioned; nothing to launch");
-            return Ok(Vec::new());
         }
         p.provision(&booking).await
     }
@@ -112,10 +118,15 @@ impl Stage for ProvisionStage {
     /// tell the booker.
     async fn give_up(&self, r: &BookingRef, reason: &str) -> Result<Vec<Outgoing>, StageError> {
         let p = &self.0;
-        if bookings::find(&p.store.pool, &r.booking_id)
-            .await?
-            .is_none()
-        {
+        let Some(booking) = bookings::find(&p.store.pool, &r.booking_id).await? else {
+            return Ok(Vec::new());
+        };
+        if booking.state == BookingState::Provisioned {
+            // Its machines run and its email is on its way: a copy that failed (e.g. redelivered
+            // too often while the broker could not take the outcome) must not end the class.
+            tracing::warn!(
+                "provision-due dead-lettered for a provisioned booking; its machines keep running"
+            );
             return Ok(Vec::new());
         }
         let terminated = p.terminate_all(&r.booking_id).await?;
