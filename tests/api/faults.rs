@@ -2,6 +2,8 @@
 //! sequence against the real broker, database, SMTP server and EC2 emulator.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -290,4 +292,190 @@ async fn giving_up_on_a_provisioned_bookings_message_keeps_its_machines() {
             .iter()
             .all(|i| state_of(i) == "running")
     );
+}
+
+#[tokio::test]
+async fn an_ec2_outage_then_recovery_provisions_without_spending_attempts() {
+    // Two attempts in all; the EC2 endpoint does not answer for a while, then comes back.
+    let port = crate::helpers::free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("LABBOOK_RETRY_DELAYS_MS", "100,200"),
+        ("LABBOOK_MAX_ATTEMPTS", "2"),
+    ])
+    .await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("ec2-away");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    env.wait_state(&id, "provisioning").await;
+    // Waiting, far longer than two attempts would last.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.depth("provision-due.dlq").await, 0);
+    let moto = crate::helpers::moto_url();
+    let _ec2 = crate::helpers::Relay::start(port, moto.trim_start_matches("http://")).await;
+    env.wait_state(&id, "provisioned").await;
+    assert_eq!(env.depth("provision-due.dlq").await, 0);
+    assert!(
+        instances_for(&id)
+            .await
+            .iter()
+            .all(|i| state_of(i) == "running")
+    );
+    env.stop().await;
+}
+
+/// A relay to RabbitMQ that can stop passing on what the broker says (a broker that takes
+/// messages but never confirms them: a memory alarm, a lost quorum).
+async fn stalling_relay(target: String) -> (u16, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stalled = Arc::new(AtomicBool::new(false));
+    let flag = stalled.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&target).await.unwrap();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+            });
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match server_read.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    // What the broker says while stalled is held back.
+                    while flag.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if client_write.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, stalled)
+}
+
+#[tokio::test]
+async fn a_publish_the_broker_never_confirms_fails_within_its_bound() {
+    use labbook::broker::{PublishError, Topology, confirmed_channel, json_properties};
+    let env = TestEnv::new().await;
+    let base = crate::helpers::amqp_base();
+    let target = base.rsplit('@').next().unwrap().to_owned();
+    let (port, stalled) = stalling_relay(target).await;
+    let url = format!(
+        "{}@127.0.0.1:{port}/{}",
+        base.rsplit_once('@').unwrap().0,
+        env.vhost
+    );
+    let conn = labbook::broker::connect(&url, "labbook test")
+        .await
+        .unwrap();
+    let topology = Topology::new(env.settings().broker.retry_delays);
+    let channel = confirmed_channel(&conn, &topology).await.unwrap();
+    stalled.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let bound = Duration::from_millis(800);
+    let route = ("labbook", "booking-created");
+    let result =
+        labbook::broker::publish_confirmed(&channel, route, b"{}", json_properties("x"), bound)
+            .await;
+    assert!(
+        matches!(result, Err(PublishError::Unconfirmed(_))),
+        "{result:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3), "bounded");
+}
+
+/// A relay to PostgreSQL that, like a pooler exposing one database, refuses a connection to
+/// any other database (SQLSTATE 3D000), the `postgres` maintenance database included.
+async fn one_database_relay(allowed: String) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let target = crate::helpers::pg_host_port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let (allowed, target) = (allowed.clone(), target.clone());
+            tokio::spawn(async move {
+                // SSL and GSS requests are answered "no"; then comes the startup message.
+                let startup = loop {
+                    let len = client.read_u32().await.unwrap() as usize;
+                    let mut rest = vec![0u8; len - 4];
+                    client.read_exact(&mut rest).await.unwrap();
+                    if rest[..4] == [0x04, 0xd2, 0x16, 0x2f]
+                        || rest[..4] == [0x04, 0xd2, 0x16, 0x30]
+                    {
+                        client.write_all(b"N").await.unwrap();
+                        continue;
+                    }
+                    break [(len as u32).to_be_bytes().to_vec(), rest].concat();
+                };
+                let fields: Vec<&[u8]> = startup[8..].split(|b| *b == 0).collect();
+                let database = fields
+                    .chunks(2)
+                    .find(|kv| kv[0] == b"database")
+                    .map(|kv| String::from_utf8_lossy(kv[1]).into_owned());
+                if database.as_deref() != Some(allowed.as_str()) {
+                    let mut body = Vec::new();
+                    for (tag, value) in
+                        [(b'S', "FATAL"), (b'C', "3D000"), (b'M', "no such database")]
+                    {
+                        body.push(tag);
+                        body.extend_from_slice(value.as_bytes());
+                        body.push(0);
+                    }
+                    body.push(0);
+                    let mut error = vec![b'E'];
+                    error.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+                    error.extend_from_slice(&body);
+                    let _ = client.write_all(&error).await;
+                    return;
+                }
+                let mut server = tokio::net::TcpStream::connect(&target).await.unwrap();
+                server.write_all(&startup).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn migrations_reach_the_target_database_without_the_maintenance_database() {
+    use sqlx::{Connection, Executor};
+    let env = TestEnv::unprepared(&[]);
+    let base = crate::helpers::pg_base();
+    let mut admin = sqlx::PgConnection::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    let create = format!(r#"CREATE DATABASE "{}""#, env.db_name);
+    admin.execute(sqlx::AssertSqlSafe(create)).await.unwrap();
+    let port = one_database_relay(env.db_name.clone()).await;
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", env.db_name);
+
+    let refused =
+        sqlx::PgConnection::connect(&format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+            .await;
+    assert!(refused.is_err(), "the relay exposes one database only");
+    let store = labbook::store::Store::connect_lazy(&url, 2).unwrap();
+    store
+        .ensure_schema(&url)
+        .await
+        .expect("migrated through the relay");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN ('bookings', 'slots', 'emails')",
+    )
+    .fetch_one(&env.store().await.pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 3);
 }
