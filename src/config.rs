@@ -120,7 +120,7 @@ impl Ec2Settings {
             ami_id: v.string("LABBOOK_AMI_ID"),
             instance_type: v
                 .get("LABBOOK_INSTANCE_TYPE")
-                .unwrap_or("t3.micro")
+                .unwrap_or("t3.small")
                 .to_owned(),
             subnet_id: v.string("LABBOOK_SUBNET_ID"),
             security_group_ids: v.list("LABBOOK_SECURITY_GROUP_IDS"),
