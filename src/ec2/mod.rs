@@ -1,6 +1,7 @@
 //! EC2 behind a narrow client: the handful of calls labbook makes, with errors sorted into
 //! permanent and transient. Tested against an EC2 API emulator through `AWS_ENDPOINT_URL`.
 
+pub mod intent;
 pub mod userdata;
 
 use aws_sdk_ec2::Client;
