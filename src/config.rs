@@ -94,6 +94,11 @@ pub struct Ec2Settings {
     pub endpoint_url: Option<String>,
     /// `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` when both are set (else the SDK's chain).
     pub static_credentials: Option<(String, secrecy::SecretString)>,
+    /// `LABBOOK_EC2_RATE_RUN_INSTANCES` (default `5/2`), `LABBOOK_EC2_RATE_DESCRIBE_INSTANCES`
+    /// (`100/20`), `LABBOOK_EC2_RATE_TERMINATE_INSTANCES` (`100/5`): client-side rate limits per
+    /// EC2 action as `BURST/PER_SECOND` (calls at once, then calls per second), or `off`. The
+    /// defaults are EC2's own buckets for an account and Region; see [`crate::ec2::rate`].
+    pub rate_limits: crate::ec2::rate::RateLimits,
 }
 
 /// `LABBOOK_RUNNING_TIMEOUT_SECONDS`. The provisioner waits for its instances while it holds
@@ -150,6 +155,8 @@ impl Ec2Settings {
                 .get("AWS_ACCESS_KEY_ID")
                 .zip(v.get("AWS_SECRET_ACCESS_KEY"))
                 .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
+            rate_limits: crate::ec2::rate::RateLimits::from_vars(|var| v.get(var))
+                .map_err(|(var, problem)| ConfigError::new(var, problem))?,
         })
     }
 }

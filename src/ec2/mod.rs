@@ -1,6 +1,9 @@
 //! EC2 behind a narrow client: the handful of calls labbook makes, with errors sorted into
 //! permanent and transient. Tested against an EC2 API emulator through `AWS_ENDPOINT_URL`.
+//! Every call first takes a token from its action's client-side rate limit ([`rate`]).
 
+pub mod intent;
+pub mod rate;
 pub mod userdata;
 
 use aws_sdk_ec2::Client;
@@ -16,6 +19,7 @@ use tokio::sync::OnceCell;
 
 use crate::broker::StageError;
 use crate::config::Ec2Settings;
+use rate::RateLimiter;
 
 pub const TAG_BOOKING: &str = "labbook:booking-id";
 pub const TAG_SLOT: &str = "labbook:slot";
@@ -66,7 +70,29 @@ impl Ec2Error {
             _ => None,
         }
     }
+
+    /// Whether EC2 said the account's bucket for the action is empty.
+    fn is_throttling(&self) -> bool {
+        match self {
+            Ec2Error::Unavailable { detail, .. } => THROTTLING_CODES.iter().any(|code| {
+                detail
+                    .strip_prefix(code)
+                    .is_some_and(|r| r.starts_with(':'))
+            }),
+            _ => false,
+        }
+    }
 }
+
+/// The codes of an empty request-rate bucket.
+const THROTTLING_CODES: &[&str] = &["RequestLimitExceeded", "Throttling", "ThrottlingException"];
+
+/// Throttled answers in a row that one call waits through (each after the bucket's refill)
+/// before it is given up for now; the message then waits in a delay queue, attempts untouched.
+const MAX_THROTTLED: u32 = 10;
+
+/// Tries of a call that gets no answer or a 5xx (after 0.5 s, then 1 s).
+const MAX_UNAVAILABLE_TRIES: u32 = 3;
 
 impl From<Ec2Error> for StageError {
     fn from(err: Ec2Error) -> Self {
@@ -244,12 +270,27 @@ pub struct Ec2 {
     client: Client,
     settings: Ec2Settings,
     security_groups: std::sync::Arc<OnceCell<Vec<String>>>,
+    limiter: RateLimiter,
 }
 
 impl Ec2 {
     /// A client from the standard AWS chain, with the region, endpoint and static credentials
-    /// of `settings` where they are set.
+    /// of `settings` where they are set. Its rate limits (`settings.rate_limits`) are kept in
+    /// this process only: right for one process, tools and tests; the provisioner uses
+    /// [`Ec2::with_pool`].
     pub async fn new(settings: Ec2Settings) -> Self {
+        let limiter = RateLimiter::local(settings.rate_limits.clone());
+        Self::build(settings, limiter).await
+    }
+
+    /// Like [`Ec2::new`], with the rate limits kept in the database, so that every replica
+    /// calling EC2 for the account shares them.
+    pub async fn with_pool(settings: Ec2Settings, pool: sqlx::PgPool) -> Self {
+        let limiter = RateLimiter::shared(settings.rate_limits.clone(), pool);
+        Self::build(settings, limiter).await
+    }
+
+    async fn build(settings: Ec2Settings, limiter: RateLimiter) -> Self {
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
         if let Some(region) = &settings.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
@@ -267,8 +308,9 @@ impl Ec2 {
                 "labbook-settings",
             ));
         }
-        // Every call is bounded, and the SDK's adaptive retry mode slows this client down
-        // when the account's request rate is used up (its client-side rate limiter).
+        // Every call is bounded. Retries are labbook's ([`Ec2::call`]): each try takes a token
+        // from the shared rate limit. (The SDK's adaptive mode has a rate limiter of its own,
+        // per process: after one throttled call it held a whole process far below EC2's rate.)
         loader = loader
             .timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
@@ -277,12 +319,44 @@ impl Ec2 {
                     .operation_timeout(std::time::Duration::from_secs(60))
                     .build(),
             )
-            .retry_config(aws_config::retry::RetryConfig::adaptive().with_max_attempts(3));
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1));
         let config = loader.load().await;
         Self {
             client: Client::new(&config),
             settings,
             security_groups: Default::default(),
+            limiter,
+        }
+    }
+
+    /// Makes one EC2 call of `action`: each try takes a token from the action's rate limit
+    /// first. When EC2 says the account's bucket is empty, the limiter's bucket is emptied too
+    /// (every replica then waits for the refill) and the call tried again; no answer or a 5xx
+    /// is tried again after a short pause.
+    async fn call<T, F, Fut>(&self, action: &'static str, mut send: F) -> Result<T, Ec2Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Ec2Error>>,
+    {
+        let (mut throttled, mut unavailable) = (0, 1);
+        loop {
+            self.limiter.acquire(action).await?;
+            match send().await {
+                Err(err) if err.is_throttling() && throttled < MAX_THROTTLED => {
+                    throttled += 1;
+                    tracing::debug!(operation = action, throttled, "EC2 throttled the call");
+                    self.limiter.drain(action).await?;
+                }
+                Err(err @ Ec2Error::Unavailable { .. })
+                    if !err.is_throttling() && unavailable < MAX_UNAVAILABLE_TRIES =>
+                {
+                    let pause = std::time::Duration::from_millis(250 << unavailable);
+                    unavailable += 1;
+                    tracing::debug!(operation = action, error = %err, "trying again");
+                    tokio::time::sleep(pause).await;
+                }
+                other => return other,
+            }
         }
     }
 
@@ -322,9 +396,19 @@ impl Ec2 {
             );
         }
         let mut out = Vec::new();
-        let mut pages = request.into_paginator().send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify("DescribeInstances", e))?;
+        let mut next_token = None;
+        loop {
+            let page = self
+                .call("DescribeInstances", || {
+                    let request = request.clone().set_next_token(next_token.clone());
+                    async move {
+                        request
+                            .send()
+                            .await
+                            .map_err(|e| classify("DescribeInstances", e))
+                    }
+                })
+                .await?;
             for r in page.reservations() {
                 out.extend(
                     r.instances()
@@ -332,6 +416,13 @@ impl Ec2 {
                         .filter_map(info)
                         .filter(|i| !i.is_gone() && i.belongs_to(installation)),
                 );
+            }
+            next_token = page
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned);
+            if next_token.is_none() {
+                break;
             }
         }
         ok("DescribeInstances");
@@ -342,12 +433,16 @@ impl Ec2 {
     /// instance launched a moment ago may not be visible yet, and is then left out.
     pub async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, Ec2Error> {
         let result = self
-            .client
-            .describe_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
+            .call("DescribeInstances", || async {
+                self.client
+                    .describe_instances()
+                    .set_instance_ids(Some(ids.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| classify("DescribeInstances", e))
+            })
             .await;
-        let out = match result.map_err(|e| classify("DescribeInstances", e)) {
+        let out = match result {
             Ok(out) => out,
             Err(err) if err.code() == Some("InvalidInstanceID.NotFound") => return Ok(Vec::new()),
             Err(err) => return Err(err),
@@ -378,7 +473,7 @@ impl Ec2 {
                 )
                 .build()
         };
-        let out = self
+        let request = self
             .client
             .run_instances()
             .image_id(ami_id)
@@ -402,10 +497,16 @@ impl Ec2 {
                     .build(),
             )
             .tag_specifications(tag_spec(ResourceType::Instance))
-            .tag_specifications(tag_spec(ResourceType::Volume))
-            .send()
-            .await
-            .map_err(|e| classify("RunInstances", e))?;
+            .tag_specifications(tag_spec(ResourceType::Volume));
+        let out = self
+            .call("RunInstances", || async {
+                request
+                    .clone()
+                    .send()
+                    .await
+                    .map_err(|e| classify("RunInstances", e))
+            })
+            .await?;
         ok("RunInstances");
         out.instances()
             .first()
@@ -422,19 +523,22 @@ impl Ec2 {
         if ids.is_empty() {
             return Ok(());
         }
-        match self
-            .client
-            .terminate_instances()
-            .set_instance_ids(Some(ids.to_vec()))
-            .send()
-            .await
-        {
+        let all = self
+            .call("TerminateInstances", || async {
+                self.client
+                    .terminate_instances()
+                    .set_instance_ids(Some(ids.to_vec()))
+                    .send()
+                    .await
+                    .map_err(|e| classify("TerminateInstances", e))
+            })
+            .await;
+        match all {
             Ok(_) => {
                 ok("TerminateInstances");
                 Ok(())
             }
-            Err(e) => {
-                let err = classify("TerminateInstances", e);
+            Err(err) => {
                 if err
                     .code()
                     .is_some_and(|c| c.starts_with("InvalidInstanceID"))
@@ -442,19 +546,21 @@ impl Ec2 {
                     // Some are already gone: terminate the rest one by one.
                     for id in ids {
                         let one = self
-                            .client
-                            .terminate_instances()
-                            .instance_ids(id)
-                            .send()
+                            .call("TerminateInstances", || async {
+                                self.client
+                                    .terminate_instances()
+                                    .instance_ids(id)
+                                    .send()
+                                    .await
+                                    .map_err(|e| classify("TerminateInstances", e))
+                            })
                             .await;
-                        if let Err(e) = one {
-                            let err = classify("TerminateInstances", e);
-                            if !err
+                        if let Err(err) = one
+                            && !err
                                 .code()
                                 .is_some_and(|c| c.starts_with("InvalidInstanceID"))
-                            {
-                                return Err(err);
-                            }
+                        {
+                            return Err(err);
                         }
                     }
                     Ok(())

@@ -9,4 +9,5 @@ mod operations;
 mod provisioning;
 mod runtime;
 mod shutdown;
+mod throttling;
 mod userdata;

@@ -117,7 +117,8 @@ async fn a_due_booking_gets_tagged_imdsv2_instances_with_hashed_user_data() {
 }
 
 /// A 4-user booking, 3 days ahead, stored and scheduled; then an instance launched for `slot`
-/// that nobody recorded, as a provisioner that died right after `RunInstances` leaves it.
+/// that nobody recorded, as a provisioner that died right after `RunInstances` leaves it (its
+/// launch intent recorded, the instance not).
 async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (String, String) {
     env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
     let id = unique_id(prefix);
@@ -129,6 +130,10 @@ async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (S
         generation: 0,
         user_data: "#cloud-config\n{}",
     };
+    let store = env.store().await;
+    labbook::ec2::intent::record(&store.pool, &id, slot, 0)
+        .await
+        .unwrap();
     let orphan = env
         .ec2()
         .await

@@ -10,7 +10,7 @@ use crate::broker::{Outgoing, StageError};
 use crate::crypto::admin_context;
 use crate::domain::{EmailKind, NotifyMessage, Password};
 use crate::ec2::userdata::{self, Account};
-use crate::ec2::{InstanceInfo, LaunchRequest};
+use crate::ec2::{InstanceInfo, LaunchRequest, intent};
 use crate::store::slots::{self, NewSlot, Slot};
 use crate::store::{BookingRecord, BookingState, StoredCredential, bookings};
 
@@ -56,7 +56,9 @@ impl Provisioner {
         )])
     }
 
-    /// Launches (or adopts) an instance for every slot that has none recorded.
+    /// Launches (or adopts) an instance for every slot that has none recorded. EC2 is searched
+    /// by tag only when a slot's launch was asked for earlier (its intent is recorded for its
+    /// generation) and its outcome is unknown; otherwise each slot costs one `RunInstances`.
     async fn launch_missing(
         &self,
         booking_id: &str,
@@ -70,8 +72,16 @@ impl Provisioner {
         if missing.is_empty() {
             return Ok(());
         }
-        // Instances launched by an attempt that died before recording them.
-        let tagged = self.ec2.find_for_booking(booking_id).await?;
+        let intents = intent::recorded(&self.store.pool, booking_id).await?;
+        let uncertain = missing
+            .iter()
+            .any(|s| intents.contains(&(s.slot, s.generation)));
+        // Instances launched by an attempt that died (or lost EC2's answer) before recording them.
+        let tagged = if uncertain {
+            self.ec2.find_for_booking(booking_id).await?
+        } else {
+            Vec::new()
+        };
         let work: Vec<(Slot, Option<String>)> = missing
             .into_iter()
             .map(|slot| {
@@ -136,6 +146,7 @@ impl Provisioner {
             generation: slot.generation,
             user_data: &user_data,
         };
+        intent::record(&self.store.pool, booking_id, slot.slot, slot.generation).await?;
         let launched = self.ec2.launch(&req, &self.ami_id).await?;
         tracing::info!(slot = slot.slot, instance_id = %launched, users = users.len(), "launched");
         Ok(launched)

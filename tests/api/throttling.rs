@@ -1,0 +1,384 @@
+//! EC2's request rate: a proxy in front of the emulator throttles like EC2 (a token bucket per
+//! API action, `RequestLimitExceeded` when empty), and labbook's shared client-side rate limit
+//! keeps a burst of bookings under it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, StatusCode};
+use axum::response::Response;
+use labbook::broker::{StageQueue, run_stage};
+use labbook::ec2::Ec2Error;
+use labbook::ec2::rate::{RateLimit, RateLimiter, RateLimits};
+use labbook::health::Readiness;
+use labbook::stages::provisioner::{ProvisionStage, Provisioner};
+use labbook::startup::Worker;
+use labbook::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestEnv, booking_json, free_port, moto_url, unique_id};
+
+/// EC2's buckets per action (burst, refill per second); other actions are not limited.
+const EC2_BUCKETS: [(&str, f64, f64); 3] = [
+    ("RunInstances", 5.0, 2.0),
+    ("DescribeInstances", 100.0, 20.0),
+    ("TerminateInstances", 100.0, 5.0),
+];
+
+const THROTTLED_BODY: &str = "<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>x</RequestID></Response>";
+
+#[derive(Default)]
+struct ProxyState {
+    /// Tokens left and when they were counted, per action.
+    buckets: HashMap<String, (f64, Instant)>,
+    /// Calls forwarded and calls throttled, per action.
+    counts: HashMap<String, (u64, u64)>,
+}
+
+/// An HTTP proxy to the EC2 emulator that throttles like EC2.
+pub struct ThrottlingProxy {
+    pub url: String,
+    state: Arc<Mutex<ProxyState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Shared = (Arc<Mutex<ProxyState>>, reqwest::Client, String);
+
+impl ThrottlingProxy {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let state = Arc::new(Mutex::new(ProxyState::default()));
+        let shared: Shared = (state.clone(), reqwest::Client::new(), moto_url());
+        let app = axum::Router::new().fallback(forward).with_state(shared);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self {
+            url: format!("http://127.0.0.1:{port}"),
+            state,
+            task,
+        }
+    }
+
+    /// (accepted, throttled) for `action`.
+    pub fn counts(&self, action: &str) -> (u64, u64) {
+        let state = self.state.lock().unwrap();
+        state.counts.get(action).copied().unwrap_or_default()
+    }
+
+    /// `Action: accepted/throttled`, for every action seen.
+    pub fn summary(&self) -> String {
+        self.actions()
+            .iter()
+            .map(|a| {
+                let (ok, throttled) = self.counts(a);
+                format!("{a}: {ok}/{throttled}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    pub fn actions(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        let mut out: Vec<String> = state.counts.keys().cloned().collect();
+        out.sort();
+        out
+    }
+}
+
+impl Drop for ThrottlingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether a call of `action` may go through now (and counts it).
+fn admit(state: &Mutex<ProxyState>, action: &str) -> bool {
+    let mut state = state.lock().unwrap();
+    let admitted = match EC2_BUCKETS.iter().find(|(a, _, _)| *a == action) {
+        None => true,
+        Some(&(_, burst, rate)) => {
+            let now = Instant::now();
+            let (tokens, at) = state
+                .buckets
+                .entry(action.to_owned())
+                .or_insert((burst, now));
+            *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+            *at = now;
+            if *tokens >= 1.0 {
+                *tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        }
+    };
+    let counts = state.counts.entry(action.to_owned()).or_default();
+    if admitted {
+        counts.0 += 1;
+    } else {
+        counts.1 += 1;
+    }
+    admitted
+}
+
+/// The `Action` of an EC2 query-protocol request (`Action=RunInstances&...`).
+fn action_of(body: &[u8]) -> String {
+    String::from_utf8_lossy(body)
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("Action="))
+        .unwrap_or("Unknown")
+        .to_owned()
+}
+
+async fn forward(State((state, client, target)): State<Shared>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
+    let action = action_of(&body);
+    if !admit(&state, &action) {
+        return Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .header("content-type", "text/xml;charset=UTF-8")
+            .body(Body::from(THROTTLED_BODY))
+            .unwrap();
+    }
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap();
+    let mut outgoing = client.request(method, format!("{target}{path}"));
+    for (name, value) in &parts.headers {
+        if !matches!(name.as_str(), "host" | "content-length" | "connection") {
+            outgoing = outgoing.header(name.as_str(), value.as_bytes());
+        }
+    }
+    let answer = match outgoing.body(body).send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Response::builder()
+                .status(StatusCode::BAD_GATEWAY)
+                .body(Body::from(e.to_string()))
+                .unwrap();
+        }
+    };
+    let mut response = Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection"
+        ) {
+            response = response.header(
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap(),
+                value.as_bytes(),
+            );
+        }
+    }
+    let bytes = answer.bytes().await.unwrap_or_default();
+    response.body(Body::from(bytes)).unwrap()
+}
+
+/// One provisioner replica (provision-due only) whose EC2 client takes its tokens from the
+/// database's shared buckets.
+async fn spawn_provisioner_replica(
+    env: &TestEnv,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let settings = env.settings();
+    let store = Store::connect_lazy(&env.database_url(), 20).unwrap();
+    let ec2 = labbook::ec2::Ec2::with_pool(settings.ec2.clone(), store.pool.clone()).await;
+    let provisioner = Provisioner::new(
+        store,
+        ec2,
+        env.key.clone(),
+        settings.ec2.clone(),
+        settings.ec2.ami_id.clone().unwrap(),
+    );
+    let ready = Readiness::default().register("provisioner");
+    tokio::spawn(run_stage(
+        Arc::new(ProvisionStage(provisioner)),
+        settings.broker.clone(),
+        ready,
+        stop,
+    ))
+}
+
+#[tokio::test]
+async fn the_proxy_throttles_like_ec2() {
+    let proxy = ThrottlingProxy::start().await;
+    let env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_EC2_RATE_DESCRIBE_INSTANCES", "off"),
+    ])
+    .await;
+    // 150 calls at once, without labbook's limit: EC2's burst is 100. The SDK retries the
+    // throttled ones; any still throttled is an Unavailable error, never another kind.
+    let ec2 = env.ec2().await;
+    let ids = vec!["i-00000000000000000".to_owned()];
+    let calls = (0..150).map(|_| ec2.describe(&ids));
+    let results = futures_util::future::join_all(calls).await;
+    let (accepted, throttled) = proxy.counts("DescribeInstances");
+    assert!(accepted >= 100, "{accepted} accepted");
+    assert!(throttled > 0, "none throttled");
+    for r in results {
+        if let Err(e) = r {
+            assert!(matches!(e, Ec2Error::Unavailable { .. }), "{e:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_the_databases_bucket() {
+    let env = TestEnv::new().await;
+    let limits = RateLimits {
+        run_instances: Some(RateLimit::new(3, 10.0)),
+        ..RateLimits::off()
+    };
+    // Two replicas, each with its own pool.
+    let a = RateLimiter::shared(limits.clone(), env.store().await.pool);
+    let b = RateLimiter::shared(limits, env.store().await.pool);
+    let started = Instant::now();
+    let takes = (0..13).map(|i| {
+        let limiter = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move {
+            limiter.acquire("RunInstances").await.unwrap();
+            started.elapsed()
+        }
+    });
+    let mut at = futures_util::future::join_all(takes).await;
+    at.sort();
+    // 3 at once, then 10 at 10 per second: the last one after about 1 s, none early.
+    assert!(at[2] < Duration::from_millis(500), "{at:?}");
+    for (k, t) in at.iter().enumerate().skip(3) {
+        let due = Duration::from_millis(100 * (k as u64 - 2));
+        assert!(
+            *t + Duration::from_millis(5) >= due,
+            "call {k} at {t:?}: {at:?}"
+        );
+    }
+    assert!(at[12] < Duration::from_secs(3), "{at:?}");
+}
+
+#[tokio::test]
+async fn the_limit_waits_out_a_database_outage_as_unavailable() {
+    let url = format!("postgres://postgres@127.0.0.1:{}/none", free_port());
+    let store = Store::connect_lazy(&url, 1).unwrap();
+    let limiter = RateLimiter::shared(RateLimits::default(), store.pool);
+    let err = limiter.acquire("RunInstances").await.unwrap_err();
+    assert!(matches!(err, Ec2Error::Unavailable { .. }), "{err:?}");
+    // An action without a limit does not need the database.
+    limiter.acquire("CreateSecurityGroup").await.unwrap();
+}
+
+/// 30 bookings of 4 users (60 instances) due at once, provisioned by two replicas through a
+/// proxy that throttles like EC2: all get their machines, none fails, and the shared limit
+/// keeps throttled `RunInstances` calls rare.
+#[tokio::test]
+async fn a_burst_of_bookings_is_provisioned_within_ec2s_rate() {
+    const BOOKINGS: usize = 30;
+    let proxy = ThrottlingProxy::start().await;
+    let mut env = TestEnv::with(&[("AWS_ENDPOINT_URL", proxy.url.as_str())]).await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Notifier])
+        .await;
+    let stop = CancellationToken::new();
+    let replicas = [
+        spawn_provisioner_replica(&env, stop.clone()).await,
+        spawn_provisioner_replica(&env, stop.clone()).await,
+    ];
+    let store = env.store().await;
+
+    let prefix = unique_id("burst");
+    let ids: Vec<String> = (0..BOOKINGS).map(|i| format!("{prefix}-{i}")).collect();
+    let bodies: Vec<String> = ids.iter().map(|id| booking_json(id, 4, 0)).collect();
+    let started = Instant::now();
+    futures_util::future::join_all(bodies.iter().map(|b| env.publish_booking(b))).await;
+
+    let deadline = started + Duration::from_secs(60);
+    let count = |state: &'static str| {
+        let pool = store.pool.clone();
+        let prefix = format!("{prefix}-%");
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM bookings WHERE booking_id LIKE $1 AND state = $2",
+            )
+            .bind(prefix)
+            .bind(state)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let mut report = Instant::now();
+    loop {
+        let (done, failed) = (count("provisioned").await, count("failed").await);
+        assert_eq!(failed, 0, "a booking failed");
+        if done == BOOKINGS as i64 {
+            break;
+        }
+        if report.elapsed() >= Duration::from_secs(5) || Instant::now() >= deadline {
+            report = Instant::now();
+            println!(
+                "after {:.0} s: {done} provisioned; {}",
+                started.elapsed().as_secs_f64(),
+                proxy.summary()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{done} of {BOOKINGS} bookings provisioned after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let elapsed = started.elapsed();
+
+    let (run_ok, run_throttled) = proxy.counts("RunInstances");
+    println!(
+        "{BOOKINGS} bookings, {} instances provisioned in {:.1} s (RunInstances bucket alone: at least {:.1} s)",
+        BOOKINGS * 2,
+        elapsed.as_secs_f64(),
+        (BOOKINGS as f64 * 2.0 - 5.0) / 2.0
+    );
+    for action in proxy.actions() {
+        let (ok, throttled) = proxy.counts(&action);
+        println!("  {action}: {ok} accepted, {throttled} throttled");
+    }
+
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM emails WHERE kind = 'failure'")
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 0, "a failure email");
+    for q in StageQueue::ALL {
+        let dlq = format!("{}.dlq", q.name());
+        assert_eq!(env.depth(&dlq).await, 0, "{dlq} is not empty");
+    }
+    let instances: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT instance_id) FROM slots WHERE booking_id LIKE $1",
+    )
+    .bind(format!("{prefix}-%"))
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(instances, BOOKINGS as i64 * 2);
+    assert_eq!(
+        run_ok,
+        BOOKINGS as u64 * 2,
+        "one RunInstances call per instance"
+    );
+    assert!(
+        run_throttled as f64 <= 0.5 * run_ok as f64,
+        "{run_throttled} RunInstances throttled for {run_ok} accepted"
+    );
+
+    stop.cancel();
+    for r in replicas {
+        tokio::time::timeout(Duration::from_secs(30), r)
+            .await
+            .expect("replicas stop")
+            .unwrap();
+    }
+    env.stop().await;
+}
