@@ -107,7 +107,7 @@ impl Application {
             Worker::Provisioner => {
                 let ami_id = settings.require_ami_id()?.to_owned();
                 let key = settings.require_secret_key()?.clone();
-                let ec2 = Ec2::new(settings.ec2.clone()).await;
+                let ec2 = Ec2::with_pool(settings.ec2.clone(), store.pool.clone()).await;
                 crate::ec2::register_metrics();
                 let provisioner = Provisioner::new(store, ec2, key, settings.ec2.clone(), ami_id);
                 self.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));

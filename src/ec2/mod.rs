@@ -183,6 +183,14 @@ fn ok(operation: &'static str) {
         .increment(1);
 }
 
+/// A DescribeInstances filter on the tag `key`.
+fn tag_filter(key: &str, value: &str) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
+}
+
 /// What labbook knows of an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
@@ -372,29 +380,15 @@ impl Ec2 {
         booking_id: Option<&str>,
     ) -> Result<Vec<InstanceInfo>, Ec2Error> {
         let installation = self.settings.installation.as_str();
-        let mut request = self.client.describe_instances().filters(
-            Filter::builder()
-                .name(format!("tag:{TAG_MANAGED}"))
-                .values("true")
-                .build(),
-        );
+        let mut filters = vec![tag_filter(TAG_MANAGED, "true")];
         if installation != DEFAULT_INSTALLATION {
             // EC2 filters cannot ask for a missing tag: the default installation filters below.
-            request = request.filters(
-                Filter::builder()
-                    .name(format!("tag:{TAG_INSTALLATION}"))
-                    .values(installation)
-                    .build(),
-            );
+            filters.push(tag_filter(TAG_INSTALLATION, installation));
         }
         if let Some(id) = booking_id {
-            request = request.filters(
-                Filter::builder()
-                    .name(format!("tag:{TAG_BOOKING}"))
-                    .values(id)
-                    .build(),
-            );
+            filters.push(tag_filter(TAG_BOOKING, id));
         }
+        let request = self.client.describe_instances().set_filters(Some(filters));
         let mut out = Vec::new();
         let mut next_token = None;
         loop {
@@ -458,21 +452,7 @@ impl Ec2 {
     /// Launches one instance for a slot, tagged, IMDSv2 required, with a `ClientToken`.
     pub async fn launch(&self, req: &LaunchRequest<'_>, ami_id: &str) -> Result<String, Ec2Error> {
         let security_groups = self.security_groups().await?;
-        let tags = [
-            (TAG_BOOKING, req.booking_id.to_owned()),
-            (TAG_SLOT, req.slot.to_string()),
-            (TAG_MANAGED, "true".to_owned()),
-            (TAG_INSTALLATION, self.settings.installation.clone()),
-            ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
-        ];
-        let tag_spec = |kind: ResourceType| {
-            tags.iter()
-                .fold(
-                    TagSpecification::builder().resource_type(kind),
-                    |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
-                )
-                .build()
-        };
+        let tag_spec = |kind| self.tags_for(req, kind);
         let request = self
             .client
             .run_instances()
@@ -582,6 +562,23 @@ impl Ec2 {
             .cloned()
     }
 
+    /// The tags of a slot's instance and volumes: booking, slot, managed, installation, name.
+    fn tags_for(&self, req: &LaunchRequest<'_>, kind: ResourceType) -> TagSpecification {
+        let tags = [
+            (TAG_BOOKING, req.booking_id.to_owned()),
+            (TAG_SLOT, req.slot.to_string()),
+            (TAG_MANAGED, "true".to_owned()),
+            (TAG_INSTALLATION, self.settings.installation.clone()),
+            ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
+        ];
+        tags.iter()
+            .fold(
+                TagSpecification::builder().resource_type(kind),
+                |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
+            )
+            .build()
+    }
+
     async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
         if let Some(id) = self.find_group().await? {
             return Ok(id);
@@ -622,6 +619,13 @@ impl Ec2 {
             }
         };
         ok("CreateSecurityGroup");
+        self.open_ingress(&group_id).await?;
+        tracing::info!(group_id = %group_id, "created security group {SECURITY_GROUP_NAME} (22, 80, 443)");
+        Ok(group_id)
+    }
+
+    /// Opens SSH, HTTP and HTTPS on labbook's group to `LABBOOK_ALLOWED_CIDRS`.
+    async fn open_ingress(&self, group_id: &str) -> Result<(), Ec2Error> {
         let ranges: Vec<IpRange> = self
             .settings
             .allowed_cidrs
@@ -638,14 +642,13 @@ impl Ec2 {
         });
         self.client
             .authorize_security_group_ingress()
-            .group_id(&group_id)
+            .group_id(group_id)
             .set_ip_permissions(Some(permissions.to_vec()))
             .send()
             .await
             .map_err(|e| classify("AuthorizeSecurityGroupIngress", e))?;
         ok("AuthorizeSecurityGroupIngress");
-        tracing::info!(group_id = %group_id, "created security group {SECURITY_GROUP_NAME} (22, 80, 443)");
-        Ok(group_id)
+        Ok(())
     }
 
     async fn find_group(&self) -> Result<Option<String>, Ec2Error> {
