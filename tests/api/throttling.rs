@@ -28,6 +28,8 @@ const EC2_BUCKETS: [(&str, f64, f64); 3] = [
     ("TerminateInstances", 100.0, 5.0),
 ];
 
+const INTERNAL_ERROR_BODY: &str = "<Response><Errors><Error><Code>InternalError</Code><Message>An internal error has occurred.</Message></Error></Errors><RequestID>x</RequestID></Response>";
+
 const THROTTLED_BODY: &str = "<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>x</RequestID></Response>";
 
 #[derive(Default)]
@@ -36,6 +38,10 @@ struct ProxyState {
     buckets: HashMap<String, (f64, Instant)>,
     /// Calls forwarded and calls throttled, per action.
     counts: HashMap<String, (u64, u64)>,
+    /// How many of the next `RunInstances` calls get a 500 (EC2 failing, not throttling).
+    fail_run_instances: u32,
+    /// The body of every `RunInstances` call, in order.
+    run_bodies: Vec<Vec<u8>>,
 }
 
 /// An HTTP proxy to the EC2 emulator that throttles like EC2.
@@ -64,6 +70,16 @@ impl ThrottlingProxy {
             state,
             task,
         }
+    }
+
+    /// Answers the next `n` `RunInstances` calls with EC2's `500 InternalError`.
+    pub fn fail_next_run_instances(&self, n: u32) {
+        self.state.lock().unwrap().fail_run_instances = n;
+    }
+
+    /// The body of every `RunInstances` call the proxy saw, in order.
+    pub fn run_instances_bodies(&self) -> Vec<Vec<u8>> {
+        self.state.lock().unwrap().run_bodies.clone()
     }
 
     /// (accepted, throttled) for `action`.
@@ -141,6 +157,18 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
     let action = action_of(&body);
+    if action == "RunInstances" {
+        let mut state = state.lock().unwrap();
+        state.run_bodies.push(body.to_vec());
+        if state.fail_run_instances > 0 {
+            state.fail_run_instances -= 1;
+            return Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .header("content-type", "text/xml;charset=UTF-8")
+                .body(Body::from(INTERNAL_ERROR_BODY))
+                .unwrap();
+        }
+    }
     if !admit(&state, &action) {
         return Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
@@ -381,4 +409,43 @@ async fn a_burst_of_bookings_is_provisioned_within_ec2s_rate() {
             .unwrap();
     }
     env.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_launch_sends_byte_identical_parameters() {
+    // EC2 fails the first five RunInstances: three tries in one attempt, then the message waits
+    // and a new attempt renders the user-data again from the database and tries again.
+    let proxy = ThrottlingProxy::start().await;
+    proxy.fail_next_run_instances(5);
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_RETRY_DELAYS_MS", "100,200"),
+        ("LABBOOK_MAX_ATTEMPTS", "2"),
+    ])
+    .await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("same-params");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    env.stop().await;
+
+    let bodies = proxy.run_instances_bodies();
+    assert_eq!(bodies.len(), 6, "five failed tries, then the launch");
+    let first = String::from_utf8_lossy(&bodies[0]).into_owned();
+    assert!(
+        first.contains("ClientToken=") && first.contains("UserData="),
+        "{first}"
+    );
+    for (i, body) in bodies.iter().enumerate() {
+        assert!(
+            body == &bodies[0],
+            "RunInstances #{i} differs from the first"
+        );
+    }
+    assert_eq!(
+        crate::helpers::instances_for(&id).await.len(),
+        1,
+        "one machine"
+    );
 }
