@@ -2,6 +2,7 @@
 //! permanent and transient. Tested against an EC2 API emulator through `AWS_ENDPOINT_URL`.
 //! Every call first takes a token from its action's client-side rate limit ([`rate`]).
 
+mod group;
 pub mod intent;
 pub mod rate;
 pub mod userdata;
@@ -11,7 +12,7 @@ use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
-    InstanceType, IpPermission, IpRange, ResourceType, Tag, TagSpecification,
+    InstanceType, ResourceType, Tag, TagSpecification,
 };
 use base64::Engine;
 use sha2::{Digest, Sha256};
@@ -577,99 +578,6 @@ impl Ec2 {
                 |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
             )
             .build()
-    }
-
-    async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
-        if let Some(id) = self.find_group().await? {
-            return Ok(id);
-        }
-        let vpc_id = match &self.settings.subnet_id {
-            Some(subnet) => {
-                let out = self
-                    .client
-                    .describe_subnets()
-                    .subnet_ids(subnet)
-                    .send()
-                    .await
-                    .map_err(|e| classify("DescribeSubnets", e))?;
-                out.subnets()
-                    .first()
-                    .and_then(|s| s.vpc_id())
-                    .map(str::to_owned)
-            }
-            None => None,
-        };
-        let created = self
-            .client
-            .create_security_group()
-            .group_name(SECURITY_GROUP_NAME)
-            .description("labbook lab machines: SSH, HTTP, HTTPS")
-            .set_vpc_id(vpc_id)
-            .send()
-            .await;
-        let group_id = match created {
-            Ok(out) => out.group_id().unwrap_or_default().to_owned(),
-            Err(e) => {
-                let err = classify("CreateSecurityGroup", e);
-                // Another replica created it a moment ago.
-                if err.code() == Some("InvalidGroup.Duplicate") {
-                    return self.find_group().await?.ok_or(err);
-                }
-                return Err(err);
-            }
-        };
-        ok("CreateSecurityGroup");
-        self.open_ingress(&group_id).await?;
-        tracing::info!(group_id = %group_id, "created security group {SECURITY_GROUP_NAME} (22, 80, 443)");
-        Ok(group_id)
-    }
-
-    /// Opens SSH, HTTP and HTTPS on labbook's group to `LABBOOK_ALLOWED_CIDRS`.
-    async fn open_ingress(&self, group_id: &str) -> Result<(), Ec2Error> {
-        let ranges: Vec<IpRange> = self
-            .settings
-            .allowed_cidrs
-            .iter()
-            .map(|c| IpRange::builder().cidr_ip(c).build())
-            .collect();
-        let permissions = [22, 80, 443].map(|port| {
-            IpPermission::builder()
-                .ip_protocol("tcp")
-                .from_port(port)
-                .to_port(port)
-                .set_ip_ranges(Some(ranges.clone()))
-                .build()
-        });
-        self.client
-            .authorize_security_group_ingress()
-            .group_id(group_id)
-            .set_ip_permissions(Some(permissions.to_vec()))
-            .send()
-            .await
-            .map_err(|e| classify("AuthorizeSecurityGroupIngress", e))?;
-        ok("AuthorizeSecurityGroupIngress");
-        Ok(())
-    }
-
-    async fn find_group(&self) -> Result<Option<String>, Ec2Error> {
-        let out = self
-            .client
-            .describe_security_groups()
-            .filters(
-                Filter::builder()
-                    .name("group-name")
-                    .values(SECURITY_GROUP_NAME)
-                    .build(),
-            )
-            .send()
-            .await
-            .map_err(|e| classify("DescribeSecurityGroups", e))?;
-        ok("DescribeSecurityGroups");
-        Ok(out
-            .security_groups()
-            .first()
-            .and_then(|g| g.group_id())
-            .map(str::to_owned))
     }
 }
 

@@ -449,3 +449,106 @@ async fn installations_sharing_an_account_touch_only_their_own_machines() {
         "production's machine is untouched"
     );
 }
+
+/// labbook's security group of `installation` as EC2 shows it.
+async fn security_group(name: &str) -> aws_sdk_ec2::types::SecurityGroup {
+    let out = crate::helpers::raw_ec2()
+        .await
+        .describe_security_groups()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("group-name")
+                .values(name)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.security_groups().len(), 1, "one group named {name}");
+    out.security_groups()[0].clone()
+}
+
+fn opens(group: &aws_sdk_ec2::types::SecurityGroup, port: i32, cidr: &str) -> bool {
+    group.ip_permissions().iter().any(|p| {
+        p.from_port() == Some(port) && p.ip_ranges().iter().any(|r| r.cidr_ip() == Some(cidr))
+    })
+}
+
+#[tokio::test]
+async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_repaired() {
+    let installation = format!("sg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let cidr = "198.51.100.0/24";
+    let env = TestEnv::with(&[
+        ("LABBOOK_INSTALLATION", installation.as_str()),
+        ("LABBOOK_ALLOWED_CIDRS", cidr),
+    ])
+    .await;
+    let request = LaunchRequest {
+        booking_id: &unique_id("sg"),
+        slot: 0,
+        generation: 0,
+        user_data: "#cloud-config\n{}",
+    };
+    let ec2 = env.ec2().await;
+    let name = ec2.group_name();
+    assert_eq!(name, format!("labbook-lab-{installation}"));
+    ec2.launch(&request, "ami-03cf127a").await.unwrap();
+
+    let group = security_group(&name).await;
+    let tag = |key: &str| {
+        group
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some(key))
+            .and_then(|t| t.value())
+            .map(str::to_owned)
+    };
+    assert_eq!(tag("labbook:managed").as_deref(), Some("true"));
+    assert_eq!(tag("labbook:installation"), Some(installation.clone()));
+    let vpcs = crate::helpers::raw_ec2()
+        .await
+        .describe_vpcs()
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("isDefault")
+                .values("true")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        group.vpc_id(),
+        vpcs.vpcs()[0].vpc_id(),
+        "in the default VPC"
+    );
+    for port in [22, 80, 443] {
+        assert!(opens(&group, port, cidr), "port {port} open to {cidr}");
+    }
+
+    // Someone closes HTTP; the next provisioner process opens it again before using the group.
+    crate::helpers::raw_ec2()
+        .await
+        .revoke_security_group_ingress()
+        .group_id(group.group_id().unwrap())
+        .ip_protocol("tcp")
+        .from_port(80)
+        .to_port(80)
+        .cidr_ip(cidr)
+        .send()
+        .await
+        .unwrap();
+    assert!(!opens(&security_group(&name).await, 80, cidr));
+    env.ec2()
+        .await
+        .launch(&request, "ami-03cf127a")
+        .await
+        .unwrap();
+    let repaired = security_group(&name).await;
+    assert_eq!(
+        repaired.group_id(),
+        group.group_id(),
+        "the same group, reused"
+    );
+    assert!(opens(&repaired, 80, cidr), "HTTP open again");
+}

@@ -1,0 +1,192 @@
+//! labbook's own security group, used when `LABBOOK_SECURITY_GROUP_IDS` is not set: one per
+//! installation (`labbook-lab`, or `labbook-lab-<installation>`), looked for only in the VPC
+//! the machines launch into (the configured subnet's, else the default VPC), tagged
+//! `labbook:managed` and `labbook:installation` when created, and its ingress (SSH, HTTP,
+//! HTTPS from `LABBOOK_ALLOWED_CIDRS`) checked, and repaired, before it is used.
+
+use aws_sdk_ec2::types::{
+    Filter, IpPermission, IpRange, ResourceType, SecurityGroup, Tag, TagSpecification,
+};
+
+use super::{
+    DEFAULT_INSTALLATION, Ec2, Ec2Error, SECURITY_GROUP_NAME, TAG_INSTALLATION, TAG_MANAGED,
+    classify, ok,
+};
+
+/// What the group lets in: SSH, and HTTP(S) for JupyterHub.
+const PORTS: [i32; 3] = [22, 80, 443];
+
+impl Ec2 {
+    /// This installation's group name.
+    pub fn group_name(&self) -> String {
+        match self.settings.installation.as_str() {
+            DEFAULT_INSTALLATION => SECURITY_GROUP_NAME.to_owned(),
+            other => format!("{SECURITY_GROUP_NAME}-{other}"),
+        }
+    }
+
+    /// labbook's group in the launch VPC, its ingress repaired; created if missing.
+    pub(super) async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
+        let vpc = self.launch_vpc().await?;
+        let name = self.group_name();
+        if let Some(group) = self.find_group(&name, vpc.as_deref()).await? {
+            let id = group.group_id().unwrap_or_default().to_owned();
+            self.repair_ingress(&id, &group).await?;
+            return Ok(id);
+        }
+        let created = self
+            .client
+            .create_security_group()
+            .group_name(&name)
+            .description("labbook lab machines: SSH, HTTP, HTTPS")
+            .set_vpc_id(vpc.clone())
+            .tag_specifications(self.group_tags())
+            .send()
+            .await;
+        let group_id = match created {
+            Ok(out) => out.group_id().unwrap_or_default().to_owned(),
+            Err(e) => {
+                let err = classify("CreateSecurityGroup", e);
+                // Another replica created it a moment ago.
+                if err.code() == Some("InvalidGroup.Duplicate") {
+                    let found = self.find_group(&name, vpc.as_deref()).await?;
+                    return found
+                        .and_then(|g| g.group_id().map(str::to_owned))
+                        .ok_or(err);
+                }
+                return Err(err);
+            }
+        };
+        ok("CreateSecurityGroup");
+        self.open_ingress(&group_id, &PORTS).await?;
+        tracing::info!(group_id = %group_id, "created security group {name} (22, 80, 443)");
+        Ok(group_id)
+    }
+
+    fn group_tags(&self) -> TagSpecification {
+        TagSpecification::builder()
+            .resource_type(ResourceType::SecurityGroup)
+            .tags(Tag::builder().key(TAG_MANAGED).value("true").build())
+            .tags(
+                Tag::builder()
+                    .key(TAG_INSTALLATION)
+                    .value(&self.settings.installation)
+                    .build(),
+            )
+            .build()
+    }
+
+    /// The VPC the machines launch into: the configured subnet's, else the default VPC.
+    async fn launch_vpc(&self) -> Result<Option<String>, Ec2Error> {
+        if let Some(subnet) = &self.settings.subnet_id {
+            let out = self
+                .client
+                .describe_subnets()
+                .subnet_ids(subnet)
+                .send()
+                .await
+                .map_err(|e| classify("DescribeSubnets", e))?;
+            ok("DescribeSubnets");
+            return Ok(out
+                .subnets()
+                .first()
+                .and_then(|s| s.vpc_id())
+                .map(str::to_owned));
+        }
+        let default = Filter::builder().name("isDefault").values("true").build();
+        let out = self
+            .client
+            .describe_vpcs()
+            .filters(default)
+            .send()
+            .await
+            .map_err(|e| classify("DescribeVpcs", e))?;
+        ok("DescribeVpcs");
+        Ok(out
+            .vpcs()
+            .first()
+            .and_then(|v| v.vpc_id())
+            .map(str::to_owned))
+    }
+
+    async fn find_group(
+        &self,
+        name: &str,
+        vpc: Option<&str>,
+    ) -> Result<Option<SecurityGroup>, Ec2Error> {
+        let mut filters = vec![Filter::builder().name("group-name").values(name).build()];
+        if let Some(vpc) = vpc {
+            filters.push(Filter::builder().name("vpc-id").values(vpc).build());
+        }
+        let out = self
+            .client
+            .describe_security_groups()
+            .set_filters(Some(filters))
+            .send()
+            .await
+            .map_err(|e| classify("DescribeSecurityGroups", e))?;
+        ok("DescribeSecurityGroups");
+        Ok(out.security_groups().first().cloned())
+    }
+
+    /// Opens again the ports an existing group no longer lets in from every allowed range.
+    async fn repair_ingress(&self, group_id: &str, group: &SecurityGroup) -> Result<(), Ec2Error> {
+        let missing: Vec<i32> = PORTS
+            .into_iter()
+            .filter(|port| !self.lets_in(group, *port))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(group_id, ports = ?missing, "labbook's security group lost some of its ingress rules; opening them again");
+        self.open_ingress(group_id, &missing).await
+    }
+
+    /// Whether `port` is open over TCP to every allowed range.
+    fn lets_in(&self, group: &SecurityGroup, port: i32) -> bool {
+        self.settings.allowed_cidrs.iter().all(|cidr| {
+            group.ip_permissions().iter().any(|p| {
+                p.ip_protocol() == Some("tcp")
+                    && p.from_port().is_some_and(|from| from <= port)
+                    && p.to_port().is_some_and(|to| port <= to)
+                    && p.ip_ranges().iter().any(|r| r.cidr_ip() == Some(cidr))
+            })
+        })
+    }
+
+    /// Opens `ports` on labbook's group to `LABBOOK_ALLOWED_CIDRS`.
+    async fn open_ingress(&self, group_id: &str, ports: &[i32]) -> Result<(), Ec2Error> {
+        let ranges: Vec<IpRange> = self
+            .settings
+            .allowed_cidrs
+            .iter()
+            .map(|c| IpRange::builder().cidr_ip(c).build())
+            .collect();
+        let permissions: Vec<IpPermission> = ports
+            .iter()
+            .map(|port| {
+                IpPermission::builder()
+                    .ip_protocol("tcp")
+                    .from_port(*port)
+                    .to_port(*port)
+                    .set_ip_ranges(Some(ranges.clone()))
+                    .build()
+            })
+            .collect();
+        let opened = self
+            .client
+            .authorize_security_group_ingress()
+            .group_id(group_id)
+            .set_ip_permissions(Some(permissions))
+            .send()
+            .await;
+        match opened.map_err(|e| classify("AuthorizeSecurityGroupIngress", e)) {
+            Ok(_) => {}
+            // Another replica opened them a moment ago.
+            Err(err) if err.code() == Some("InvalidPermission.Duplicate") => {}
+            Err(err) => return Err(err),
+        }
+        ok("AuthorizeSecurityGroupIngress");
+        Ok(())
+    }
+}
