@@ -184,6 +184,9 @@ fn ok(operation: &'static str) {
         .increment(1);
 }
 
+/// The states of an instance that may still run, or run again.
+const LIVE_STATES: [&str; 4] = ["pending", "running", "stopping", "stopped"];
+
 /// A DescribeInstances filter on the tag `key`.
 fn tag_filter(key: &str, value: &str) -> Filter {
     Filter::builder()
@@ -389,6 +392,13 @@ impl Ec2 {
         if let Some(id) = booking_id {
             filters.push(tag_filter(TAG_BOOKING, id));
         }
+        // Terminated instances stay visible for about an hour: leave them to EC2.
+        filters.push(
+            Filter::builder()
+                .name("instance-state-name")
+                .set_values(Some(LIVE_STATES.map(str::to_owned).to_vec()))
+                .build(),
+        );
         let request = self.client.describe_instances().set_filters(Some(filters));
         let mut out = Vec::new();
         let mut next_token = None;

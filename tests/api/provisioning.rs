@@ -326,7 +326,10 @@ async fn two_scheduler_replicas_publish_each_due_item_once() {
 
 #[tokio::test]
 async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those() {
-    let mut env = TestEnv::new().await;
+    // An installation of its own: the sweep lists only its machines, however many the shared
+    // emulator holds.
+    let installation = format!("sweep-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let mut env = TestEnv::with(&[("LABBOOK_INSTALLATION", installation.as_str())]).await;
     let store = env.store().await;
     let over = unique_id("swept");
     let unknown = unique_id("not-ours");
