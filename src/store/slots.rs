@@ -150,3 +150,17 @@ pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Er
     .await?
     .rows_affected())
 }
+
+/// Forgets the instance `instance_id` of its slot and raises the slot's generation, so the
+/// slot is launched anew with a new `ClientToken` (the old one would return the same machine).
+pub async fn replace_instance(pool: &PgPool, instance_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
+                          public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
+         WHERE instance_id = $1",
+    )
+    .bind(instance_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

@@ -555,3 +555,67 @@ async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_re
     );
     assert!(opens(&repaired, 80, cidr), "HTTP open again");
 }
+
+#[tokio::test]
+async fn a_machine_taken_back_before_it_ran_is_replaced() {
+    // A booking planned and launched, whose machine EC2 then terminated (no capacity, a volume
+    // limit) before it ran.
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler]).await;
+    let id = unique_id("replaced");
+    env.publish_booking(&booking_json(&id, 2, 72)).await;
+    env.wait_state(&id, "scheduled").await;
+    env.stop().await;
+    let store = env.store().await;
+    let admin = Password::generate();
+    let plan = [slots::NewSlot {
+        slot: 0,
+        first_user: 0,
+        user_count: 2,
+        admin_username: "labadmin".into(),
+        admin_password_encrypted: env.key.encrypt(&admin, &admin_context(&id, 0)),
+        admin_password_hash: admin.sha512_crypt(),
+    }];
+    slots::insert_plan(&store.pool, &id, &plan).await.unwrap();
+    let request = LaunchRequest {
+        booking_id: &id,
+        slot: 0,
+        generation: 0,
+        user_data: "#cloud-config\n{}",
+    };
+    let lost = env
+        .ec2()
+        .await
+        .launch(&request, "ami-03cf127a")
+        .await
+        .unwrap();
+    slots::record_instance(&store.pool, &id, 0, &lost)
+        .await
+        .unwrap();
+    crate::helpers::raw_ec2()
+        .await
+        .terminate_instances()
+        .instance_ids(&lost)
+        .send()
+        .await
+        .unwrap();
+
+    env.spawn(&[Worker::Provisioner]).await;
+    publish_ref(&env, "provision-due", &id).await;
+    env.wait_state(&id, "provisioned").await;
+    let slot = &slots::for_booking(&store.pool, &id).await.unwrap()[0];
+    assert_ne!(
+        slot.instance_id.as_deref(),
+        Some(lost.as_str()),
+        "a new machine"
+    );
+    assert_eq!(slot.generation, 1, "launched with a new ClientToken");
+    assert_eq!(env.depth("provision-due.dlq").await, 0);
+    let running: Vec<_> = instances_for(&id)
+        .await
+        .into_iter()
+        .filter(|i| state_of(i) == "running")
+        .collect();
+    assert_eq!(running.len(), 1);
+    env.stop().await;
+}

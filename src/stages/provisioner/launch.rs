@@ -199,9 +199,13 @@ impl Provisioner {
         loop {
             let infos = self.ec2.describe(ids).await?;
             if let Some(gone) = infos.iter().find(|i| i.is_gone()) {
-                return Err(StageError::Permanent(format!(
-                    "instance {} stopped before it was ready ({})",
-                    gone.instance_id, gone.state
+                // EC2 took it back before it ran (no capacity, a volume limit): the slot gets a
+                // new launch generation, and the next attempt a replacement.
+                slots::replace_instance(&self.store.pool, &gone.instance_id).await?;
+                return Err(StageError::transient(anyhow::anyhow!(
+                    "instance {} stopped before it was ready ({}); a replacement is launched on the next attempt",
+                    gone.instance_id,
+                    gone.state
                 )));
             }
             let ready = infos.iter().filter(|i| i.is_ready()).count();
