@@ -171,7 +171,18 @@ pub fn register_metrics() {
         "labbook_ec2_calls_total",
         "EC2 API calls, by operation and outcome"
     );
+    metrics::describe_counter!(
+        "labbook_ec2_rate_limited_total",
+        "EC2 calls that waited for a token of the shared rate limit"
+    );
+    metrics::describe_counter!(
+        "labbook_ec2_rate_wait_milliseconds_total",
+        "Time EC2 calls waited for a token"
+    );
     for operation in ["RunInstances", "DescribeInstances", "TerminateInstances"] {
+        metrics::counter!("labbook_ec2_rate_limited_total", "operation" => operation).increment(0);
+        metrics::counter!("labbook_ec2_rate_wait_milliseconds_total", "operation" => operation)
+            .increment(0);
         for outcome in ["ok", "throttled", "transient", "permanent", "unreachable"] {
             metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => outcome)
                 .increment(0);

@@ -32,6 +32,18 @@ async fn dead_letters(env: &mut TestEnv, n: usize) -> Vec<String> {
     ids
 }
 
+/// The dead letters of `booking-created`, and their booking ids in order.
+async fn listing(conn: &lapin::Connection) -> (Vec<dlq::DeadLetter>, Vec<String>) {
+    let letters = dlq::read_all(conn, StageQueue::BookingCreated)
+        .await
+        .unwrap();
+    let ids = letters
+        .iter()
+        .map(|l| l.booking_id.clone().unwrap())
+        .collect();
+    (letters, ids)
+}
+
 async fn conn(env: &TestEnv) -> lapin::Connection {
     labbook::broker::connect(&env.amqp_url(), "labbook test")
         .await
@@ -50,13 +62,7 @@ async fn listing_and_filtering_thirty_times_loses_and_reorders_nothing() {
         .unwrap();
     for round in 0..30 {
         // A listing, and a replay and a purge that match nothing: each returns every letter.
-        let letters = dlq::read_all(&conn, StageQueue::BookingCreated)
-            .await
-            .unwrap();
-        let seen: Vec<String> = letters
-            .iter()
-            .map(|l| l.booking_id.clone().unwrap())
-            .collect();
+        let (_, seen) = listing(&conn).await;
         assert_eq!(seen, ids, "listing {round}");
         let nobody = Some("nobody");
         let report = dlq::replay(&conn, StageQueue::BookingCreated, nobody, None, |_| {
@@ -93,13 +99,7 @@ async fn listing_leaves_the_dead_letters_in_place_and_in_order() {
     let ids = dead_letters(&mut env, 4).await;
     let conn = conn(&env).await;
     for _ in 0..2 {
-        let letters = dlq::read_all(&conn, StageQueue::BookingCreated)
-            .await
-            .unwrap();
-        let seen: Vec<String> = letters
-            .iter()
-            .map(|l| l.booking_id.clone().unwrap())
-            .collect();
+        let (letters, seen) = listing(&conn).await;
         assert_eq!(seen, ids);
         assert!(
             letters
