@@ -485,11 +485,11 @@ def check_definitions():
     path = DEPLOY / "rabbitmq-definitions.json"
     d = json.loads(path.read_text())
     exchanges = d.get("exchanges") or []
-    require(len(exchanges) == 1, "definitions: exactly one exchange")
-    x = exchanges[0]
-    require((x["name"], x["vhost"], x["type"], x["durable"], x["auto_delete"], x["internal"])
-            == (EXCHANGE, "/", "direct", True, False, False),
-            "definitions: exchange labbook, direct, durable")
+    got_x = sorted((x["name"], x["vhost"], x["type"], x["durable"], x["auto_delete"], x["internal"])
+                   for x in exchanges)
+    require(got_x == [(EXCHANGE, "/", "direct", True, False, False),
+                      ("labbook.events", "/", "topic", True, False, False)],
+            "definitions: exchanges labbook (direct) and labbook.events (topic), durable")
     want = expected_queues()
     queues = d.get("queues") or []
     names = [q["name"] for q in queues]

@@ -17,6 +17,7 @@ import pathlib
 import sys
 
 EXCHANGE = "labbook"
+EVENTS_EXCHANGE = "labbook.events"
 STAGE_QUEUES = ["booking-created", "credentials-ready", "provision-due", "notify", "teardown-due"]
 DEFAULT_DELAYS_MS = [1_000, 10_000, 60_000, 600_000]
 VHOST = "/"
@@ -80,7 +81,17 @@ def definitions(delays_ms: list[int]) -> dict:
                 "auto_delete": False,
                 "internal": False,
                 "arguments": {},
-            }
+            },
+            # The upstream's events (contract §7): labbook binds nothing to it.
+            {
+                "name": EVENTS_EXCHANGE,
+                "vhost": VHOST,
+                "type": "topic",
+                "durable": True,
+                "auto_delete": False,
+                "internal": False,
+                "arguments": {},
+            },
         ],
         "queues": queues,
         "bindings": bindings,

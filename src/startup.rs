@@ -93,7 +93,8 @@ impl Application {
         match worker {
             Worker::Credentials => {
                 let key = settings.require_secret_key()?.clone();
-                let stage = CredentialsStage::new(store, key, settings.rules);
+                let stage =
+                    CredentialsStage::new(store, key, settings.rules, settings.provision_lead);
                 self.add_stage("credentials", settings, stage);
             }
             Worker::Scheduler => {

@@ -19,6 +19,7 @@ pub use connection::{
 pub use error::StageError;
 pub use publisher::{DEFAULT_CONFIRM_TIMEOUT, PublishError, json_properties, publish_confirmed};
 pub use runtime::{
-    Incoming, MAX_BODY_BYTES, Outgoing, Stage, Subject, Undecodable, run_stage, run_until_empty,
+    Incoming, MAX_BODY_BYTES, Outgoing, Route, Stage, Subject, Undecodable, run_stage,
+    run_until_empty,
 };
-pub use topology::{EXCHANGE, StageQueue, Topology, delay_queue_name};
+pub use topology::{EVENTS_EXCHANGE, EXCHANGE, StageQueue, Topology, delay_queue_name};

@@ -33,7 +33,23 @@ pub async fn publish_confirmed(
     properties: BasicProperties,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    let publish = publish(channel, exchange, routing_key, body, properties);
+    let publish = publish(channel, (exchange, routing_key), body, properties, true);
+    tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| PublishError::Unconfirmed(timeout))?
+}
+
+/// Publishes an event to `labbook.events` and waits at most `timeout` for the broker's
+/// confirm. Not mandatory: an event nobody has bound a queue for is dropped by the broker,
+/// which is what an upstream that does not follow events asks.
+pub async fn publish_event_confirmed(
+    channel: &Channel,
+    route: (&str, &str),
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), PublishError> {
+    let publish = publish(channel, route, body, properties, false);
     tokio::time::timeout(timeout, publish)
         .await
         .map_err(|_| PublishError::Unconfirmed(timeout))?
@@ -41,17 +57,17 @@ pub async fn publish_confirmed(
 
 async fn publish(
     channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
+    (exchange, routing_key): (&str, &str),
     body: &[u8],
     properties: BasicProperties,
+    mandatory: bool,
 ) -> Result<(), PublishError> {
     let confirm = channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions {
-                mandatory: true,
+                mandatory,
                 ..Default::default()
             },
             body,

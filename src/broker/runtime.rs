@@ -35,8 +35,8 @@ use tracing::{Instrument, field};
 use super::connection::{reconnect_delays, retry_until_cancelled};
 use super::error::StageError;
 use super::headers;
-use super::publisher::{json_properties, publish_confirmed};
-use super::topology::{EXCHANGE, StageQueue, Topology};
+use super::publisher::{json_properties, publish_confirmed, publish_event_confirmed};
+use super::topology::{EVENTS_EXCHANGE, EXCHANGE, StageQueue, Topology};
 use crate::config::BrokerSettings;
 use crate::health::ReadyFlag;
 
@@ -107,10 +107,19 @@ pub trait Subject {
     fn subject(&self) -> &str;
 }
 
+/// Where an [`Outgoing`] message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// A stage queue, through the `labbook` exchange.
+    Stage(StageQueue),
+    /// The `labbook.events` topic exchange, with this routing key (`booking.<event>`).
+    Event(String),
+}
+
 /// A message a stage asks to publish once its work is done.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outgoing {
-    pub queue: StageQueue,
+    pub route: Route,
     pub message_id: String,
     pub body: Vec<u8>,
 }
@@ -118,22 +127,47 @@ pub struct Outgoing {
 impl Outgoing {
     pub fn json<T: Serialize>(queue: StageQueue, message_id: impl Into<String>, body: &T) -> Self {
         Self {
-            queue,
+            route: Route::Stage(queue),
             message_id: message_id.into(),
             body: serde_json::to_vec(body).expect("labbook's messages serialize"),
         }
     }
 
-    /// Publishes to the `labbook` exchange with the stage queue's name as the routing key,
-    /// waiting at most `timeout` for the confirm.
+    /// An event for the upstream (docs/contract.md §7).
+    pub fn event(routing_key: String, message_id: String, body: Vec<u8>) -> Self {
+        Self {
+            route: Route::Event(routing_key),
+            message_id,
+            body,
+        }
+    }
+
+    /// The stage queue this message goes to, if it goes to one.
+    pub fn queue(&self) -> Option<StageQueue> {
+        match self.route {
+            Route::Stage(q) => Some(q),
+            Route::Event(_) => None,
+        }
+    }
+
+    /// Publishes to the `labbook` exchange with the stage queue's name as the routing key (or
+    /// to `labbook.events`), waiting at most `timeout` for the confirm.
     pub async fn publish(
         &self,
         channel: &Channel,
         timeout: Duration,
     ) -> Result<(), super::PublishError> {
-        let route = (EXCHANGE, self.queue.name());
         let props = json_properties(&self.message_id);
-        publish_confirmed(channel, route, &self.body, props, timeout).await
+        match &self.route {
+            Route::Stage(queue) => {
+                let route = (EXCHANGE, queue.name());
+                publish_confirmed(channel, route, &self.body, props, timeout).await
+            }
+            Route::Event(key) => {
+                let route = (EVENTS_EXCHANGE, key.as_str());
+                publish_event_confirmed(channel, route, &self.body, props, timeout).await
+            }
+        }
     }
 }
 
@@ -160,6 +194,18 @@ pub trait Stage: Send + Sync + 'static {
     /// the dead-letter queue: for work that must happen eventually, like terminating machines.
     fn retries_forever(&self) -> bool {
         false
+    }
+
+    /// Called for every message about to be dead-lettered, decoded or not (`subject` is the
+    /// booking it names, when that could be read): the stage may return messages to publish
+    /// first (e.g. a `rejected` event).
+    fn dead_lettered(
+        &self,
+        _delivery: &Incoming,
+        _subject: Option<&str>,
+        _reason: &str,
+    ) -> impl Future<Output = Result<Vec<Outgoing>, StageError>> + Send {
+        async { Ok(Vec::new()) }
     }
 
     /// Called once when a decoded message is about to be dead-lettered: the stage may record
@@ -532,10 +578,7 @@ async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
             if let Some(subject) = &bad.subject {
                 tracing::Span::current().record("booking_id", subject.as_str());
             }
-            return Outcome::DeadLetter {
-                reason: bad.reason,
-                follow_up: Vec::new(),
-            };
+            return dead_letter(ctx, msg, bad.subject.as_deref(), bad.reason, Vec::new()).await;
         }
     };
     tracing::Span::current().record("booking_id", message.subject());
@@ -604,13 +647,36 @@ async fn sort<S: Stage>(
         Err(StageError::Permanent(reason)) => reason,
     };
     match ctx.stage.give_up(message, &reason).await {
-        Ok(follow_up) => Outcome::DeadLetter { reason, follow_up },
+        Ok(follow_up) => dead_letter(ctx, msg, Some(message.subject()), reason, follow_up).await,
         Err(err) => {
             // The clean-up itself failed (e.g. the database is away): try the whole thing again
             // later, at the longest delay, rather than dead-letter a booking whose failure was
             // not recorded.
             let err =
                 anyhow::anyhow!("could not record the failure ({err}); original failure: {reason}");
+            wait(ctx, msg, u32::MAX, err)
+        }
+    }
+}
+
+/// The dead-letter outcome, with what the stage asks to publish first. If the stage cannot say
+/// (its database is away), the message waits and comes again.
+async fn dead_letter<S: Stage>(
+    ctx: &Ctx<S>,
+    msg: &Incoming,
+    subject: Option<&str>,
+    reason: String,
+    mut follow_up: Vec<Outgoing>,
+) -> Outcome {
+    match ctx.stage.dead_lettered(msg, subject, &reason).await {
+        Ok(more) => {
+            follow_up.extend(more);
+            Outcome::DeadLetter { reason, follow_up }
+        }
+        Err(err) => {
+            let err = anyhow::anyhow!(
+                "could not record the rejection ({err}); original failure: {reason}"
+            );
             wait(ctx, msg, u32::MAX, err)
         }
     }

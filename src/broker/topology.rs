@@ -1,6 +1,7 @@
 //! The broker topology of docs/contract.md §2, declared idempotently.
 //!
 //! - exchange `labbook` (direct, durable); each stage queue bound with its own name;
+//! - exchange `labbook.events` (topic, durable) for the upstream's events, with no binding;
 //! - stage queues and their `<queue>.dlq` dead-letter queues: durable quorum queues;
 //! - one delay queue per stage and retry tier, `<queue>.retry.<delay>` (e.g.
 //!   `booking-created.retry.10s`): a quorum queue whose fixed message TTL sends the message back
@@ -16,6 +17,10 @@ use lapin::{Channel, ExchangeKind};
 
 /// The exchange every stage queue is bound to.
 pub const EXCHANGE: &str = "labbook";
+
+/// The topic exchange of the events upstreams follow (docs/contract.md §7). labbook binds
+/// nothing to it: upstreams bind their own queues.
+pub const EVENTS_EXCHANGE: &str = "labbook.events";
 
 /// The five stage queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,6 +115,14 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        channel
+            .exchange_declare(
+                EVENTS_EXCHANGE.into(),
+                ExchangeKind::Topic,
+                passive,
+                FieldTable::default(),
+            )
+            .await?;
         for name in self.queue_names() {
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -151,6 +164,17 @@ impl Topology {
             .exchange_declare(
                 EXCHANGE.into(),
                 ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                EVENTS_EXCHANGE.into(),
+                ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     durable: true,
                     ..Default::default()

@@ -1,5 +1,6 @@
 //! The operator's `labbook` command.
 
+mod cancel;
 mod dlq;
 mod publish;
 mod status;
@@ -33,12 +34,18 @@ enum Command {
     Migrate,
     /// Declare the broker topology (exchange, stage queues, retry tiers, dead-letter queues).
     Topology,
-    /// Validate a booking file (JSON) and publish it to `booking-created`, with a confirm.
+    /// Validate a booking file (JSON: a booking, an update with a higher revision, or a
+    /// cancellation) and publish it to `booking-created`, with a confirm.
     Publish {
         /// The booking JSON file; `-` reads standard input.
         file: PathBuf,
     },
-    /// Show what is stored about a booking: state, schedule, instances, emails. Never a password.
+    /// Publish the cancellation of a stored booking, as an upstream would (its revision plus
+    /// one, "cancelled": true), and say what will happen: nothing launches, running machines
+    /// are terminated within a minute, the booker gets a Booking Cancelled email.
+    Cancel { booking_id: String },
+    /// Show what is stored about a booking: state, revision, schedule, instances, emails and its
+    /// history of events. Never a password.
     Status {
         booking_id: String,
         /// Machine-readable JSON.
@@ -139,6 +146,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
         Command::Publish { file } => publish::run(&settings, &file).await,
         Command::Status { booking_id, json } => status::run(&settings, &booking_id, json).await,
+        Command::Cancel { booking_id } => cancel::run(&settings, &booking_id).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
         Command::Run { workers } => {
             let workers: Vec<Worker> = if workers.contains(&RunTarget::All) {

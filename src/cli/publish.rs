@@ -1,4 +1,5 @@
-//! `labbook publish FILE`: validate a booking as the credentials stage would, then publish it.
+//! `labbook publish FILE`: validate a booking (or an update, or a cancellation) as the
+//! credentials stage would, then publish it.
 
 use std::io::Read;
 use std::path::Path;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use crate::broker::json_properties;
 use crate::broker::{EXCHANGE, StageQueue, publish_confirmed};
 use crate::config::Settings;
-use crate::domain::parse_booking;
+use crate::domain::{BookingMessage, parse_message};
 
 pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
     let body = if file == Path::new("-") {
@@ -21,25 +22,40 @@ pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
     } else {
         std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let booking = match parse_booking(&body, None, &settings.rules, chrono::Utc::now()) {
-        Ok(b) => b,
+    let checked = parse_message(&body, None, &settings.rules).and_then(|m| match m {
+        BookingMessage::Book(b) => b.check_not_over(chrono::Utc::now()).map(|_| {
+            format!(
+                "booking {} revision {} ({} users at {})",
+                b.id,
+                b.revision,
+                b.number_of_users.get(),
+                crate::format_time(b.booking_time)
+            )
+        }),
+        BookingMessage::Cancel(c) => Ok(format!(
+            "the cancellation of booking {} at revision {}",
+            c.id, c.revision
+        )),
+    });
+    let what = match checked {
+        Ok(what) => what,
         Err(invalid) => {
             eprintln!("not published: {invalid}");
             return Ok(ExitCode::FAILURE);
         }
     };
+    let id = crate::domain::peek_booking_id(&body)
+        .map(|id| id.to_string())
+        .unwrap_or_default();
     let (conn, channel) = super::open_broker(settings, "labbook publish").await?;
     let queue = StageQueue::BookingCreated.name();
-    let message_id = format!("booking/{}", booking.id);
+    let message_id = format!("booking/{id}");
     let props = json_properties(&message_id);
     let timeout = settings.broker.publish_timeout;
     publish_confirmed(&channel, (EXCHANGE, queue), &body, props, timeout).await?;
     super::close_broker(conn, channel).await;
     println!(
-        "published booking {} ({} users at {}) to exchange {EXCHANGE}, routing key {queue}: confirmed by the broker",
-        booking.id,
-        booking.number_of_users.get(),
-        crate::format_time(booking.booking_time)
+        "published {what} to exchange {EXCHANGE}, routing key {queue}: confirmed by the broker"
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::config::Settings;
 use crate::store::emails::EmailRecord;
+use crate::store::events::{self, HistoryEntry};
 use crate::store::schedule::Entry;
 use crate::store::{BookingRecord, Store, bookings, emails, schedule, slots};
 
@@ -18,6 +19,7 @@ struct Status {
     schedule: Vec<Entry>,
     instances: Vec<Instance>,
     emails: Vec<EmailRecord>,
+    history: Vec<HistoryEntry>,
 }
 
 #[derive(Serialize)]
@@ -36,7 +38,13 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
         .context("cannot connect to the database")?;
     let pool = &store.pool;
     let Some(booking) = bookings::find(pool, booking_id).await? else {
-        eprintln!("booking {booking_id}: not found");
+        let kept = crate::store::intake::tombstone(&mut *pool.acquire().await?, booking_id).await?;
+        match kept {
+            Some(r) => eprintln!(
+                "booking {booking_id}: not found (a cancellation at revision {r} is kept for it: it will not be booked at that revision or below)"
+            ),
+            None => eprintln!("booking {booking_id}: not found"),
+        }
         return Ok(ExitCode::FAILURE);
     };
     let creds = bookings::credentials(pool, booking_id).await?;
@@ -61,6 +69,7 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
         usernames: creds.into_iter().map(|c| c.username).collect(),
         schedule: schedule::for_booking(pool, booking_id).await?,
         emails: emails::for_booking(pool, booking_id).await?,
+        history: events::history(pool, booking_id).await?,
         instances,
         booking,
     };
@@ -77,6 +86,8 @@ fn print_text(s: &Status) {
     let t = crate::format_time;
     println!("booking    {}", b.booking_id);
     println!("state      {}", b.state);
+    let cancelled = if b.cancelled { " (cancelled)" } else { "" };
+    println!("revision   {}{cancelled}", b.revision);
     if let Some(reason) = &b.failure_reason {
         println!("failure    {reason}");
     }
@@ -118,6 +129,23 @@ fn print_text(s: &Status) {
             (None, Some(err)) => format!("failed: {err}"),
             (None, None) => "not sent yet".into(),
         };
-        println!("email      {:<17} {state}", e.kind.as_str());
+        let rev = match e.revision {
+            0 => String::new(),
+            r => format!(" r{r}"),
+        };
+        println!(
+            "email      {:<17} {state}",
+            format!("{}{rev}", e.kind.as_str())
+        );
+    }
+    for h in &s.history {
+        let state = h.state.as_deref().unwrap_or("-");
+        println!(
+            "history    {}  {:<11} r{:<3} {state:<12} {}",
+            t(h.at),
+            h.event,
+            h.revision,
+            h.detail
+        );
     }
 }

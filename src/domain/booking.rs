@@ -107,6 +107,9 @@ impl Default for BookingRules {
 pub const MIN_DURATION_MINUTES: u32 = 15;
 pub const MAX_DURATION_MINUTES: u32 = 1440;
 
+/// The largest `revision` (docs/contract.md §3a: 0 ..= 2^31-1).
+pub const MAX_REVISION: u32 = i32::MAX as u32;
+
 /// A valid booking, with defaults applied and the time in UTC.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Booking {
@@ -115,6 +118,8 @@ pub struct Booking {
     pub booking_time: DateTime<Utc>,
     pub number_of_users: UserCount,
     pub duration_minutes: u32,
+    /// The upstream's revision of this content (§3a); 0 when absent.
+    pub revision: u32,
 }
 
 impl Booking {
@@ -140,15 +145,72 @@ impl crate::broker::Subject for Booking {
     }
 }
 
+/// A cancellation (`"cancelled": true`, §3a): only the id and the revision count; any other
+/// field it carries was checked like a booking's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cancellation {
+    pub id: BookingId,
+    pub revision: u32,
+}
+
+/// What a `booking-created` message asks: a booking (new, the same again, or an update), or
+/// its cancellation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BookingMessage {
+    Book(Booking),
+    Cancel(Cancellation),
+}
+
+impl BookingMessage {
+    pub fn id(&self) -> &BookingId {
+        match self {
+            BookingMessage::Book(b) => &b.id,
+            BookingMessage::Cancel(c) => &c.id,
+        }
+    }
+
+    pub fn revision(&self) -> u32 {
+        match self {
+            BookingMessage::Book(b) => b.revision,
+            BookingMessage::Cancel(c) => c.revision,
+        }
+    }
+}
+
+impl crate::broker::Subject for BookingMessage {
+    fn subject(&self) -> &str {
+        self.id().as_str()
+    }
+}
+
 /// The `booking_id` of a body that may be invalid otherwise, when it is a valid id: so that a
 /// refused booking's dead letter, logs and events can still name it.
 pub fn peek_booking_id(body: &[u8]) -> Option<BookingId> {
+    peek(body).0
+}
+
+/// The valid `booking_id` and the `revision` (0 when absent or not an integer in range) of a
+/// body that may be invalid otherwise: what a `rejected` event names.
+pub fn peek(body: &[u8]) -> (Option<BookingId>, u32) {
     #[derive(serde::Deserialize)]
     struct Peek {
-        booking_id: Option<String>,
+        booking_id: Option<Value>,
+        revision: Option<Value>,
     }
-    let id = serde_json::from_slice::<Peek>(body).ok()?.booking_id?;
-    BookingId::parse(&id).ok()
+    let Ok(peek) = serde_json::from_slice::<Peek>(body) else {
+        return (None, 0);
+    };
+    let id = match peek.booking_id {
+        Some(Value::String(s)) => BookingId::parse(&s).ok(),
+        _ => None,
+    };
+    let revision = peek
+        .revision
+        .and_then(|v| v.as_u64())
+        .and_then(|r| u32::try_from(r).ok())
+        .filter(|r| *r <= MAX_REVISION)
+        .unwrap_or(0);
+    (id, revision)
 }
 
 /// Why a booking message was refused. The text is safe for a dead-letter header: it names the
@@ -169,56 +231,130 @@ pub fn parse_booking(
     Ok(booking)
 }
 
-/// Parses a `booking-created` body under `rules`, without looking at the clock (a booking
-/// stored before is compared before its time is judged).
+/// Parses a `booking-created` body that must be a booking (not a cancellation) under `rules`,
+/// without looking at the clock.
 pub fn parse_booking_content(
     body: &[u8],
     content_type: Option<&str>,
     rules: &BookingRules,
 ) -> Result<Booking, InvalidBooking> {
-    let invalid = |s: String| InvalidBooking(s);
+    match parse_message(body, content_type, rules)? {
+        BookingMessage::Book(booking) => Ok(booking),
+        BookingMessage::Cancel(_) => Err(InvalidBooking(
+            "this message cancels a booking (\"cancelled\": true)".into(),
+        )),
+    }
+}
+
+/// Parses a `booking-created` body under `rules`, without looking at the clock (a booking
+/// stored before is compared before its time is judged): a booking, or a cancellation.
+pub fn parse_message(
+    body: &[u8],
+    content_type: Option<&str>,
+    rules: &BookingRules,
+) -> Result<BookingMessage, InvalidBooking> {
     let fields = json_object(body, content_type)?;
-    let id = BookingId::parse(required_str(&fields, "booking_id")?).map_err(invalid)?;
-    let email = EmailAddress::parse(required_str(&fields, "email")?).map_err(invalid)?;
-    let time_raw = required_str(&fields, "booking_time")?;
-    let booking_time = DateTime::parse_from_rfc3339(time_raw)
+    let id = BookingId::parse(required_str(&fields, "booking_id")?).map_err(InvalidBooking)?;
+    let revision = match integer(&fields, "revision")? {
+        None => 0,
+        Some(r) if (0..=i128::from(MAX_REVISION)).contains(&r) => r as u32,
+        Some(r) => {
+            return Err(InvalidBooking(format!(
+                "revision must be an integer from 0 to {MAX_REVISION} (got {r})"
+            )));
+        }
+    };
+    let cancelled = match fields.get("cancelled") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(InvalidBooking(format!(
+                "cancelled must be true or false (got {})",
+                kind_of(other)
+            )));
+        }
+    };
+    if cancelled {
+        check_present_fields(&fields, rules)?;
+        return Ok(BookingMessage::Cancel(Cancellation { id, revision }));
+    }
+    Ok(BookingMessage::Book(Booking {
+        id,
+        email: email(&fields)?,
+        booking_time: booking_time(&fields)?,
+        number_of_users: number_of_users(&fields, rules)?,
+        duration_minutes: duration_minutes(&fields, rules)?,
+        revision,
+    }))
+}
+
+/// A cancellation may leave out every field but its id; those it carries must be valid.
+fn check_present_fields(
+    fields: &Map<String, Value>,
+    rules: &BookingRules,
+) -> Result<(), InvalidBooking> {
+    let present = |name: &str| !matches!(fields.get(name), None | Some(Value::Null));
+    if present("email") {
+        email(fields)?;
+    }
+    if present("booking_time") {
+        booking_time(fields)?;
+    }
+    if present("number_of_users") {
+        number_of_users(fields, rules)?;
+    }
+    duration_minutes(fields, rules)?;
+    Ok(())
+}
+
+fn email(fields: &Map<String, Value>) -> Result<EmailAddress, InvalidBooking> {
+    EmailAddress::parse(required_str(fields, "email")?).map_err(InvalidBooking)
+}
+
+fn booking_time(fields: &Map<String, Value>) -> Result<DateTime<Utc>, InvalidBooking> {
+    let raw = required_str(fields, "booking_time")?;
+    Ok(DateTime::parse_from_rfc3339(raw)
         .map_err(|_| {
-            invalid("booking_time must be an RFC 3339 time with an offset, e.g. 2026-12-01T09:00:00+08:00".into())
+            InvalidBooking(
+                "booking_time must be an RFC 3339 time with an offset, e.g. 2026-12-01T09:00:00+08:00"
+                    .into(),
+            )
         })?
         .with_timezone(&Utc)
         // PostgreSQL keeps microseconds: compare what can be stored.
-        .trunc_subsecs(6);
-    let users = integer(&fields, "number_of_users")?
-        .ok_or_else(|| invalid("number_of_users is required".into()))?;
-    let number_of_users = UserCount::new(u32::try_from(users).unwrap_or(0), rules.max_users)
-        .map_err(|_| {
-            invalid(format!(
-                "number_of_users must be an integer from 1 to {} (got {users})",
-                rules.max_users
-            ))
-        })?;
-    let duration_minutes = match integer(&fields, "duration_minutes")? {
-        None => rules.default_duration_minutes,
+        .trunc_subsecs(6))
+}
+
+fn number_of_users(
+    fields: &Map<String, Value>,
+    rules: &BookingRules,
+) -> Result<UserCount, InvalidBooking> {
+    let users = integer(fields, "number_of_users")?
+        .ok_or_else(|| InvalidBooking("number_of_users is required".into()))?;
+    UserCount::new(u32::try_from(users).unwrap_or(0), rules.max_users).map_err(|_| {
+        InvalidBooking(format!(
+            "number_of_users must be an integer from 1 to {} (got {users})",
+            rules.max_users
+        ))
+    })
+}
+
+fn duration_minutes(
+    fields: &Map<String, Value>,
+    rules: &BookingRules,
+) -> Result<u32, InvalidBooking> {
+    match integer(fields, "duration_minutes")? {
+        None => Ok(rules.default_duration_minutes),
         Some(d)
             if (i128::from(MIN_DURATION_MINUTES)..=i128::from(MAX_DURATION_MINUTES))
                 .contains(&d) =>
         {
-            d as u32
+            Ok(d as u32)
         }
-        Some(d) => {
-            return Err(invalid(format!(
-                "duration_minutes must be an integer from {MIN_DURATION_MINUTES} to {MAX_DURATION_MINUTES} (got {d})"
-            )));
-        }
-    };
-
-    Ok(Booking {
-        id,
-        email,
-        booking_time,
-        number_of_users,
-        duration_minutes,
-    })
+        Some(d) => Err(InvalidBooking(format!(
+            "duration_minutes must be an integer from {MIN_DURATION_MINUTES} to {MAX_DURATION_MINUTES} (got {d})"
+        ))),
+    }
 }
 
 /// The body as a JSON object with distinct keys, after the content type and size rules.

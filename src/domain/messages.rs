@@ -6,19 +6,34 @@ use serde::{Deserialize, Serialize};
 use crate::broker::{Outgoing, StageQueue, Subject};
 
 /// Body of `credentials-ready`, `provision-due` and `teardown-due`
-/// (docs/contract.md §2: `{"booking_id": "<id>"}`).
+/// (docs/contract.md §2: `{"booking_id": "<id>"}`). labbook adds `revision` to the messages its
+/// timer publishes: the revision of the booking that armed the timer, so a message for a time
+/// that has since moved is recognised. A message without it is taken as current.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BookingRef {
     pub booking_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u32>,
 }
 
 impl BookingRef {
     /// The message asking `queue`'s stage to work on `booking_id`.
     pub fn outgoing(queue: StageQueue, booking_id: &str) -> Outgoing {
+        Self::at_revision(queue, booking_id, None)
+    }
+
+    /// The same, for the booking's `revision`.
+    pub fn at_revision(queue: StageQueue, booking_id: &str, revision: Option<u32>) -> Outgoing {
         let body = BookingRef {
             booking_id: booking_id.to_owned(),
+            revision,
         };
-        Outgoing::json(queue, message_id(queue, booking_id, None), &body)
+        let detail = revision.map(|r| format!("r{r}"));
+        Outgoing::json(
+            queue,
+            message_id(queue, booking_id, detail.as_deref()),
+            &body,
+        )
     }
 }
 
@@ -36,6 +51,10 @@ pub enum EmailKind {
     Confirmation,
     InstanceDetails,
     Failure,
+    /// `Booking Updated`, once per accepted revision (docs/contract.md §5).
+    Updated,
+    /// `Booking Cancelled`.
+    Cancelled,
 }
 
 impl EmailKind {
@@ -44,25 +63,40 @@ impl EmailKind {
             EmailKind::Confirmation => "confirmation",
             EmailKind::InstanceDetails => "instance_details",
             EmailKind::Failure => "failure",
+            EmailKind::Updated => "updated",
+            EmailKind::Cancelled => "cancelled",
         }
     }
 }
 
-/// Body of `notify`.
+/// Body of `notify`: the booking's email of `kind` for `revision` (each kind is sent once per
+/// booking and revision; 0 when absent, as in messages published before revisions existed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NotifyMessage {
     pub booking_id: String,
     pub kind: EmailKind,
+    #[serde(default)]
+    pub revision: u32,
 }
 
 impl NotifyMessage {
     /// The message asking the notifier for the booking's email of `kind`.
     pub fn outgoing(booking_id: &str, kind: EmailKind) -> Outgoing {
+        Self::at_revision(booking_id, kind, 0)
+    }
+
+    /// The message asking for the email of `kind` of the booking's `revision`.
+    pub fn at_revision(booking_id: &str, kind: EmailKind, revision: u32) -> Outgoing {
         let body = NotifyMessage {
             booking_id: booking_id.to_owned(),
             kind,
+            revision,
         };
-        let id = message_id(StageQueue::Notify, booking_id, Some(kind.as_str()));
+        let detail = match revision {
+            0 => kind.as_str().to_owned(),
+            r => format!("{}/r{r}", kind.as_str()),
+        };
+        let id = message_id(StageQueue::Notify, booking_id, Some(&detail));
         Outgoing::json(StageQueue::Notify, id, &body)
     }
 }
@@ -95,6 +129,11 @@ mod tests {
         assert_eq!(due.message_id, "teardown-due/b-1");
         let notify = NotifyMessage::outgoing("b-1", EmailKind::InstanceDetails);
         assert_eq!(notify.message_id, "notify/b-1/instance_details");
-        assert_eq!(notify.queue, StageQueue::Notify);
+        assert_eq!(notify.queue(), Some(StageQueue::Notify));
+        let moved = BookingRef::at_revision(StageQueue::ProvisionDue, "b-1", Some(3));
+        assert_eq!(moved.message_id, "provision-due/b-1/r3");
+        assert_eq!(moved.body, br#"{"booking_id":"b-1","revision":3}"#);
+        let updated = NotifyMessage::at_revision("b-1", EmailKind::Updated, 2);
+        assert_eq!(updated.message_id, "notify/b-1/updated/r2");
     }
 }

@@ -5,11 +5,13 @@
 
 pub mod booking;
 pub mod credentials;
+pub mod events;
 pub mod messages;
 
 pub use booking::{
-    Booking, BookingId, BookingRules, EmailAddress, InvalidBooking, UserCount, parse_booking,
-    parse_booking_content, peek_booking_id,
+    Booking, BookingId, BookingMessage, BookingRules, Cancellation, EmailAddress, InvalidBooking,
+    UserCount, parse_booking, parse_booking_content, parse_message, peek, peek_booking_id,
 };
 pub use credentials::{Credential, Password, Username};
+pub use events::{Event, EventInstance, EventKind};
 pub use messages::{BookingRef, EmailKind, NotifyMessage};

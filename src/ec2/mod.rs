@@ -473,6 +473,23 @@ impl Ec2 {
 
     /// Launches one instance for a slot, tagged, IMDSv2 required, with a `ClientToken`.
     pub async fn launch(&self, req: &LaunchRequest<'_>, ami_id: &str) -> Result<String, Ec2Error> {
+        let launched = self.launch_if(req, ami_id, || async { true }).await?;
+        Ok(launched.expect("an open gate launches"))
+    }
+
+    /// Launches one instance for `req`, if `gate` still says so once the call may be made (its
+    /// turn under the rate limit came): a booking cancelled or moved while its launches waited
+    /// for the account's budget launches nothing more. `None` when the gate was closed.
+    pub async fn launch_if<G, Open>(
+        &self,
+        req: &LaunchRequest<'_>,
+        ami_id: &str,
+        gate: G,
+    ) -> Result<Option<String>, Ec2Error>
+    where
+        G: Fn() -> Open,
+        Open: std::future::Future<Output = bool>,
+    {
         let security_groups = self.security_groups().await?;
         let tag_spec = |kind| self.tags_for(req, kind);
         let request = self
@@ -502,18 +519,25 @@ impl Ec2 {
             .tag_specifications(tag_spec(ResourceType::Volume));
         let out = self
             .call("RunInstances", || async {
+                if !gate().await {
+                    return Ok(None);
+                }
                 request
                     .clone()
                     .send()
                     .await
+                    .map(Some)
                     .map_err(|e| classify("RunInstances", e))
             })
             .await?;
+        let Some(out) = out else {
+            return Ok(None);
+        };
         ok("RunInstances");
         out.instances()
             .first()
             .and_then(|i| i.instance_id())
-            .map(str::to_owned)
+            .map(|id| Some(id.to_owned()))
             .ok_or(Ec2Error::Transient {
                 operation: "RunInstances",
                 detail: "no instance in the answer".into(),

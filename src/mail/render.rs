@@ -1,4 +1,4 @@
-//! The three emails of docs/contract.md §5, rendered from the templates in `templates/` (plain text
+//! The emails of docs/contract.md §5, rendered from the templates in `templates/` (plain text
 //! and HTML, compiled into the binary).
 
 use minijinja::{Environment, context};
@@ -61,6 +61,16 @@ impl Default for Templates {
             ),
             ("failure.txt", include_str!("../../templates/failure.txt")),
             ("failure.html", include_str!("../../templates/failure.html")),
+            ("updated.txt", include_str!("../../templates/updated.txt")),
+            ("updated.html", include_str!("../../templates/updated.html")),
+            (
+                "cancelled.txt",
+                include_str!("../../templates/cancelled.txt"),
+            ),
+            (
+                "cancelled.html",
+                include_str!("../../templates/cancelled.html"),
+            ),
         ] {
             env.add_template(name, source)
                 .expect("the bundled templates parse");
@@ -136,12 +146,42 @@ impl Templates {
             context! { booking_id, booking_time, what_failed },
         )
     }
+
+    /// `Booking Updated`: the booking as it is now, every current login, and what changed.
+    pub fn updated(
+        &self,
+        booking_id: &str,
+        (booking_time, ends_at): (&str, &str),
+        users: &[UserLine],
+        change: &str,
+    ) -> Result<Rendered, minijinja::Error> {
+        self.render(
+            EmailKind::Updated,
+            "Booking Updated",
+            context! { booking_id, booking_time, ends_at, users, change },
+        )
+    }
+
+    /// `Booking Cancelled`, saying whether machines were stopped or will not be started.
+    pub fn cancelled(
+        &self,
+        booking_id: &str,
+        booking_time: &str,
+        what_happened: &str,
+    ) -> Result<Rendered, minijinja::Error> {
+        self.render(
+            EmailKind::Cancelled,
+            "Booking Cancelled",
+            context! { booking_id, booking_time, what_happened },
+        )
+    }
 }
 
 /// The `Message-ID` of a booking's email of one kind: stable, so a duplicate is recognisable,
 /// and valid RFC 5322 (`id-left` is a dot-atom; the booking id's other characters are
 /// replaced, and a hash of the exact id keeps it unique).
-pub fn message_id(booking_id: &str, kind: EmailKind, domain: &str) -> String {
+/// An email of a later revision (`revision` > 0) has the revision in its id.
+pub fn message_id(booking_id: &str, kind: EmailKind, revision: u32, domain: &str) -> String {
     let safe: String = booking_id
         .chars()
         .map(|c| {
@@ -154,10 +194,11 @@ pub fn message_id(booking_id: &str, kind: EmailKind, domain: &str) -> String {
         .collect();
     let digest = Sha256::digest(booking_id.as_bytes());
     let hash: String = digest.iter().take(4).map(|b| format!("{b:02x}")).collect();
-    format!(
-        "<labbook.{}.{safe}.{hash}@{domain}>",
-        kind.as_str().replace('_', "-")
-    )
+    let kind = kind.as_str().replace('_', "-");
+    match revision {
+        0 => format!("<labbook.{kind}.{safe}.{hash}@{domain}>"),
+        r => format!("<labbook.{kind}.r{r}.{safe}.{hash}@{domain}>"),
+    }
 }
 
 #[cfg(test)]
@@ -239,6 +280,33 @@ mod tests {
     }
 
     #[test]
+    fn updated_and_cancelled_keep_the_contract_lines() {
+        let users = [UserLine {
+            username: "ualice".into(),
+            password: "Pw1".into(),
+        }];
+        let t = Templates::default();
+        let times = ("2026-12-01T01:00:00Z", "2026-12-01T04:00:00Z");
+        let r = t.updated("course-1", times, &users, "moved").unwrap();
+        assert_eq!(r.subject, "Booking Updated");
+        let lines: Vec<&str> = r.text.lines().collect();
+        for line in [
+            "Booking ID: course-1",
+            "Booking Time: 2026-12-01T01:00:00Z",
+            "Booking Ends: 2026-12-01T04:00:00Z",
+            "Username: ualice, Password: Pw1",
+        ] {
+            assert!(lines.contains(&line), "{line} in {lines:?}");
+        }
+        let c = t
+            .cancelled("course-1", times.0, "No lab machines will be started.")
+            .unwrap();
+        assert_eq!(c.subject, "Booking Cancelled");
+        assert!(c.text.lines().any(|l| l == "Booking ID: course-1"));
+        assert!(c.text.contains("No lab machines will be started."));
+    }
+
+    #[test]
     fn html_is_escaped() {
         let users = [UserLine {
             username: "<script>".into(),
@@ -253,7 +321,7 @@ mod tests {
 
     #[test]
     fn message_ids_are_valid_and_distinct() {
-        let a = message_id("course:42..x", EmailKind::Confirmation, "example.org");
+        let a = message_id("course:42..x", EmailKind::Confirmation, 0, "example.org");
         assert!(
             a.starts_with("<labbook.confirmation.course-42--x.") && a.ends_with("@example.org>"),
             "{a}"
@@ -261,11 +329,17 @@ mod tests {
         assert!(!a[1..a.find('@').unwrap()].contains(".."));
         assert_ne!(
             a,
-            message_id("course:42..x", EmailKind::Failure, "example.org")
+            message_id("course:42..x", EmailKind::Failure, 0, "example.org")
         );
         assert_ne!(
             a,
-            message_id("course-42--x", EmailKind::Confirmation, "example.org")
+            message_id("course-42--x", EmailKind::Confirmation, 0, "example.org")
+        );
+        let r2 = message_id("course:42..x", EmailKind::Updated, 2, "example.org");
+        assert!(r2.starts_with("<labbook.updated.r2.course-42--x."), "{r2}");
+        assert_ne!(
+            r2,
+            message_id("course:42..x", EmailKind::Updated, 3, "example.org")
         );
     }
 }

@@ -1,19 +1,24 @@
-//! Stage 4, `notify`: render and send the confirmation, instance-details and failure emails,
-//! each once per booking (see [`crate::store::emails`]).
+//! Stage 4, `notify`: render and send the emails of docs/contract.md §5, each kind once per
+//! booking and revision (see [`crate::store::emails`]), then publish the event the email
+//! completes (`confirmed`, `provisioned`, `failed`; §7).
 //!
 //! Passwords are decrypted here only, only to render the email.
 
 use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodable};
 use crate::config::Bootstrap;
 use crate::crypto::{SecretKey, admin_context, password_context};
-use crate::domain::{EmailAddress, EmailKind, NotifyMessage};
+use crate::domain::{EmailAddress, EmailKind, Event, EventInstance, EventKind, NotifyMessage};
 use crate::mail::render::{InstanceBlock, UserLine, message_id};
 use crate::mail::{Mailer, Rendered, Templates};
 use crate::store::emails::Claim;
-use crate::store::{BookingRecord, Store, bookings, emails, slots};
+use crate::store::{BookingRecord, BookingState, Store, bookings, emails, events, slots};
 
 /// What the failure email says failed: plain words, never an internal error.
 const WHAT_FAILED: &str = "The lab machines for this booking could not be started.";
+
+/// What the cancellation email says of the machines.
+const STOPPED: &str = "The lab machines of this booking have been stopped.";
+const NOT_STARTED: &str = "No lab machines will be started for it.";
 
 pub struct NotifierStage {
     store: Store,
@@ -67,10 +72,87 @@ impl NotifierStage {
                     .instance_details(id, &time, &ends, &instances, jupyterhub)
             }
             EmailKind::Failure => self.templates.failure(id, &time, WHAT_FAILED),
+            EmailKind::Updated => {
+                let users = self.logins(id).await?;
+                let change = self.change(booking).await?;
+                self.templates.updated(id, (&time, &ends), &users, &change)
+            }
+            EmailKind::Cancelled => {
+                let launched = slots::for_booking(&self.store.pool, id)
+                    .await?
+                    .iter()
+                    .any(|s| s.instance_id.is_some());
+                let what = if launched { STOPPED } else { NOT_STARTED };
+                self.templates.cancelled(id, &time, what)
+            }
         };
         rendered.map_err(|e| {
             StageError::permanent(format!("rendering the {} email: {e}", kind.as_str()))
         })
+    }
+
+    /// What the update of the booking's current revision changed (its `accepted` event says).
+    async fn change(&self, booking: &BookingRecord) -> Result<String, StageError> {
+        let history = events::history(&self.store.pool, &booking.booking_id).await?;
+        Ok(history
+            .into_iter()
+            .rev()
+            .find(|e| e.event == EventKind::Accepted.as_str() && e.revision == booking.revision)
+            .map(|e| e.detail)
+            .unwrap_or_default())
+    }
+
+    /// Why the email asked for is not to be sent any more, if it is not.
+    fn superseded(booking: &BookingRecord, n: &NotifyMessage) -> Option<&'static str> {
+        match n.kind {
+            EmailKind::Confirmation | EmailKind::Updated if booking.cancelled => {
+                Some("the booking was cancelled")
+            }
+            EmailKind::InstanceDetails
+                if booking.cancelled || booking.state != BookingState::Provisioned =>
+            {
+                Some("the booking's machines changed since (it is no longer provisioned)")
+            }
+            EmailKind::InstanceDetails
+                if booking.provisioned_revision.unwrap_or(0) != n.revision as i32 =>
+            {
+                Some("a later instance details email lists the booking's machines")
+            }
+            _ => None,
+        }
+    }
+
+    /// The event an email completes, recorded and ready to publish.
+    async fn event(
+        &self,
+        booking: &BookingRecord,
+        n: &NotifyMessage,
+    ) -> Result<Vec<Outgoing>, StageError> {
+        let id = booking.booking_id.as_str();
+        let event = match n.kind {
+            EmailKind::Confirmation | EmailKind::Updated => {
+                Event::new(id, EventKind::Confirmed, n.revision)
+                    .detail(format!("{} email sent", n.kind.as_str()))
+            }
+            EmailKind::InstanceDetails => {
+                let instances: Vec<EventInstance> = self
+                    .instances(id)
+                    .await?
+                    .into_iter()
+                    .map(|i| EventInstance {
+                        url: i.url,
+                        usernames: i.usernames,
+                    })
+                    .collect();
+                Event::new(id, EventKind::Provisioned, n.revision)
+                    .detail(format!("{} machines running", instances.len()))
+                    .instances(instances)
+            }
+            EmailKind::Failure => Event::new(id, EventKind::Failed, n.revision).detail(WHAT_FAILED),
+            EmailKind::Cancelled => return Ok(Vec::new()),
+        };
+        let event = event.state(booking.state);
+        Ok(vec![events::record(&self.store.pool, &event).await?])
     }
 
     /// Every trainee login of the booking, with its password decrypted for the email.
@@ -136,34 +218,42 @@ impl Stage for NotifierStage {
 
     async fn handle(&self, n: &NotifyMessage, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
         let booking = self.store.stored_booking(&n.booking_id).await?;
-        let id = message_id(&booking.booking_id, n.kind, &self.domain);
-        if emails::is_sent(&self.store.pool, &booking.booking_id, n.kind).await? {
+        if let Some(why) = Self::superseded(&booking, n) {
+            tracing::info!(
+                kind = n.kind.as_str(),
+                revision = n.revision,
+                "not sending: {why}"
+            );
+            return Ok(Vec::new());
+        }
+        let id = message_id(&booking.booking_id, n.kind, n.revision, &self.domain);
+        let key = (n.kind, n.revision as i32);
+        if emails::is_sent(&self.store.pool, &booking.booking_id, key).await? {
             tracing::info!(
                 kind = n.kind.as_str(),
                 "email already sent; not sending it again"
             );
-            return Ok(Vec::new());
+            return self.event(&booking, n).await;
         }
         // Rendered before the log row is locked, so a send holds one database connection.
         let email = self.render(&booking, n.kind).await?;
-        let claimed =
-            match emails::claim(&self.store.pool, &booking.booking_id, n.kind, &id).await? {
-                Claim::AlreadySent => {
-                    tracing::info!(
-                        kind = n.kind.as_str(),
-                        "email sent a moment ago by another worker"
-                    );
-                    return Ok(Vec::new());
-                }
-                Claim::Claimed(claimed) => claimed,
-            };
+        let claimed = match emails::claim(&self.store.pool, &booking.booking_id, key, &id).await? {
+            Claim::AlreadySent => {
+                tracing::info!(
+                    kind = n.kind.as_str(),
+                    "email sent a moment ago by another worker"
+                );
+                return self.event(&booking, n).await;
+            }
+            Claim::Claimed(claimed) => claimed,
+        };
         let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
         self.mailer.send(&to, &id, &email).await?;
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.
         claimed.sent().await?;
-        tracing::info!(kind = n.kind.as_str(), subject = %email.subject, message_id = %id, "email sent");
-        Ok(Vec::new())
+        tracing::info!(kind = n.kind.as_str(), revision = n.revision, subject = %email.subject, message_id = %id, "email sent");
+        self.event(&booking, n).await
     }
 
     async fn give_up(&self, n: &NotifyMessage, reason: &str) -> Result<Vec<Outgoing>, StageError> {
@@ -171,8 +261,9 @@ impl Stage for NotifierStage {
             .await?
             .is_some()
         {
-            let id = message_id(&n.booking_id, n.kind, &self.domain);
-            emails::record_failure(&self.store.pool, &n.booking_id, n.kind, &id, reason).await?;
+            let id = message_id(&n.booking_id, n.kind, n.revision, &self.domain);
+            let key = (n.kind, n.revision as i32);
+            emails::record_failure(&self.store.pool, &n.booking_id, key, &id, reason).await?;
         }
         Ok(Vec::new())
     }

@@ -46,18 +46,32 @@ impl Stage for SchedulerStage {
 
     async fn handle(&self, r: &BookingRef, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
         let booking = self.store.stored_booking(&r.booking_id).await?;
+        if booking.cancelled || booking.state.is_over() {
+            tracing::info!(state = %booking.state, "the booking is over or cancelled; nothing to schedule");
+            return Ok(Vec::new());
+        }
         let lead = chrono::Duration::from_std(self.lead).unwrap_or(chrono::Duration::zero());
         let provision_at = (booking.booking_time - lead).max(Utc::now());
         let pool = &self.store.pool;
-        schedule::insert(pool, &booking.booking_id, Action::Provision, provision_at).await?;
+        let id = booking.booking_id.as_str();
+        // A row an update set already (it moved the booking) stays as it is.
         schedule::insert(
             pool,
-            &booking.booking_id,
-            Action::Teardown,
-            booking.ends_at(),
+            id,
+            Action::Provision,
+            provision_at,
+            booking.schedule_revision,
         )
         .await?;
-        bookings::transition(pool, &booking.booking_id, BookingState::Scheduled, None).await?;
+        schedule::insert(
+            pool,
+            id,
+            Action::Teardown,
+            booking.ends_at(),
+            booking.revision,
+        )
+        .await?;
+        bookings::transition(pool, id, BookingState::Scheduled, None).await?;
         tracing::info!(
             provision_at = %crate::format_time(provision_at),
             teardown_at = %crate::format_time(booking.ends_at()),
@@ -172,7 +186,8 @@ async fn publish_due(
             Action::Provision => StageQueue::ProvisionDue,
             Action::Teardown => StageQueue::TeardownDue,
         };
-        BookingRef::outgoing(queue, &entry.booking_id)
+        let revision = Some(entry.revision.max(0) as u32);
+        BookingRef::at_revision(queue, &entry.booking_id, revision)
             .publish(channel, timeout)
             .await?;
         schedule::mark_published(&mut tx, entry).await?;

@@ -16,6 +16,8 @@ pub enum BookingState {
     Provisioned,
     Failed,
     Ended,
+    /// Cancelled by the upstream before its end (docs/contract.md §3a); stays cancelled.
+    Cancelled,
 }
 
 impl BookingState {
@@ -27,12 +29,22 @@ impl BookingState {
             BookingState::Provisioned => "provisioned",
             BookingState::Failed => "failed",
             BookingState::Ended => "ended",
+            BookingState::Cancelled => "cancelled",
         }
     }
 
     /// Whether the booking is over for good: nothing more is launched for it.
     pub fn is_over(self) -> bool {
-        matches!(self, BookingState::Failed | BookingState::Ended)
+        matches!(
+            self,
+            BookingState::Failed | BookingState::Ended | BookingState::Cancelled
+        )
+    }
+
+    /// Whether provisioning started (`provision-due` was published and taken): machines may
+    /// have been launched.
+    pub fn provisioning_started(self) -> bool {
+        matches!(self, BookingState::Provisioning | BookingState::Provisioned)
     }
 }
 
@@ -54,6 +66,16 @@ pub struct BookingRecord {
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The upstream's revision of the stored content (§3a).
+    pub revision: i32,
+    /// The revision the booking was first stored with.
+    pub first_revision: i32,
+    /// Set by a cancellation; stays set.
+    pub cancelled: bool,
+    /// The revision that last set the booking's time (its schedule).
+    pub schedule_revision: i32,
+    /// The revision whose machines the last instance-details email lists.
+    pub provisioned_revision: Option<i32>,
 }
 
 impl BookingRecord {
@@ -89,87 +111,11 @@ pub struct StoredCredential {
     pub password_hash: String,
 }
 
-/// What storing a booking did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Intake {
-    Created,
-    /// Stored before with the same content.
-    Duplicate,
-    /// Stored before with other content: these fields differ.
-    Conflict(Vec<&'static str>),
-}
-
 pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<BookingRecord>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM bookings WHERE booking_id = $1")
         .bind(booking_id)
         .fetch_optional(pool)
         .await
-}
-
-/// Compares `booking` with what is stored under its id, if anything.
-pub async fn check_existing(
-    pool: &PgPool,
-    booking: &Booking,
-) -> Result<Option<Intake>, sqlx::Error> {
-    Ok(find(pool, booking.id.as_str()).await?.map(|stored| {
-        let diff = stored.differences(booking);
-        if diff.is_empty() {
-            Intake::Duplicate
-        } else {
-            Intake::Conflict(diff)
-        }
-    }))
-}
-
-/// Stores the booking and its credentials in one transaction, once: a booking already stored
-/// (by another replica a moment ago) is compared instead.
-pub async fn insert(
-    pool: &PgPool,
-    booking: &Booking,
-    credentials: &[StoredCredential],
-) -> Result<Intake, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (booking_id) DO NOTHING",
-    )
-    .bind(booking.id.as_str())
-    .bind(booking.email.as_str())
-    .bind(booking.booking_time)
-    .bind(booking.number_of_users.get() as i32)
-    .bind(booking.duration_minutes as i32)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if inserted == 0 {
-        tx.rollback().await?;
-        return Ok(check_existing(pool, booking)
-            .await?
-            .unwrap_or(Intake::Duplicate));
-    }
-    let positions: Vec<i32> = credentials.iter().map(|c| c.position).collect();
-    let usernames: Vec<&str> = credentials.iter().map(|c| c.username.as_str()).collect();
-    let encrypted: Vec<&[u8]> = credentials
-        .iter()
-        .map(|c| c.password_encrypted.as_slice())
-        .collect();
-    let hashes: Vec<&str> = credentials
-        .iter()
-        .map(|c| c.password_hash.as_str())
-        .collect();
-    sqlx::query(
-        "INSERT INTO credentials (booking_id, position, username, password_encrypted, password_hash)
-         SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::bytea[], $5::text[])",
-    )
-    .bind(booking.id.as_str())
-    .bind(&positions)
-    .bind(&usernames)
-    .bind(&encrypted)
-    .bind(&hashes)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Intake::Created)
 }
 
 pub async fn credentials(
@@ -200,6 +146,7 @@ pub async fn transition(
         Provisioning => &[Received, Scheduled],
         Provisioned => &[Received, Scheduled, Provisioning],
         Failed => &[Received, Scheduled, Provisioning, Provisioned],
+        Cancelled => &[Received, Scheduled, Provisioning, Provisioned, Failed],
         Ended => &[Received, Scheduled, Provisioning, Provisioned, Failed],
     };
     let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
@@ -231,4 +178,58 @@ pub async fn reopen(pool: &PgPool, booking_id: &str) -> Result<bool, sqlx::Error
     .await?
     .rows_affected();
     Ok(moved > 0)
+}
+
+/// Moves the booking to `provisioning` for an attempt asked by the timer of `revision` (`None`:
+/// a message without one), unless it was cancelled, or moved by a later revision than that.
+/// A booking already `provisioning` stays so (a retry, or trainees added). Returns the booking
+/// as the attempt is to provision it, or `None` when it is not to be provisioned now.
+pub async fn start_provisioning(
+    pool: &PgPool,
+    booking_id: &str,
+    revision: Option<u32>,
+) -> Result<Option<BookingRecord>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE bookings SET state = 'provisioning',
+                updated_at = CASE WHEN state = 'provisioning' THEN updated_at ELSE now() END
+         WHERE booking_id = $1 AND NOT cancelled
+           AND (state = 'provisioning'
+                OR (state IN ('received', 'scheduled')
+                    AND ($2::int IS NULL OR schedule_revision <= $2)))
+         RETURNING *",
+    )
+    .bind(booking_id)
+    .bind(revision.map(|r| r as i32))
+    .fetch_optional(pool)
+    .await
+}
+
+/// Marks the booking provisioned with the machines of `revision`, if it is still being
+/// provisioned at that revision; returns whether it was.
+pub async fn finish_provisioning(
+    pool: &PgPool,
+    booking_id: &str,
+    revision: i32,
+) -> Result<bool, sqlx::Error> {
+    let moved = sqlx::query(
+        "UPDATE bookings SET state = 'provisioned', provisioned_revision = $2, updated_at = now()
+         WHERE booking_id = $1 AND state = 'provisioning' AND revision = $2 AND NOT cancelled",
+    )
+    .bind(booking_id)
+    .bind(revision)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(moved > 0)
+}
+
+/// Whether the booking is being provisioned (checked before each launch).
+pub async fn is_provisioning(pool: &PgPool, booking_id: &str) -> Result<bool, sqlx::Error> {
+    let yes: Option<bool> = sqlx::query_scalar(
+        "SELECT state = 'provisioning' AND NOT cancelled FROM bookings WHERE booking_id = $1",
+    )
+    .bind(booking_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(yes.unwrap_or(false))
 }

@@ -1,4 +1,4 @@
-//! The email log: each kind of email is sent once per booking.
+//! The email log: each kind of email is sent once per booking and revision.
 //!
 //! [`claim`] opens a transaction holding the log row's lock while the email is sent, so two
 //! copies of a `notify` message handled at once send one email: the second waits, then sees
@@ -12,6 +12,7 @@ use crate::domain::EmailKind;
 #[derive(Debug, Clone, FromRow, serde::Serialize)]
 pub struct EmailRecord {
     pub kind: EmailKind,
+    pub revision: i32,
     pub message_id: String,
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
@@ -21,14 +22,16 @@ pub struct EmailRecord {
 pub async fn is_sent(
     pool: &PgPool,
     booking_id: &str,
-    kind: EmailKind,
+    (kind, revision): (EmailKind, i32),
 ) -> Result<bool, sqlx::Error> {
-    let sent: Option<Option<DateTime<Utc>>> =
-        sqlx::query_scalar("SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2")
-            .bind(booking_id)
-            .bind(kind)
-            .fetch_optional(pool)
-            .await?;
+    let sent: Option<Option<DateTime<Utc>>> = sqlx::query_scalar(
+        "SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2 AND revision = $3",
+    )
+    .bind(booking_id)
+    .bind(kind)
+    .bind(revision)
+    .fetch_optional(pool)
+    .await?;
     Ok(sent.flatten().is_some())
 }
 
@@ -45,27 +48,30 @@ pub struct Claimed {
     tx: Transaction<'static, Postgres>,
     booking_id: String,
     kind: EmailKind,
+    revision: i32,
 }
 
 /// Locks the log row of the booking's email of `kind` (creating it with `message_id`).
 pub async fn claim(
     pool: &PgPool,
     booking_id: &str,
-    kind: EmailKind,
+    (kind, revision): (EmailKind, i32),
     message_id: &str,
 ) -> Result<Claim, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO emails (booking_id, kind, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+    sqlx::query("INSERT INTO emails (booking_id, kind, revision, message_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
         .bind(booking_id)
         .bind(kind)
+        .bind(revision)
         .bind(message_id)
         .execute(&mut *tx)
         .await?;
     let sent: Option<DateTime<Utc>> = sqlx::query_scalar(
-        "SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2 FOR UPDATE",
+        "SELECT sent_at FROM emails WHERE booking_id = $1 AND kind = $2 AND revision = $3 FOR UPDATE",
     )
     .bind(booking_id)
     .bind(kind)
+    .bind(revision)
     .fetch_one(&mut *tx)
     .await?;
     if sent.is_some() {
@@ -75,15 +81,17 @@ pub async fn claim(
         tx,
         booking_id: booking_id.to_owned(),
         kind,
+        revision,
     }))
 }
 
 impl Claimed {
     /// Records the email as sent and releases the lock.
     pub async fn sent(mut self) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE emails SET sent_at = now(), last_error = NULL WHERE booking_id = $1 AND kind = $2")
+        sqlx::query("UPDATE emails SET sent_at = now(), last_error = NULL WHERE booking_id = $1 AND kind = $2 AND revision = $3")
             .bind(&self.booking_id)
             .bind(self.kind)
+            .bind(self.revision)
             .execute(&mut *self.tx)
             .await?;
         self.tx.commit().await
@@ -94,16 +102,17 @@ impl Claimed {
 pub async fn record_failure(
     pool: &PgPool,
     booking_id: &str,
-    kind: EmailKind,
+    (kind, revision): (EmailKind, i32),
     message_id: &str,
     error: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO emails (booking_id, kind, message_id, last_error) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (booking_id, kind) DO UPDATE SET last_error = EXCLUDED.last_error",
+        "INSERT INTO emails (booking_id, kind, revision, message_id, last_error) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (booking_id, kind, revision) DO UPDATE SET last_error = EXCLUDED.last_error",
     )
     .bind(booking_id)
     .bind(kind)
+    .bind(revision)
     .bind(message_id)
     .bind(error)
     .execute(pool)
@@ -112,7 +121,7 @@ pub async fn record_failure(
 }
 
 pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<EmailRecord>, sqlx::Error> {
-    sqlx::query_as("SELECT kind, message_id, sent_at, last_error FROM emails WHERE booking_id = $1 ORDER BY kind")
+    sqlx::query_as("SELECT kind, revision, message_id, sent_at, last_error FROM emails WHERE booking_id = $1 ORDER BY revision, kind")
         .bind(booking_id)
         .fetch_all(pool)
         .await

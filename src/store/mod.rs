@@ -1,8 +1,11 @@
-//! PostgreSQL through sqlx: bookings, credentials, the schedule, slots and the email log.
+//! PostgreSQL through sqlx: bookings, credentials, the schedule, slots, the email log and each
+//! booking's history of events.
 //! Migrations are embedded and applied by `labbook migrate`.
 
 pub mod bookings;
 pub mod emails;
+pub mod events;
+pub mod intake;
 pub mod schedule;
 pub mod slots;
 
@@ -11,7 +14,7 @@ use std::time::Duration;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 
-pub use bookings::{BookingRecord, BookingState, Intake, StoredCredential};
+pub use bookings::{BookingRecord, BookingState, StoredCredential};
 
 use crate::broker::StageError;
 

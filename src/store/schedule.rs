@@ -29,19 +29,24 @@ pub struct Entry {
     pub action: Action,
     pub due_at: DateTime<Utc>,
     pub published_at: Option<DateTime<Utc>>,
+    /// The booking revision that set this time; carried on the message the timer publishes.
+    pub revision: i32,
 }
 
-/// Schedules `action` for `booking_id` at `due_at`, once: a second call changes nothing.
+/// Schedules `action` for `booking_id` at `due_at`, once: a second call changes nothing (an
+/// update that moves the booking moves the row itself, see `store::intake::arm`).
 pub async fn insert(
     pool: &PgPool,
     booking_id: &str,
     action: Action,
     due_at: DateTime<Utc>,
+    revision: i32,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO schedule (booking_id, action, due_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+    sqlx::query("INSERT INTO schedule (booking_id, action, due_at, revision) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
         .bind(booking_id)
         .bind(action)
         .bind(due_at)
+        .bind(revision)
         .execute(pool)
         .await?;
     Ok(())
@@ -53,7 +58,7 @@ pub async fn claim_due(
     limit: i64,
 ) -> Result<Vec<Entry>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT booking_id, action, due_at, published_at FROM schedule
+        "SELECT booking_id, action, due_at, published_at, revision FROM schedule
          WHERE published_at IS NULL AND due_at <= now()
          ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
@@ -75,8 +80,38 @@ pub async fn mark_published(
 }
 
 pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Entry>, sqlx::Error> {
-    sqlx::query_as("SELECT booking_id, action, due_at, published_at FROM schedule WHERE booking_id = $1 ORDER BY due_at")
+    sqlx::query_as("SELECT booking_id, action, due_at, published_at, revision FROM schedule WHERE booking_id = $1 ORDER BY due_at")
         .bind(booking_id)
         .fetch_all(pool)
         .await
+}
+
+/// The booking's timer of `action`, if it is set.
+pub async fn find(
+    pool: &PgPool,
+    booking_id: &str,
+    action: Action,
+) -> Result<Option<Entry>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT booking_id, action, due_at, published_at, revision FROM schedule
+         WHERE booking_id = $1 AND action = $2",
+    )
+    .bind(booking_id)
+    .bind(action)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Whether the booking's timer of `action` is due (on the database's clock, a few seconds'
+/// rounding allowed) or not set at all.
+pub async fn is_due(pool: &PgPool, booking_id: &str, action: Action) -> Result<bool, sqlx::Error> {
+    let due: Option<bool> = sqlx::query_scalar(
+        "SELECT due_at <= now() + interval '5 seconds' FROM schedule
+         WHERE booking_id = $1 AND action = $2",
+    )
+    .bind(booking_id)
+    .bind(action)
+    .fetch_optional(pool)
+    .await?;
+    Ok(due.unwrap_or(true))
 }

@@ -49,39 +49,33 @@ pub struct NewSlot {
     pub admin_password_hash: String,
 }
 
-/// Stores the plan once: if another attempt planned this booking already, its slots stay.
+/// Stores planned slots; a slot planned already (by another attempt a moment ago) stays as it
+/// was planned first. The row lock on the booking serialises concurrent planners.
 pub async fn insert_plan(
     pool: &PgPool,
     booking_id: &str,
     plan: &[NewSlot],
 ) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
-    // One plan per booking: the row lock on the booking serialises concurrent planners.
     sqlx::query("SELECT 1 FROM bookings WHERE booking_id = $1 FOR UPDATE")
         .bind(booking_id)
         .execute(&mut *tx)
         .await?;
-    let existing: i64 = sqlx::query_scalar("SELECT count(*) FROM slots WHERE booking_id = $1")
+    for s in plan {
+        sqlx::query(
+            "INSERT INTO slots (booking_id, slot, first_user, user_count, admin_username,
+                                admin_password_encrypted, admin_password_hash)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+        )
         .bind(booking_id)
-        .fetch_one(&mut *tx)
+        .bind(s.slot)
+        .bind(s.first_user)
+        .bind(s.user_count)
+        .bind(&s.admin_username)
+        .bind(&s.admin_password_encrypted)
+        .bind(&s.admin_password_hash)
+        .execute(&mut *tx)
         .await?;
-    if existing == 0 {
-        for s in plan {
-            sqlx::query(
-                "INSERT INTO slots (booking_id, slot, first_user, user_count, admin_username,
-                                    admin_password_encrypted, admin_password_hash)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(booking_id)
-            .bind(s.slot)
-            .bind(s.first_user)
-            .bind(s.user_count)
-            .bind(&s.admin_username)
-            .bind(&s.admin_password_encrypted)
-            .bind(&s.admin_password_hash)
-            .execute(&mut *tx)
-            .await?;
-        }
     }
     tx.commit().await
 }
@@ -93,23 +87,65 @@ pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Slot>, s
         .await
 }
 
-/// Records the instance launched (or found) for a slot. Never replaces one already recorded.
+/// Records the instance launched (or found) for a slot's launch `generation`. Never replaces
+/// one already recorded. Returns the slot's instance, or `None` when the slot has moved on to
+/// another generation meanwhile (its booking moved): the instance is then retired instead.
 pub async fn record_instance(
     pool: &PgPool,
     booking_id: &str,
-    slot: i32,
+    (slot, generation): (i32, i32),
     instance_id: &str,
-) -> Result<String, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE slots SET instance_id = COALESCE(instance_id, $3), launched_at = COALESCE(launched_at, now()),
+) -> Result<Option<String>, sqlx::Error> {
+    let recorded: Option<String> = sqlx::query_scalar(
+        "UPDATE slots SET instance_id = COALESCE(instance_id, $4), launched_at = COALESCE(launched_at, now()),
                           updated_at = now()
-         WHERE booking_id = $1 AND slot = $2 RETURNING instance_id",
+         WHERE booking_id = $1 AND slot = $2 AND generation = $3 RETURNING instance_id",
     )
     .bind(booking_id)
     .bind(slot)
+    .bind(generation)
     .bind(instance_id)
-    .fetch_one(pool)
+    .fetch_optional(pool)
+    .await?;
+    if recorded.is_none() {
+        retire(pool, booking_id, instance_id).await?;
+    }
+    Ok(recorded)
+}
+
+/// Records a machine that no slot wants any more, to be terminated.
+pub async fn retire(pool: &PgPool, booking_id: &str, instance_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO retired_instances (booking_id, instance_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(booking_id)
+    .bind(instance_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Retired machines waiting to be terminated: the booking's, or every booking's.
+pub async fn retired(
+    pool: &PgPool,
+    booking_id: Option<&str>,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT booking_id, instance_id FROM retired_instances
+         WHERE $1::text IS NULL OR booking_id = $1 ORDER BY retired_at",
+    )
+    .bind(booking_id)
+    .fetch_all(pool)
     .await
+}
+
+/// Forgets retired machines once they are terminated.
+pub async fn forget_retired(pool: &PgPool, instance_ids: &[String]) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM retired_instances WHERE instance_id = ANY($1)")
+        .bind(instance_ids)
+        .execute(pool)
+        .await?;
+    Ok(())
 }
 
 /// Records what EC2 last said about an instance.

@@ -79,7 +79,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
     }
     assert_eq!(
         confirmation["headers"]["message-id"].as_str().unwrap(),
-        message_id(&id, EmailKind::Confirmation, "labbook.test")
+        message_id(&id, EmailKind::Confirmation, 0, "labbook.test")
     );
     let source = reqwest::get(format!(
         "{}/{}/source",
@@ -172,6 +172,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
             &NotifyMessage {
                 booking_id: id.clone(),
                 kind,
+                revision: 0,
             },
         )
         .await;
@@ -181,6 +182,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
         "provision-due",
         &BookingRef {
             booking_id: id.clone(),
+            revision: None,
         },
     )
     .await;

@@ -280,6 +280,7 @@ async fn giving_up_on_a_provisioned_bookings_message_keeps_its_machines() {
     let stage = labbook::stages::provisioner::ProvisionStage(provisioner);
     let msg = labbook::domain::BookingRef {
         booking_id: id.clone(),
+        revision: None,
     };
     let follow_up = stage.give_up(&msg, "test: gave up").await.unwrap();
     assert!(follow_up.is_empty(), "no failure email");

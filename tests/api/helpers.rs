@@ -296,6 +296,7 @@ impl TestEnv {
             store.clone(),
             key.clone(),
             settings.rules,
+            settings.provision_lead,
         ));
         let scheduler = Arc::new(SchedulerStage::new(store.clone(), settings.provision_lead));
         let ami = settings.require_ami_id().unwrap().to_owned();
@@ -665,6 +666,7 @@ pub async fn lock_bookings(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Po
 pub async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
     let body = serde_json::to_vec(&labbook::domain::BookingRef {
         booking_id: booking_id.into(),
+        revision: None,
     })
     .unwrap();
     let props = BasicProperties::default()

@@ -1,6 +1,7 @@
 //! Integration tests against the machine's real RabbitMQ and PostgreSQL (and, for the later
 //! stages, an SMTP server and an EC2 API emulator). Each test has its own vhost and database.
 
+mod changes;
 mod emails;
 mod faults;
 mod helpers;

@@ -281,7 +281,7 @@ async fn two_scheduler_replicas_publish_each_due_item_once() {
         .execute(&store.pool)
         .await
         .unwrap();
-        schedule::insert(&store.pool, &id, schedule::Action::Provision, Utc::now())
+        schedule::insert(&store.pool, &id, schedule::Action::Provision, Utc::now(), 0)
             .await
             .unwrap();
         schedule::insert(
@@ -289,6 +289,7 @@ async fn two_scheduler_replicas_publish_each_due_item_once() {
             &id,
             schedule::Action::Teardown,
             Utc::now() + chrono::Duration::hours(1),
+            0,
         )
         .await
         .unwrap();
@@ -589,7 +590,7 @@ async fn a_machine_taken_back_before_it_ran_is_replaced() {
         .launch(&request, "ami-03cf127a")
         .await
         .unwrap();
-    slots::record_instance(&store.pool, &id, 0, &lost)
+    slots::record_instance(&store.pool, &id, (0, 0), &lost)
         .await
         .unwrap();
     crate::helpers::raw_ec2()

@@ -10,7 +10,7 @@ use crate::broker::{Outgoing, StageError};
 use crate::crypto::admin_context;
 use crate::domain::{EmailKind, NotifyMessage, Password};
 use crate::ec2::userdata::{self, Account};
-use crate::ec2::{InstanceInfo, LaunchRequest, intent};
+use crate::ec2::{LaunchRequest, intent};
 use crate::store::slots::{self, NewSlot, Slot};
 use crate::store::{BookingRecord, BookingState, StoredCredential, bookings};
 
@@ -19,41 +19,72 @@ pub fn slot_count(users: u32, users_per_instance: u32) -> u32 {
     users.div_ceil(users_per_instance)
 }
 
+/// How many times one attempt follows a booking that changes while it is launched (trainees
+/// added meanwhile) before it leaves the rest to the next message.
+const MAX_ROUNDS: usize = 3;
+
 impl Provisioner {
+    /// Launches what the booking's current revision asks for and waits until it runs; then
+    /// asks for the instance details email. `revision` is the revision of the timer that asked
+    /// (`None` from a message without one): a booking moved since is not provisioned by it.
     pub(super) async fn provision(
         &self,
         booking: &BookingRecord,
+        revision: Option<u32>,
     ) -> Result<Vec<Outgoing>, StageError> {
         let id = booking.booking_id.as_str();
-        bookings::transition(&self.store.pool, id, BookingState::Provisioning, None).await?;
-        let slots = self.plan(booking).await?;
-        let credentials = bookings::credentials(&self.store.pool, id).await?;
-        self.launch_missing(id, slots, &credentials).await?;
-
-        let slots = slots::for_booking(&self.store.pool, id).await?;
-        let ids: Vec<String> = slots.iter().filter_map(|s| s.instance_id.clone()).collect();
-        let ready = self.wait_until_ready(&ids).await?;
-        for i in &ready {
-            let (dns, ip) = (i.public_dns.as_deref(), i.public_ip.as_deref());
-            slots::record_state(&self.store.pool, &i.instance_id, &i.state, dns, ip).await?;
-        }
-        if !bookings::transition(&self.store.pool, id, BookingState::Provisioned, None).await? {
-            let state = bookings::find(&self.store.pool, id).await?.map(|b| b.state);
-            if state.is_some_and(BookingState::is_over) {
-                // Teardown (or a failure) ran while this attempt launched: nothing may outlive it.
-                let terminated = self.terminate_all(id).await?;
-                tracing::warn!(terminated, state = ?state, "the booking ended while it was provisioned; terminated again");
-                return Ok(Vec::new());
+        let pool = &self.store.pool;
+        for _ in 0..MAX_ROUNDS {
+            let Some(booking) = bookings::start_provisioning(pool, id, revision).await? else {
+                return self.stopped(id).await;
+            };
+            let slots = self.plan(&booking).await?;
+            let credentials = bookings::credentials(pool, id).await?;
+            self.launch_missing(id, slots, &credentials).await?;
+            let ready = self.wait_until_ready(id).await?;
+            if bookings::finish_provisioning(pool, id, booking.revision).await? {
+                tracing::info!(
+                    instances = ready,
+                    revision = booking.revision,
+                    "every instance is running with a public address"
+                );
+                return Ok(vec![NotifyMessage::at_revision(
+                    id,
+                    EmailKind::InstanceDetails,
+                    booking.revision as u32,
+                )]);
             }
+            tracing::info!(
+                "the booking changed while it was provisioned; following its latest revision"
+            );
         }
-        tracing::info!(
-            instances = ready.len(),
-            "every instance is running with a public address"
-        );
-        Ok(vec![NotifyMessage::outgoing(
-            id,
-            EmailKind::InstanceDetails,
-        )])
+        Err(StageError::transient(anyhow::anyhow!(
+            "the booking kept changing while it was provisioned; trying again"
+        )))
+    }
+
+    /// The booking is no longer to be provisioned by this attempt: it was cancelled, ended,
+    /// moved to another time, or provisioned by another attempt. Nothing it launched may
+    /// outlive what the latest revision asks.
+    async fn stopped(&self, id: &str) -> Result<Vec<Outgoing>, StageError> {
+        let booking = self.store.stored_booking(id).await?;
+        if booking.state.is_over() {
+            let terminated = self.terminate_all(id).await?;
+            tracing::warn!(terminated, state = %booking.state, "the booking is over; terminated what this attempt launched");
+        } else {
+            let terminated = self.terminate_retired(Some(id)).await?;
+            tracing::info!(terminated, state = %booking.state, "not provisioning: the booking is not due at this revision");
+        }
+        if booking.state == BookingState::Provisioned {
+            return Ok(vec![self.instance_email(&booking)]);
+        }
+        Ok(Vec::new())
+    }
+
+    /// The request for the instance details email of the booking's machines as they are.
+    pub(super) fn instance_email(&self, booking: &BookingRecord) -> Outgoing {
+        let revision = booking.provisioned_revision.unwrap_or(0).max(0) as u32;
+        NotifyMessage::at_revision(&booking.booking_id, EmailKind::InstanceDetails, revision)
     }
 
     /// Launches (or adopts) an instance for every slot that has none recorded. EC2 is searched
@@ -100,7 +131,8 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Records the slot's instance: the one `found` by tag, else a new launch.
+    /// Records the slot's instance: the one `found` by tag, else a new launch. Nothing is
+    /// launched once the booking is no longer being provisioned (cancelled or moved meanwhile).
     async fn ensure_instance(
         &self,
         booking_id: &str,
@@ -113,19 +145,33 @@ impl Provisioner {
                 tracing::info!(slot = slot.slot, instance_id = %existing, "found an instance launched earlier");
                 existing
             }
-            None => self.launch(booking_id, &slot, credentials).await?,
+            None => match self.launch(booking_id, &slot, credentials).await? {
+                Some(launched) => launched,
+                None => {
+                    tracing::info!(slot = slot.slot, "the booking changed; not launching");
+                    return Ok(());
+                }
+            },
         };
-        slots::record_instance(&self.store.pool, booking_id, slot.slot, &instance_id).await?;
+        let key = (slot.slot, slot.generation);
+        if slots::record_instance(&self.store.pool, booking_id, key, &instance_id)
+            .await?
+            .is_none()
+        {
+            tracing::warn!(slot = slot.slot, %instance_id, "the booking moved while this machine was launched; it is terminated");
+            self.terminate_retired(Some(booking_id)).await?;
+        }
         Ok(())
     }
 
-    /// Launches the slot's machine with user-data that creates its admin and its trainees.
+    /// Launches the slot's machine with user-data that creates its admin and its trainees,
+    /// unless the booking is no longer being provisioned when its turn to launch comes.
     async fn launch(
         &self,
         booking_id: &str,
         slot: &Slot,
         credentials: &[StoredCredential],
-    ) -> Result<String, StageError> {
+    ) -> Result<Option<String>, StageError> {
         let users: Vec<Account<'_>> = credentials
             .iter()
             .filter(|c| slot.user_positions().contains(&c.position))
@@ -147,32 +193,51 @@ impl Provisioner {
             user_data: &user_data,
         };
         intent::record(&self.store.pool, booking_id, slot.slot, slot.generation).await?;
-        let launched = self.ec2.launch(&req, &self.ami_id).await?;
-        tracing::info!(slot = slot.slot, instance_id = %launched, users = users.len(), "launched");
+        let pool = &self.store.pool;
+        let still_wanted = || async {
+            // A database that cannot answer does not stop a launch: the end of the attempt
+            // checks again and terminates what it must.
+            bookings::is_provisioning(pool, booking_id)
+                .await
+                .unwrap_or(true)
+        };
+        let launched = self.ec2.launch_if(&req, &self.ami_id, still_wanted).await?;
+        if let Some(id) = &launched {
+            tracing::info!(slot = slot.slot, instance_id = %id, users = users.len(), "launched");
+        }
         Ok(launched)
     }
 
-    /// The booking's slots, planned (and stored) on the first attempt.
+    /// The booking's slots: planned (and stored) on the first attempt, and extended with slots
+    /// for trainees added later. Slots planned before keep their machines and admin logins.
     async fn plan(&self, booking: &BookingRecord) -> Result<Vec<Slot>, StageError> {
         let id = booking.booking_id.as_str();
         let existing = slots::for_booking(&self.store.pool, id).await?;
-        if !existing.is_empty() {
+        let covered = existing
+            .iter()
+            .map(|s| s.first_user + s.user_count)
+            .max()
+            .unwrap_or(0)
+            .max(0) as u32;
+        let users = booking.number_of_users.max(0) as u32;
+        if covered >= users {
             return Ok(existing);
         }
+        let next_slot = existing.iter().map(|s| s.slot + 1).max().unwrap_or(0);
         let per = self.settings.users_per_instance;
-        let users = booking.number_of_users as u32;
         let admin = self.settings.admin_username.as_str().to_owned();
         let key = self.key.clone();
         let booking_id = id.to_owned();
         let plan = tokio::task::spawn_blocking(move || {
-            (0..slot_count(users, per))
+            (0..slot_count(users - covered, per))
                 .map(|k| {
-                    let slot = k as i32;
+                    let slot = next_slot + k as i32;
+                    let first = covered + k * per;
                     let password = Password::generate();
                     NewSlot {
                         slot,
-                        first_user: (k * per) as i32,
-                        user_count: (per.min(users - k * per)) as i32,
+                        first_user: first as i32,
+                        user_count: per.min(users - first) as i32,
                         admin_username: admin.clone(),
                         admin_password_encrypted: key
                             .encrypt(&password, &admin_context(&booking_id, slot)),
@@ -187,8 +252,15 @@ impl Provisioner {
         Ok(slots::for_booking(&self.store.pool, id).await?)
     }
 
-    /// Polls with backoff until every instance runs with a public address.
-    async fn wait_until_ready(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, StageError> {
+    /// Polls with backoff (one `DescribeInstances` per poll for the whole booking) until every
+    /// slot's instance runs with a public address, recording what EC2 says; returns how many.
+    async fn wait_until_ready(&self, booking_id: &str) -> Result<usize, StageError> {
+        let pool = &self.store.pool;
+        let ids: Vec<String> = slots::for_booking(pool, booking_id)
+            .await?
+            .into_iter()
+            .filter_map(|s| s.instance_id)
+            .collect();
         let started = Instant::now();
         let mut delays = backon::BackoffBuilder::build(
             backon::ExponentialBuilder::default()
@@ -197,11 +269,11 @@ impl Provisioner {
                 .without_max_times(),
         );
         loop {
-            let infos = self.ec2.describe(ids).await?;
+            let infos = self.ec2.describe(&ids).await?;
             if let Some(gone) = infos.iter().find(|i| i.is_gone()) {
                 // EC2 took it back before it ran (no capacity, a volume limit): the slot gets a
                 // new launch generation, and the next attempt a replacement.
-                slots::replace_instance(&self.store.pool, &gone.instance_id).await?;
+                slots::replace_instance(pool, &gone.instance_id).await?;
                 return Err(StageError::transient(anyhow::anyhow!(
                     "instance {} stopped before it was ready ({}); a replacement is launched on the next attempt",
                     gone.instance_id,
@@ -210,7 +282,11 @@ impl Provisioner {
             }
             let ready = infos.iter().filter(|i| i.is_ready()).count();
             if ready == ids.len() && infos.len() == ids.len() {
-                return Ok(infos);
+                for i in &infos {
+                    let (dns, ip) = (i.public_dns.as_deref(), i.public_ip.as_deref());
+                    slots::record_state(pool, &i.instance_id, &i.state, dns, ip).await?;
+                }
+                return Ok(ready);
             }
             if started.elapsed() >= self.settings.running_timeout {
                 return Err(StageError::transient(anyhow::anyhow!(

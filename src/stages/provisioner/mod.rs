@@ -20,7 +20,8 @@ use crate::config::Ec2Settings;
 use crate::crypto::SecretKey;
 use crate::domain::{BookingRef, EmailKind, NotifyMessage};
 use crate::ec2::Ec2;
-use crate::store::{BookingState, Store, bookings};
+use crate::store::schedule::{self, Action};
+use crate::store::{BookingRecord, BookingState, Store, bookings};
 
 pub use launch::slot_count;
 pub use sweep::run_sweeper;
@@ -35,6 +36,19 @@ pub struct Provisioner {
 }
 
 impl Provisioner {
+    /// Whether the booking's provisioning is due: a `provision-due` from the timer of a time
+    /// since moved later (or the message an update sends to retire machines) is not. Compared
+    /// on the database's clock, which the timer uses too.
+    async fn is_due(&self, booking: &BookingRecord) -> Result<bool, StageError> {
+        if !matches!(
+            booking.state,
+            BookingState::Received | BookingState::Scheduled
+        ) {
+            return Ok(true);
+        }
+        Ok(schedule::is_due(&self.store.pool, &booking.booking_id, Action::Provision).await?)
+    }
+
     pub fn new(
         store: Store,
         ec2: Ec2,
@@ -71,6 +85,14 @@ impl Stage for ProvisionStage {
         let p = &self.0;
         let booking = p.store.stored_booking(&r.booking_id).await?;
         let id = booking.booking_id.as_str();
+        // Machines of an earlier time of a booking that moved go first, whatever comes next.
+        p.terminate_retired(Some(id)).await?;
+        if r.revision.is_some() && !p.is_due(&booking).await? {
+            tracing::info!(
+                "the booking's provisioning is not due at its current time; nothing to launch now"
+            );
+            return Ok(Vec::new());
+        }
         let over = booking.ends_at() <= Utc::now();
         // A replay asks for the work again only if the booking failed before it was replayed:
         // a copy of the replayed message that comes back after failing again does not.
@@ -91,19 +113,21 @@ impl Stage for ProvisionStage {
                 // A copy of the message that failed for good: the failure email may not have
                 // been published when it failed (the notifier sends it once).
                 tracing::info!("the booking failed; asking for the failure email again");
-                return Ok(vec![NotifyMessage::outgoing(id, EmailKind::Failure)]);
+                let revision = booking.revision.max(0) as u32;
+                return Ok(vec![NotifyMessage::at_revision(
+                    id,
+                    EmailKind::Failure,
+                    revision,
+                )]);
             }
-            BookingState::Ended => {
-                tracing::info!("the booking has ended; nothing to provision");
+            BookingState::Ended | BookingState::Cancelled => {
+                tracing::info!(state = %booking.state, "nothing to provision");
                 return Ok(Vec::new());
             }
             BookingState::Provisioned => {
                 // A duplicate or a replay: the machines run; make sure the email goes out.
                 tracing::info!("already provisioned; asking for the instance-details email again");
-                return Ok(vec![NotifyMessage::outgoing(
-                    id,
-                    EmailKind::InstanceDetails,
-                )]);
+                return Ok(vec![p.instance_email(&booking)]);
             }
             _ if over => {
                 tracing::warn!("the booking is over before it was provisioned; nothing to launch");
@@ -111,7 +135,7 @@ impl Stage for ProvisionStage {
             }
             _ => {}
         }
-        p.provision(&booking).await
+        p.provision(&booking, r.revision).await
     }
 
     /// The booking cannot be provisioned: terminate what was launched, mark it failed and
@@ -149,9 +173,11 @@ impl Stage for ProvisionStage {
             terminated,
             "provisioning failed; partial launches terminated, booking marked failed"
         );
-        Ok(vec![NotifyMessage::outgoing(
+        let revision = booking.revision.max(0) as u32;
+        Ok(vec![NotifyMessage::at_revision(
             &r.booking_id,
             EmailKind::Failure,
+            revision,
         )])
     }
 }
@@ -173,6 +199,6 @@ impl Stage for TeardownStage {
     }
 
     async fn handle(&self, r: &BookingRef, _: &Incoming) -> Result<Vec<Outgoing>, StageError> {
-        self.0.teardown(&r.booking_id).await
+        self.0.teardown(r).await
     }
 }

@@ -11,11 +11,13 @@ use crate::broker::StageError;
 use crate::store::bookings;
 
 impl Provisioner {
-    /// Terminates the machines of bookings that are over (ended, failed, or past their end by
-    /// more than `grace`) which are still running: launched by an attempt that raced the
-    /// teardown, or left by a teardown that could not finish. Only bookings this database
+    /// Terminates the machines of bookings that are over (ended, failed, cancelled, or past
+    /// their end by more than `grace`) which are still running: launched by an attempt that
+    /// raced the teardown or a cancellation, or left by a teardown that could not finish; and
+    /// the retired machines of bookings that moved. Only bookings this database
     /// knows are touched, so several labbook installations may share an AWS account.
     pub async fn sweep(&self, grace: chrono::Duration) -> Result<usize, StageError> {
+        let mut terminated = self.terminate_retired(None).await?;
         let running = self.ec2.find_managed(None).await?;
         let mut booking_ids: Vec<&str> = running
             .iter()
@@ -23,7 +25,6 @@ impl Provisioner {
             .collect();
         booking_ids.sort_unstable();
         booking_ids.dedup();
-        let mut terminated = 0;
         for id in booking_ids {
             let Some(booking) = bookings::find(&self.store.pool, id).await? else {
                 continue;

@@ -5,18 +5,34 @@ use chrono::Utc;
 
 use super::Provisioner;
 use crate::broker::{Outgoing, StageError};
-use crate::store::{BookingState, bookings, slots};
+use crate::domain::{BookingRef, Event, EventKind};
+use crate::store::{BookingState, bookings, events, slots};
 
 /// How early a `teardown-due` may come before the booking's end and still be taken as the
 /// booking's end: the scheduler's and the provisioner's clocks may differ a little.
 const CLOCK_TOLERANCE: chrono::Duration = chrono::Duration::minutes(2);
 
 impl Provisioner {
-    /// Ends the booking: terminates its machines and marks it ended. A `teardown-due` for a
-    /// booking that has not ended is refused (docs/contract.md §2): its machines keep running.
-    pub(super) async fn teardown(&self, booking_id: &str) -> Result<Vec<Outgoing>, StageError> {
+    /// Ends the booking: terminates its machines, marks it ended and publishes `ended`. A
+    /// cancelled booking's machines are terminated and it stays cancelled. A `teardown-due` for a
+    /// booking that has not ended is refused (docs/contract.md §2): its machines keep running;
+    /// one from the timer of an end since moved later is acknowledged and does nothing.
+    pub(super) async fn teardown(&self, r: &BookingRef) -> Result<Vec<Outgoing>, StageError> {
+        let booking_id = r.booking_id.as_str();
         let booking = self.store.stored_booking(booking_id).await?;
+        if booking.state == BookingState::Cancelled {
+            let terminated = self.terminate_all(booking_id).await?;
+            tracing::info!(terminated, "booking cancelled: instances terminated");
+            return Ok(Vec::new());
+        }
         if booking.ends_at() > Utc::now() + CLOCK_TOLERANCE && !booking.state.is_over() {
+            if r.revision.is_some() {
+                tracing::info!(
+                    ends_at = %crate::format_time(booking.ends_at()),
+                    "the booking's end moved later; this teardown is for its earlier end"
+                );
+                return Ok(Vec::new());
+            }
             return Err(StageError::permanent(format!(
                 "teardown-due for booking {booking_id}, which has not ended (it ends at {}); its machines keep running",
                 crate::format_time(booking.ends_at())
@@ -25,7 +41,30 @@ impl Provisioner {
         let terminated = self.terminate_all(booking_id).await?;
         bookings::transition(&self.store.pool, booking_id, BookingState::Ended, None).await?;
         tracing::info!(terminated, "booking ended: instances terminated");
-        Ok(Vec::new())
+        let event = Event::new(booking_id, EventKind::Ended, booking.revision.max(0) as u32)
+            .state(BookingState::Ended)
+            .detail(format!("{terminated} machines terminated"));
+        Ok(vec![events::record(&self.store.pool, &event).await?])
+    }
+
+    /// Terminates the retired machines (of an earlier time of a booking that moved): the
+    /// booking's, or every booking's. Returns how many.
+    pub(super) async fn terminate_retired(
+        &self,
+        booking_id: Option<&str>,
+    ) -> Result<usize, StageError> {
+        let retired = slots::retired(&self.store.pool, booking_id).await?;
+        if retired.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<String> = retired.into_iter().map(|(_, id)| id).collect();
+        self.ec2.terminate(&ids).await?;
+        for id in &ids {
+            slots::record_state(&self.store.pool, id, "terminated", None, None).await?;
+        }
+        slots::forget_retired(&self.store.pool, &ids).await?;
+        tracing::info!(terminated = ids.len(), "retired machines terminated");
+        Ok(ids.len())
     }
 
     /// Terminates every instance of the booking: recorded, or found by tag.
@@ -49,6 +88,6 @@ impl Provisioner {
         for id in &ids {
             slots::record_state(&self.store.pool, id, "terminated", None, None).await?;
         }
-        Ok(ids.len())
+        Ok(ids.len() + self.terminate_retired(Some(booking_id)).await?)
     }
 }
