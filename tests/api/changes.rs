@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use labbook::startup::Worker;
 use labbook::store::schedule::{self, Action};
 use labbook::store::{BookingRecord, bookings, slots};
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestEnv, all_terminated, eventually, header, instances_for, unique_id};
@@ -142,19 +142,32 @@ async fn a_reschedule_before_provisioning_moves_the_timer_and_a_stale_revision_d
     c.env.drain().await;
 
     let timer = c.timer(&id, Action::Provision).await.unwrap();
-    assert_eq!(timer.due_at, later.trunc_subsecs(6), "provisioning at the new time");
+    assert_eq!(
+        timer.due_at,
+        later.trunc_subsecs(6),
+        "provisioning at the new time"
+    );
     assert!(timer.published_at.is_none());
     assert_eq!(timer.revision, 1);
     let teardown = c.timer(&id, Action::Teardown).await.unwrap();
-    assert_eq!(teardown.due_at, (later + chrono::Duration::minutes(90)).trunc_subsecs(6));
+    assert_eq!(
+        teardown.due_at,
+        (later + chrono::Duration::minutes(90)).trunc_subsecs(6)
+    );
     let b = c.booking(&id).await;
     assert_eq!((b.revision, b.state.as_str()), (1, "scheduled"));
 
     let emails = c.emails().await;
-    assert_eq!(c.subjects().await, ["Booking Confirmation", "Booking Updated"]);
+    assert_eq!(
+        c.subjects().await,
+        ["Booking Confirmation", "Booking Updated"]
+    );
     let updated = &emails[1].1;
     assert_eq!(line(updated, "Booking ID: "), Some(id.as_str()));
-    assert_eq!(line(updated, "Booking Time: "), Some(labbook::format_time(later).as_str()));
+    assert_eq!(
+        line(updated, "Booking Time: "),
+        Some(labbook::format_time(later).as_str())
+    );
     let ends = labbook::format_time(later + chrono::Duration::minutes(90));
     assert_eq!(line(updated, "Booking Ends: "), Some(ends.as_str()));
     assert_eq!(logins(updated), logins(&emails[0].1), "the same logins");
@@ -162,13 +175,25 @@ async fn a_reschedule_before_provisioning_moves_the_timer_and_a_stale_revision_d
     // The old revision arriving late is acknowledged and changes nothing.
     c.publish(booking(&id, 0, at, 2, 60)).await;
     c.env.drain().await;
-    assert_eq!(c.env.depth("booking-created.dlq").await, 0, "stale is not a dead letter");
+    assert_eq!(
+        c.env.depth("booking-created.dlq").await,
+        0,
+        "stale is not a dead letter"
+    );
     assert_eq!(c.booking(&id).await.booking_time, later.trunc_subsecs(6));
-    assert_eq!(c.emails().await.len(), 2, "nothing sent for a stale revision");
+    assert_eq!(
+        c.emails().await.len(),
+        2,
+        "nothing sent for a stale revision"
+    );
     // The same revision again sends nothing more.
     c.publish(booking(&id, 1, later, 2, 90)).await;
     c.env.drain().await;
-    assert_eq!(c.emails().await.len(), 2, "Booking Updated once per revision");
+    assert_eq!(
+        c.emails().await.len(),
+        2,
+        "Booking Updated once per revision"
+    );
 
     let events: Vec<(String, String)> = c
         .events()
@@ -207,7 +232,11 @@ async fn fewer_trainees_before_provisioning_remove_the_last_logins() {
     assert_eq!(creds.iter().map(|c| c.position).collect::<Vec<_>>(), [0, 1]);
     let emails = c.emails().await;
     let before = logins(&emails[0].1);
-    assert_eq!(logins(&emails[1].1), before[..2], "the first two keep their logins");
+    assert_eq!(
+        logins(&emails[1].1),
+        before[..2],
+        "the first two keep their logins"
+    );
 }
 
 #[tokio::test]
@@ -222,23 +251,43 @@ async fn a_cancellation_before_provisioning_launches_nothing_and_stays_cancelled
     c.publish(cancellation(&id, 4)).await;
     c.env.drain().await;
     let b = c.booking(&id).await;
-    assert_eq!((b.state.as_str(), b.cancelled, b.revision), ("cancelled", true, 4));
-    assert!(c.timer(&id, Action::Provision).await.is_none(), "no provisioning timer");
+    assert_eq!(
+        (b.state.as_str(), b.cancelled, b.revision),
+        ("cancelled", true, 4)
+    );
+    assert!(
+        c.timer(&id, Action::Provision).await.is_none(),
+        "no provisioning timer"
+    );
     // Even a provision-due that was on its way launches nothing.
     crate::helpers::publish_ref(&c.env, "provision-due", &id).await;
     c.env.drain().await;
     assert!(instances_for(&id).await.is_empty());
     let emails = c.emails().await;
-    assert_eq!(c.subjects().await, ["Booking Confirmation", "Booking Cancelled"]);
+    assert_eq!(
+        c.subjects().await,
+        ["Booking Confirmation", "Booking Cancelled"]
+    );
     assert_eq!(line(&emails[1].1, "Booking ID: "), Some(id.as_str()));
     assert!(emails[1].1.contains("No lab machines will be started"));
 
     // Booking it again with a higher revision is refused: a cancelled booking stays cancelled.
     c.publish(booking(&id, 5, at, 2, 60)).await;
     c.env.drain().await;
-    let dead = c.env.take("booking-created.dlq", 10, Duration::from_secs(2)).await;
-    assert_eq!(dead.len(), 2, "the conflicting cancellation and the uncancel");
-    assert!(header(&dead[0], "x-labbook-error").unwrap().starts_with("conflict"));
+    let dead = c
+        .env
+        .take("booking-created.dlq", 10, Duration::from_secs(2))
+        .await;
+    assert_eq!(
+        dead.len(),
+        2,
+        "the conflicting cancellation and the uncancel"
+    );
+    assert!(
+        header(&dead[0], "x-labbook-error")
+            .unwrap()
+            .starts_with("conflict")
+    );
     let refused = header(&dead[1], "x-labbook-error").unwrap();
     assert!(refused.contains("stays cancelled"), "{refused}");
     assert_eq!(c.booking(&id).await.state.as_str(), "cancelled");
@@ -251,7 +300,11 @@ async fn a_cancellation_before_provisioning_launches_nothing_and_stays_cancelled
         .collect();
     assert_eq!(rejected.len(), 2);
     assert_eq!(rejected[1]["revision"], 5);
-    assert_eq!(rejected[1]["detail"].as_str().unwrap(), refused, "the dead letter's reason");
+    assert_eq!(
+        rejected[1]["detail"].as_str().unwrap(),
+        refused,
+        "the dead letter's reason"
+    );
     assert_eq!(rejected[1]["state"], "cancelled");
     let cancelled = events
         .iter()
@@ -270,14 +323,28 @@ async fn a_cancellation_of_an_unknown_booking_is_kept_against_late_revisions() {
     c.publish(booking(&id, 3, at, 2, 60)).await;
     c.env.drain().await;
     assert!(
-        bookings::find(&c.env.store().await.pool, &id).await.unwrap().is_none(),
+        bookings::find(&c.env.store().await.pool, &id)
+            .await
+            .unwrap()
+            .is_none(),
         "the late, lower revision is not stored"
     );
-    assert_eq!(c.env.depth("booking-created.dlq").await, 0, "it is stale, not refused");
+    assert_eq!(
+        c.env.depth("booking-created.dlq").await,
+        0,
+        "it is stale, not refused"
+    );
     c.publish(booking(&id, 6, at, 2, 60)).await;
     c.env.drain().await;
-    assert_eq!(c.env.depth("booking-created.dlq").await, 1, "a cancelled id stays cancelled");
-    assert!(c.emails().await.is_empty(), "no email for a booking never stored");
+    assert_eq!(
+        c.env.depth("booking-created.dlq").await,
+        1,
+        "a cancelled id stays cancelled"
+    );
+    assert!(
+        c.emails().await.is_empty(),
+        "no email for a booking never stored"
+    );
 }
 
 #[tokio::test]
@@ -285,8 +352,14 @@ async fn a_cancellation_after_provisioning_terminates_every_machine() {
     let mut c = Changes::new(&[]).await;
     c.env.spawn(&Worker::ALL).await;
     let id = unique_id("cancel-late");
-    c.publish(booking(&id, 0, Utc::now() - chrono::Duration::minutes(5), 3, 60))
-        .await;
+    c.publish(booking(
+        &id,
+        0,
+        Utc::now() - chrono::Duration::minutes(5),
+        3,
+        60,
+    ))
+    .await;
     c.env.wait_state(&id, "provisioned").await;
     assert_eq!(instances_for(&id).await.len(), 2);
     c.publish(cancellation(&id, 1)).await;
@@ -297,10 +370,15 @@ async fn a_cancellation_after_provisioning_terminates_every_machine() {
     c.env.wait_state(&id, "cancelled").await;
     let emails = eventually(WAIT, "the cancellation email", || async {
         let subjects = c.subjects().await;
-        subjects.contains(&"Booking Cancelled".to_owned()).then_some(c.emails().await)
+        subjects
+            .contains(&"Booking Cancelled".to_owned())
+            .then_some(c.emails().await)
     })
     .await;
-    let cancelled: Vec<_> = emails.iter().filter(|(s, _)| s == "Booking Cancelled").collect();
+    let cancelled: Vec<_> = emails
+        .iter()
+        .filter(|(s, _)| s == "Booking Cancelled")
+        .collect();
     assert_eq!(cancelled.len(), 1);
     assert!(cancelled[0].1.contains("have been stopped"));
     c.env.stop().await;
@@ -321,8 +399,14 @@ async fn a_running_booking_is_extended_then_shortened_to_an_end_already_past() {
     })
     .await;
     let teardown = c.timer(&id, Action::Teardown).await.unwrap();
-    assert_eq!(teardown.due_at, (at + chrono::Duration::minutes(240)).trunc_subsecs(6));
-    assert!(!all_terminated(&instances_for(&id).await), "machines keep running");
+    assert_eq!(
+        teardown.due_at,
+        (at + chrono::Duration::minutes(240)).trunc_subsecs(6)
+    );
+    assert!(
+        !all_terminated(&instances_for(&id).await),
+        "machines keep running"
+    );
     assert_eq!(c.booking(&id).await.state.as_str(), "provisioned");
 
     // Shortened to an end already past: it ends now.
@@ -330,10 +414,18 @@ async fn a_running_booking_is_extended_then_shortened_to_an_end_already_past() {
     c.env.wait_state(&id, "ended").await;
     assert!(all_terminated(&instances_for(&id).await));
     let events = c.events().await;
-    let ended = events.iter().find(|(k, _, _)| k == "booking.ended").expect("ended");
+    let ended = events
+        .iter()
+        .find(|(k, _, _)| k == "booking.ended")
+        .expect("ended");
     assert_eq!(ended.1, format!("{id}.ended.2"));
     assert_eq!(ended.2["state"], "ended");
-    let updated = c.subjects().await.iter().filter(|s| *s == "Booking Updated").count();
+    let updated = c
+        .subjects()
+        .await
+        .iter()
+        .filter(|s| *s == "Booking Updated")
+        .count();
     assert_eq!(updated, 2, "one Booking Updated per revision");
     c.env.stop().await;
 }
@@ -352,13 +444,21 @@ async fn more_trainees_after_provisioning_get_new_machines_and_fewer_are_refused
 
     c.publish(booking(&id, 1, at, 5, 60)).await;
     eventually(WAIT, "the second instance email", || async {
-        let n = c.subjects().await.iter().filter(|s| s.contains("Access Information")).count();
+        let n = c
+            .subjects()
+            .await
+            .iter()
+            .filter(|s| s.contains("Access Information"))
+            .count();
         (n == 2).then_some(())
     })
     .await;
     let now = slots::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(now.len(), 3, "5 trainees, 2 per machine");
-    assert_eq!(now[0].instance_id, first[0].instance_id, "the first machine is untouched");
+    assert_eq!(
+        now[0].instance_id, first[0].instance_id,
+        "the first machine is untouched"
+    );
     assert_eq!(instances_for(&id).await.len(), 3);
     let emails = c.emails().await;
     let details: Vec<&String> = emails
@@ -366,10 +466,21 @@ async fn more_trainees_after_provisioning_get_new_machines_and_fewer_are_refused
         .filter(|(s, _)| s.contains("Access Information"))
         .map(|(_, r)| r)
         .collect();
-    let machines = details[1].lines().filter(|l| l.starts_with("Instance URL: ")).count();
+    let machines = details[1]
+        .lines()
+        .filter(|l| l.starts_with("Instance URL: "))
+        .count();
     assert_eq!(machines, 3, "the new email lists every machine");
-    let confirmation = &emails.iter().find(|(s, _)| s == "Booking Confirmation").unwrap().1;
-    let updated = &emails.iter().find(|(s, _)| s == "Booking Updated").unwrap().1;
+    let confirmation = &emails
+        .iter()
+        .find(|(s, _)| s == "Booking Confirmation")
+        .unwrap()
+        .1;
+    let updated = &emails
+        .iter()
+        .find(|(s, _)| s == "Booking Updated")
+        .unwrap()
+        .1;
     let (old, new) = (logins(confirmation), logins(updated));
     assert_eq!(new.len(), 5);
     assert_eq!(new[..2], old[..], "existing trainees keep their logins");
@@ -377,7 +488,11 @@ async fn more_trainees_after_provisioning_get_new_machines_and_fewer_are_refused
     // Fewer trainees once machines run: refused, nothing changes.
     c.publish(booking(&id, 2, at, 3, 60)).await;
     let dead = c.env.take("booking-created.dlq", 1, WAIT).await;
-    assert!(header(&dead[0], "x-labbook-error").unwrap().contains("cannot go down"));
+    assert!(
+        header(&dead[0], "x-labbook-error")
+            .unwrap()
+            .contains("cannot go down")
+    );
     let b = c.booking(&id).await;
     assert_eq!((b.number_of_users, b.revision), (5, 1));
     c.env.stop().await;
@@ -388,8 +503,14 @@ async fn a_booking_moved_after_provisioning_is_terminated_and_provisioned_again(
     let mut c = Changes::new(&[]).await;
     c.env.spawn(&Worker::ALL).await;
     let id = unique_id("resched");
-    c.publish(booking(&id, 0, Utc::now() - chrono::Duration::minutes(5), 2, 60))
-        .await;
+    c.publish(booking(
+        &id,
+        0,
+        Utc::now() - chrono::Duration::minutes(5),
+        2,
+        60,
+    ))
+    .await;
     c.env.wait_state(&id, "provisioned").await;
     let old: HashSet<String> = instances_for(&id)
         .await
@@ -407,9 +528,16 @@ async fn a_booking_moved_after_provisioning_is_terminated_and_provisioned_again(
         all_terminated(&old_ones).then_some(())
     })
     .await;
-    assert_ne!(c.booking(&id).await.state.as_str(), "provisioned", "not before its new time");
+    assert_ne!(
+        c.booking(&id).await.state.as_str(),
+        "provisioned",
+        "not before its new time"
+    );
     c.env.wait_state(&id, "provisioned").await;
-    assert!(Utc::now() >= later, "provisioned again at the new time, not before");
+    assert!(
+        Utc::now() >= later,
+        "provisioned again at the new time, not before"
+    );
     let running: Vec<String> = instances_for(&id)
         .await
         .iter()
@@ -420,12 +548,23 @@ async fn a_booking_moved_after_provisioning_is_terminated_and_provisioned_again(
     assert!(!old.contains(&running[0]), "a new machine");
     let emails = eventually(WAIT, "a second instance email", || async {
         let e = c.emails().await;
-        let n = e.iter().filter(|(s, _)| s.contains("Access Information")).count();
+        let n = e
+            .iter()
+            .filter(|(s, _)| s.contains("Access Information"))
+            .count();
         (n == 2).then_some(e)
     })
     .await;
-    let confirmation = &emails.iter().find(|(s, _)| s == "Booking Confirmation").unwrap().1;
-    let updated = &emails.iter().find(|(s, _)| s == "Booking Updated").unwrap().1;
+    let confirmation = &emails
+        .iter()
+        .find(|(s, _)| s == "Booking Confirmation")
+        .unwrap()
+        .1;
+    let updated = &emails
+        .iter()
+        .find(|(s, _)| s == "Booking Updated")
+        .unwrap()
+        .1;
     assert_eq!(logins(updated), logins(confirmation), "same credentials");
     c.env.stop().await;
 }
@@ -436,13 +575,23 @@ async fn a_cancellation_that_lands_while_machines_launch_leaves_none_running() {
     let mut c = Changes::new(&[("LABBOOK_EC2_RATE_RUN_INSTANCES", "1/1")]).await;
     c.env.spawn(&Worker::ALL).await;
     let id = unique_id("race");
-    c.publish(booking(&id, 0, Utc::now() - chrono::Duration::minutes(5), 10, 60))
-        .await;
+    c.publish(booking(
+        &id,
+        0,
+        Utc::now() - chrono::Duration::minutes(5),
+        10,
+        60,
+    ))
+    .await;
     eventually(WAIT, "a first machine launched", || async {
         (!instances_for(&id).await.is_empty()).then_some(())
     })
     .await;
-    assert_ne!(c.booking(&id).await.state.as_str(), "provisioned", "still launching");
+    assert_ne!(
+        c.booking(&id).await.state.as_str(),
+        "provisioned",
+        "still launching"
+    );
     c.publish(cancellation(&id, 1)).await;
     c.env.wait_state(&id, "cancelled").await;
     eventually(WAIT, "every machine terminated", || async {
@@ -452,10 +601,19 @@ async fn a_cancellation_that_lands_while_machines_launch_leaves_none_running() {
     // Whatever the launching attempt still had in flight is terminated as well.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let instances = instances_for(&id).await;
-    assert!(all_terminated(&instances), "no machine outlives the cancellation");
-    assert!(instances.len() < 5, "launches waiting their turn were not made");
     assert!(
-        !c.subjects().await.iter().any(|s| s.contains("Access Information")),
+        all_terminated(&instances),
+        "no machine outlives the cancellation"
+    );
+    assert!(
+        instances.len() < 5,
+        "launches waiting their turn were not made"
+    );
+    assert!(
+        !c.subjects()
+            .await
+            .iter()
+            .any(|s| s.contains("Access Information")),
         "no instance email for a cancelled booking"
     );
     c.env.stop().await;
@@ -478,7 +636,12 @@ async fn the_events_of_a_booking_from_its_intake_to_its_end() {
     let kinds: Vec<&str> = events.iter().map(|(k, _, _)| k.as_str()).collect();
     assert_eq!(
         kinds,
-        ["booking.accepted", "booking.confirmed", "booking.provisioned", "booking.ended"]
+        [
+            "booking.accepted",
+            "booking.confirmed",
+            "booking.provisioned",
+            "booking.ended"
+        ]
     );
     for (key, mid, body) in &events {
         let event = key.strip_prefix("booking.").unwrap();
@@ -500,7 +663,11 @@ async fn the_events_of_a_booking_from_its_intake_to_its_end() {
     let text = serde_json::to_string(&events.iter().map(|e| &e.2).collect::<Vec<_>>()).unwrap();
     for (_, raw) in &emails {
         for l in raw.lines() {
-            if let Some(pw) = l.split(", Password: ").nth(1).or(l.strip_prefix("Password: ")) {
+            if let Some(pw) = l
+                .split(", Password: ")
+                .nth(1)
+                .or(l.strip_prefix("Password: "))
+            {
                 assert!(!text.contains(pw.trim()), "a password in an event");
             }
         }
@@ -512,26 +679,42 @@ async fn the_events_of_a_booking_from_its_intake_to_its_end() {
 async fn a_failure_and_a_rejection_are_published() {
     let mut c = Changes::new(&[]).await;
     c.env
-        .spawn_with(&Worker::ALL, &[("LABBOOK_SUBNET_ID", "subnet-doesnotexist")])
+        .spawn_with(
+            &Worker::ALL,
+            &[("LABBOOK_SUBNET_ID", "subnet-doesnotexist")],
+        )
         .await;
     let failing = unique_id("fail-event");
     c.publish(booking(&failing, 2, Utc::now(), 2, 60)).await;
     c.env.wait_state(&failing, "failed").await;
     let invalid = unique_id("invalid");
-    c.publish(json!({"booking_id": invalid, "revision": 7, "email": "x@example.org",
-        "booking_time": Utc::now().to_rfc3339(), "number_of_users": 0}))
-        .await;
+    c.publish(
+        json!({"booking_id": invalid, "revision": 7, "email": "x@example.org",
+        "booking_time": Utc::now().to_rfc3339(), "number_of_users": 0}),
+    )
+    .await;
     let events = eventually(WAIT, "the failed and rejected events", || async {
         let e = c.events().await;
         let has = |k: &str| e.iter().any(|(key, _, _)| key == k);
         (has("booking.failed") && has("booking.rejected")).then_some(e)
     })
     .await;
-    let failed = events.iter().find(|(k, _, _)| k == "booking.failed").unwrap();
+    let failed = events
+        .iter()
+        .find(|(k, _, _)| k == "booking.failed")
+        .unwrap();
     assert_eq!(failed.1, format!("{failing}.failed.2"));
     assert_eq!(failed.2["state"], "failed");
-    assert!(failed.2["detail"].as_str().unwrap().contains("could not be started"));
-    let rejected = events.iter().find(|(k, _, _)| k == "booking.rejected").unwrap();
+    assert!(
+        failed.2["detail"]
+            .as_str()
+            .unwrap()
+            .contains("could not be started")
+    );
+    let rejected = events
+        .iter()
+        .find(|(k, _, _)| k == "booking.rejected")
+        .unwrap();
     assert_eq!(rejected.1, format!("{invalid}.rejected.7"));
     assert_eq!(rejected.2["state"], Value::Null, "never stored");
     let dead = c.env.take("booking-created.dlq", 1, WAIT).await;
