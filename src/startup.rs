@@ -22,7 +22,7 @@ use crate::mail::Mailer;
 use crate::stages::credentials::CredentialsStage;
 use crate::stages::notifier::NotifierStage;
 use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage, run_sweeper};
-use crate::stages::scheduler::{SchedulerStage, run_timer};
+use crate::stages::scheduler::{LaunchPace, SchedulerStage, run_timer};
 use crate::store::Store;
 
 /// The kinds of worker a process can run.
@@ -93,12 +93,12 @@ impl Application {
         match worker {
             Worker::Credentials => {
                 let key = settings.require_secret_key()?.clone();
-                let stage =
-                    CredentialsStage::new(store, key, settings.rules, settings.provision_lead);
+                let pace = LaunchPace::from_settings(settings);
+                let stage = CredentialsStage::new(store, key, settings.rules, pace);
                 self.add_stage("credentials", settings, stage);
             }
             Worker::Scheduler => {
-                let stage = SchedulerStage::new(store.clone(), settings.provision_lead);
+                let stage = SchedulerStage::new(store.clone(), LaunchPace::from_settings(settings));
                 self.add_stage("scheduler", settings, stage);
                 let ready = self.readiness.register("scheduler timer");
                 let (broker, tick) = (settings.broker.clone(), settings.scheduler_tick);

@@ -356,14 +356,28 @@ impl Ec2 {
     /// first. When EC2 says the account's bucket is empty, the limiter's bucket is emptied too
     /// (every replica then waits for the refill) and the call tried again; no answer or a 5xx
     /// is tried again after a short pause.
-    async fn call<T, F, Fut>(&self, action: &'static str, mut send: F) -> Result<T, Ec2Error>
+    async fn call<T, F, Fut>(&self, action: &'static str, send: F) -> Result<T, Ec2Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Ec2Error>>,
+    {
+        self.call_ranked(action, None, send).await
+    }
+
+    /// [`Ec2::call`] whose tokens of the shared rate limit go to the earliest `rank` first.
+    async fn call_ranked<T, F, Fut>(
+        &self,
+        action: &'static str,
+        rank: Option<chrono::DateTime<chrono::Utc>>,
+        mut send: F,
+    ) -> Result<T, Ec2Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, Ec2Error>>,
     {
         let (mut throttled, mut unavailable) = (0, 1);
         loop {
-            self.limiter.acquire(action).await?;
+            self.limiter.acquire_ranked(action, rank).await?;
             match send().await {
                 Err(err) if err.is_throttling() && throttled < MAX_THROTTLED => {
                     throttled += 1;
@@ -473,17 +487,19 @@ impl Ec2 {
 
     /// Launches one instance for a slot, tagged, IMDSv2 required, with a `ClientToken`.
     pub async fn launch(&self, req: &LaunchRequest<'_>, ami_id: &str) -> Result<String, Ec2Error> {
-        let launched = self.launch_if(req, ami_id, || async { true }).await?;
+        let launched = self.launch_if(req, ami_id, None, || async { true }).await?;
         Ok(launched.expect("an open gate launches"))
     }
 
     /// Launches one instance for `req`, if `gate` still says so once the call may be made (its
     /// turn under the rate limit came): a booking cancelled or moved while its launches waited
-    /// for the account's budget launches nothing more. `None` when the gate was closed.
+    /// for the account's budget launches nothing more. `None` when the gate was closed. With a
+    /// `rank` (the booking's time) the launch waits behind launches of earlier bookings only.
     pub async fn launch_if<G, Open>(
         &self,
         req: &LaunchRequest<'_>,
         ami_id: &str,
+        rank: Option<chrono::DateTime<chrono::Utc>>,
         gate: G,
     ) -> Result<Option<String>, Ec2Error>
     where
@@ -518,7 +534,7 @@ impl Ec2 {
             .tag_specifications(tag_spec(ResourceType::Instance))
             .tag_specifications(tag_spec(ResourceType::Volume));
         let out = self
-            .call("RunInstances", || async {
+            .call_ranked("RunInstances", rank, || async {
                 if !gate().await {
                     return Ok(None);
                 }

@@ -9,12 +9,18 @@
 //! with one atomic `UPDATE`, and a caller that finds the bucket empty sleeps until its next
 //! token is due and tries again: a burst of bookings waits here instead of being throttled.
 //!
-//! Without a database ([`RateLimiter::local`]) the same buckets are kept in the process.
+//! Calls that compete for a bucket can be ranked ([`RateLimiter::acquire_ranked`]): a launch for
+//! a booking due at 08:45 gets the account's next `RunInstances` token before the launches of a
+//! booking due at 09:00, whichever replica holds them. Waiters are rows in `ec2_rate_waiters`;
+//! a token goes only to the waiter no live one of an earlier rank is ahead of.
+//!
+//! Without a database ([`RateLimiter::local`]) the same buckets are kept in the process, unranked.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
 use super::Ec2Error;
@@ -167,14 +173,46 @@ impl RateLimiter {
     /// lack of tokens. A database that cannot be reached is [`Ec2Error::Unavailable`] (the
     /// message waits it out), another database error [`Ec2Error::Transient`].
     pub async fn acquire(&self, action: &'static str) -> Result<(), Ec2Error> {
+        self.acquire_ranked(action, None).await
+    }
+
+    /// Like [`RateLimiter::acquire`], but with shared buckets a token goes to the waiter of the
+    /// earliest `rank` first (a booking's time): an unranked call takes what is there.
+    pub async fn acquire_ranked(
+        &self,
+        action: &'static str,
+        rank: Option<DateTime<Utc>>,
+    ) -> Result<(), Ec2Error> {
         let Some(limit) = self.limits.for_action(action) else {
             return Ok(());
         };
+        let queued = match (&self.buckets, rank) {
+            (Buckets::Shared(pool), Some(rank)) => Some(
+                Waiter::join(pool, action, rank)
+                    .await
+                    .map_err(|e| database_error(action, e))?,
+            ),
+            _ => None,
+        };
+        let taken = self.take_when_due(action, limit, queued.as_ref()).await;
+        if let (Some(waiter), Buckets::Shared(pool)) = (&queued, &self.buckets) {
+            // A waiter left behind (the database away now) is ignored once it is not seen.
+            let _ = waiter.leave(pool).await;
+        }
+        taken
+    }
+
+    async fn take_when_due(
+        &self,
+        action: &'static str,
+        limit: RateLimit,
+        waiter: Option<&Waiter>,
+    ) -> Result<(), Ec2Error> {
         let started = Instant::now();
         loop {
             let due = match &self.buckets {
                 Buckets::Local(buckets) => take_local(buckets, action, limit),
-                Buckets::Shared(pool) => take_shared(pool, action, limit)
+                Buckets::Shared(pool) => take_shared(pool, action, limit, waiter)
                     .await
                     .map_err(|e| database_error(action, e))?,
             };
@@ -269,27 +307,89 @@ fn take_local(
 const REFILLED: &str = "LEAST($2::float8, tokens + $3::float8 * GREATEST(0::float8,
                         EXTRACT(EPOCH FROM clock_timestamp() - updated_at)::float8))";
 
-/// Takes a token from the action's row if one is there: one `UPDATE`, which PostgreSQL runs
-/// on the row's latest version under its row lock, so concurrent takers never share a token.
-/// Else reads when the next one is due.
+/// How long a waiter may go unseen before the others stop letting it go first.
+const WAITER_TTL_SECONDS: f64 = 10.0;
+
+/// A ranked call waiting for a token, as a row of `ec2_rate_waiters`.
+struct Waiter {
+    action: &'static str,
+    id: String,
+    rank: DateTime<Utc>,
+}
+
+impl Waiter {
+    async fn join(
+        pool: &PgPool,
+        action: &'static str,
+        rank: DateTime<Utc>,
+    ) -> Result<Self, sqlx::Error> {
+        let id = {
+            use rand::{RngCore, TryRngCore};
+            format!("{:016x}", rand::rngs::OsRng.unwrap_err().next_u64())
+        };
+        sqlx::query(
+            "WITH gone AS (DELETE FROM ec2_rate_waiters
+                           WHERE action = $1 AND seen_at < clock_timestamp() - make_interval(secs => $4))
+             INSERT INTO ec2_rate_waiters (action, waiter, rank) VALUES ($1, $2, $3)",
+        )
+        .bind(action)
+        .bind(&id)
+        .bind(rank)
+        .bind(WAITER_TTL_SECONDS * 3.0)
+        .execute(pool)
+        .await?;
+        Ok(Self { action, id, rank })
+    }
+
+    async fn leave(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM ec2_rate_waiters WHERE action = $1 AND waiter = $2")
+            .bind(self.action)
+            .bind(&self.id)
+            .execute(pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Takes a token from the action's row if one is there (and, for a ranked `waiter`, no live
+/// waiter of an earlier rank is ahead of it): one `UPDATE`, which PostgreSQL runs on the row's
+/// latest version under its row lock, so concurrent takers never share a token. Else reads when
+/// the next one is due (a waiter also says it is still there).
 async fn take_shared(
     pool: &PgPool,
     action: &'static str,
     limit: RateLimit,
+    waiter: Option<&Waiter>,
 ) -> Result<Option<Duration>, sqlx::Error> {
     let (burst, rate) = (f64::from(limit.burst), limit.per_second);
     let taken: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "UPDATE ec2_rate SET tokens = {REFILLED} - 1, updated_at = clock_timestamp()
          WHERE action = $1 AND {REFILLED} >= 1
+           AND ($4::text IS NULL OR NOT EXISTS (
+                SELECT 1 FROM ec2_rate_waiters w
+                WHERE w.action = $1 AND (w.rank, w.waiter) < ($5, $4)
+                  AND w.seen_at > clock_timestamp() - make_interval(secs => $6)))
          RETURNING tokens"
     )))
     .bind(action)
     .bind(burst)
     .bind(rate)
+    .bind(waiter.map(|w| w.id.as_str()))
+    .bind(waiter.map(|w| w.rank))
+    .bind(WAITER_TTL_SECONDS)
     .fetch_optional(pool)
     .await?;
     if taken.is_some() {
         return Ok(None);
+    }
+    if let Some(w) = waiter {
+        sqlx::query(
+            "UPDATE ec2_rate_waiters SET seen_at = clock_timestamp() WHERE action = $1 AND waiter = $2",
+        )
+        .bind(w.action)
+        .bind(&w.id)
+        .execute(pool)
+        .await?;
     }
     let now: Option<f64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
         "SELECT {REFILLED} FROM ec2_rate WHERE action = $1"

@@ -1,23 +1,26 @@
 //! Stage 2, `credentials-ready`, and the durable timer.
 //!
-//! The stage stores when a booking's provisioning is due (`booking_time - lead`, or now if that
-//! is past) and when it ends. The timer, in every scheduler replica, claims due rows with
+//! The stage stores when a booking's provisioning is due (`booking_time - lead`, earlier by the
+//! launches the account's rate needs, see [`LaunchPace`]; now if that is past) and when it ends. The timer, in every scheduler replica, claims due rows with
 //! `FOR UPDATE SKIP LOCKED`, publishes `provision-due` / `teardown-due` with confirms, and marks
 //! them published in the same transaction: replicas never publish the same row together, and a
 //! crash before the commit only means the row is published again (downstream is idempotent).
 
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use lapin::{Channel, Connection};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use super::provisioner::slot_count;
 use crate::broker::{
     Incoming, Outgoing, Stage, StageError, StageQueue, Topology, Undecodable, confirmed_channel,
     connect, retry_until_cancelled,
 };
-use crate::config::BrokerSettings;
+use crate::config::{BrokerSettings, Settings};
 use crate::domain::BookingRef;
+use crate::ec2::rate::RateLimit;
 use crate::health::ReadyFlag;
 use crate::store::schedule::{self, Action};
 use crate::store::{BookingState, Store, bookings};
@@ -27,12 +30,62 @@ const BATCH: i64 = 100;
 
 pub struct SchedulerStage {
     store: Store,
-    lead: Duration,
+    pace: LaunchPace,
 }
 
 impl SchedulerStage {
-    pub fn new(store: Store, lead: Duration) -> Self {
-        Self { store, lead }
+    pub fn new(store: Store, pace: LaunchPace) -> Self {
+        Self { store, pace }
+    }
+}
+
+/// When a booking's provisioning is due: `LABBOOK_PROVISION_LEAD_SECONDS` before its time, and
+/// earlier by the time the account's `RunInstances` budget needs for its machines and for those
+/// of the bookings due before it (they launch first): a big morning is ready by its start times.
+#[derive(Debug, Clone, Copy)]
+pub struct LaunchPace {
+    pub lead: Duration,
+    pub users_per_instance: u32,
+    /// `LABBOOK_EC2_RATE_RUN_INSTANCES`: `None` when off (no time added).
+    pub run_instances: Option<RateLimit>,
+}
+
+/// How far back bookings due before this one count as ahead of it: launches of bookings due
+/// more than this before its provisioning are long done (an hour is 7,200 launches at EC2's
+/// default rate).
+const AHEAD_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+
+impl LaunchPace {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            lead: settings.provision_lead,
+            users_per_instance: settings.ec2.users_per_instance,
+            run_instances: settings.ec2.rate_limits.run_instances,
+        }
+    }
+
+    /// The time `launches` calls take at the account's rate, beyond the bucket's burst.
+    pub fn launch_time(&self, launches: u64) -> chrono::Duration {
+        let Some(limit) = self.run_instances else {
+            return chrono::Duration::zero();
+        };
+        let beyond = launches.saturating_sub(u64::from(limit.burst)) as f64;
+        chrono::Duration::milliseconds((beyond / limit.per_second * 1000.0).ceil() as i64)
+    }
+
+    /// When provisioning `booking` is due (now, if that is past).
+    pub async fn provision_at(
+        &self,
+        pool: &PgPool,
+        booking: (&str, DateTime<Utc>, i32),
+    ) -> Result<DateTime<Utc>, sqlx::Error> {
+        let (id, time, users) = booking;
+        let lead = chrono::Duration::from_std(self.lead).unwrap_or_default();
+        let per = self.users_per_instance.max(1);
+        let own = u64::from(slot_count(users.max(0) as u32, per));
+        let since = time - lead - AHEAD_WINDOW;
+        let ahead = schedule::instances_ahead(pool, id, (since, time), per).await?;
+        Ok((time - lead - self.launch_time(own + ahead)).max(Utc::now()))
     }
 }
 
@@ -50,10 +103,12 @@ impl Stage for SchedulerStage {
             tracing::info!(state = %booking.state, "the booking is over or cancelled; nothing to schedule");
             return Ok(Vec::new());
         }
-        let lead = chrono::Duration::from_std(self.lead).unwrap_or(chrono::Duration::zero());
-        let provision_at = (booking.booking_time - lead).max(Utc::now());
         let pool = &self.store.pool;
         let id = booking.booking_id.as_str();
+        let provision_at = self
+            .pace
+            .provision_at(pool, (id, booking.booking_time, booking.number_of_users))
+            .await?;
         // A row an update set already (it moved the booking) stays as it is.
         schedule::insert(
             pool,
@@ -198,4 +253,25 @@ async fn publish_due(
     }
     tx.commit().await?;
     Ok(due.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launches_beyond_the_burst_take_time_at_the_rate() {
+        let pace = LaunchPace {
+            lead: Duration::from_secs(900),
+            users_per_instance: 2,
+            run_instances: Some(RateLimit::new(5, 2.0)),
+        };
+        assert_eq!(pace.launch_time(5), chrono::Duration::zero());
+        assert_eq!(pace.launch_time(60), chrono::Duration::milliseconds(27_500));
+        let off = LaunchPace {
+            run_instances: None,
+            ..pace
+        };
+        assert_eq!(off.launch_time(1000), chrono::Duration::zero());
+    }
 }

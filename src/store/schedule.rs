@@ -115,3 +115,25 @@ pub async fn is_due(pool: &PgPool, booking_id: &str, action: Action) -> Result<b
     .await?;
     Ok(due.unwrap_or(true))
 }
+
+/// How many machines the bookings due in `window` (other than `booking_id`) still have to
+/// launch before it: those not provisioned yet, `users_per_instance` users each.
+pub async fn instances_ahead(
+    pool: &PgPool,
+    booking_id: &str,
+    window: (DateTime<Utc>, DateTime<Utc>),
+    users_per_instance: u32,
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM((number_of_users + $4 - 1) / $4), 0)::int8 FROM bookings
+         WHERE booking_id <> $1 AND booking_time > $2 AND booking_time <= $3 AND NOT cancelled
+           AND state IN ('received', 'scheduled', 'provisioning')",
+    )
+    .bind(booking_id)
+    .bind(window.0)
+    .bind(window.1)
+    .bind(users_per_instance as i32)
+    .fetch_one(pool)
+    .await?;
+    Ok(n.max(0) as u64)
+}

@@ -288,7 +288,7 @@ impl TestEnv {
         use labbook::stages::credentials::CredentialsStage;
         use labbook::stages::notifier::NotifierStage;
         use labbook::stages::provisioner::{ProvisionStage, Provisioner};
-        use labbook::stages::scheduler::SchedulerStage;
+        use labbook::stages::scheduler::{LaunchPace, SchedulerStage};
         use std::sync::Arc;
         let settings = self.settings();
         let (store, key, broker) = (self.store().await, self.key.clone(), &settings.broker);
@@ -296,9 +296,12 @@ impl TestEnv {
             store.clone(),
             key.clone(),
             settings.rules,
-            settings.provision_lead,
+            LaunchPace::from_settings(&settings),
         ));
-        let scheduler = Arc::new(SchedulerStage::new(store.clone(), settings.provision_lead));
+        let scheduler = Arc::new(SchedulerStage::new(
+            store.clone(),
+            LaunchPace::from_settings(&settings),
+        ));
         let ami = settings.require_ami_id().unwrap().to_owned();
         let ec2 = labbook::ec2::Ec2::new(settings.ec2.clone()).await;
         let provisioner =

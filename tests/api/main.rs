@@ -7,6 +7,7 @@ mod faults;
 mod helpers;
 mod intake;
 mod operations;
+mod pacing;
 mod provisioning;
 mod runtime;
 mod shutdown;

@@ -6,7 +6,6 @@
 mod decide;
 
 use std::ops::Range;
-use std::time::Duration;
 
 use chrono::Utc;
 use sqlx::PgConnection;
@@ -17,6 +16,7 @@ use crate::domain::{
     Booking, BookingMessage, BookingRef, BookingRules, Credential, EmailKind, Event, EventKind,
     NotifyMessage, parse_message, peek,
 };
+use crate::stages::scheduler::LaunchPace;
 use crate::store::schedule::Action;
 use crate::store::{
     BookingRecord, BookingState, Store, StoredCredential, bookings, events, intake,
@@ -27,18 +27,17 @@ pub struct CredentialsStage {
     store: Store,
     key: SecretKey,
     rules: BookingRules,
-    /// `LABBOOK_PROVISION_LEAD_SECONDS`: a moved booking's provisioning is due this long before
-    /// its new time.
-    lead: Duration,
+    /// When a moved booking's provisioning is due.
+    pace: LaunchPace,
 }
 
 impl CredentialsStage {
-    pub fn new(store: Store, key: SecretKey, rules: BookingRules, lead: Duration) -> Self {
+    pub fn new(store: Store, key: SecretKey, rules: BookingRules, pace: LaunchPace) -> Self {
         Self {
             store,
             key,
             rules,
-            lead,
+            pace,
         }
     }
 }
@@ -250,8 +249,9 @@ impl CredentialsStage {
             intake::remove_credentials_from(tx, id, users).await?;
         }
         if u.time_moved {
-            let lead = chrono::Duration::from_std(self.lead).unwrap_or_default();
-            let due = (b.booking_time - lead).max(Utc::now());
+            let users = b.number_of_users.get() as i32;
+            let booking = (id, b.booking_time, users);
+            let due = self.pace.provision_at(&self.store.pool, booking).await?;
             intake::arm(tx, id, Action::Provision, due, b.revision).await?;
         }
         if u.end_moved {

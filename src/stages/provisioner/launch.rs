@@ -40,7 +40,7 @@ impl Provisioner {
             };
             let slots = self.plan(&booking).await?;
             let credentials = bookings::credentials(pool, id).await?;
-            self.launch_missing(id, slots, &credentials).await?;
+            self.launch_missing(&booking, slots, &credentials).await?;
             let ready = self.wait_until_ready(id).await?;
             if bookings::finish_provisioning(pool, id, booking.revision).await? {
                 tracing::info!(
@@ -92,10 +92,11 @@ impl Provisioner {
     /// generation) and its outcome is unknown; otherwise each slot costs one `RunInstances`.
     async fn launch_missing(
         &self,
-        booking_id: &str,
+        booking: &BookingRecord,
         slots: Vec<Slot>,
         credentials: &[StoredCredential],
     ) -> Result<(), StageError> {
+        let booking_id = booking.booking_id.as_str();
         let missing: Vec<Slot> = slots
             .into_iter()
             .filter(|s| s.instance_id.is_none())
@@ -124,7 +125,7 @@ impl Provisioner {
             })
             .collect();
         futures_util::stream::iter(work)
-            .map(|(slot, found)| self.ensure_instance(booking_id, slot, found, credentials))
+            .map(|(slot, found)| self.ensure_instance(booking, slot, found, credentials))
             .buffer_unordered(self.settings.launch_concurrency)
             .try_collect::<Vec<()>>()
             .await?;
@@ -135,17 +136,18 @@ impl Provisioner {
     /// launched once the booking is no longer being provisioned (cancelled or moved meanwhile).
     async fn ensure_instance(
         &self,
-        booking_id: &str,
+        booking: &BookingRecord,
         slot: Slot,
         found: Option<String>,
         credentials: &[StoredCredential],
     ) -> Result<(), StageError> {
+        let booking_id = booking.booking_id.as_str();
         let instance_id = match found {
             Some(existing) => {
                 tracing::info!(slot = slot.slot, instance_id = %existing, "found an instance launched earlier");
                 existing
             }
-            None => match self.launch(booking_id, &slot, credentials).await? {
+            None => match self.launch(booking, &slot, credentials).await? {
                 Some(launched) => launched,
                 None => {
                     tracing::info!(slot = slot.slot, "the booking changed; not launching");
@@ -165,13 +167,15 @@ impl Provisioner {
     }
 
     /// Launches the slot's machine with user-data that creates its admin and its trainees,
-    /// unless the booking is no longer being provisioned when its turn to launch comes.
+    /// unless the booking is no longer being provisioned when its turn to launch comes. Its
+    /// turn comes after the launches of bookings due earlier (the booking's time is its rank).
     async fn launch(
         &self,
-        booking_id: &str,
+        booking: &BookingRecord,
         slot: &Slot,
         credentials: &[StoredCredential],
     ) -> Result<Option<String>, StageError> {
+        let booking_id = booking.booking_id.as_str();
         let users: Vec<Account<'_>> = credentials
             .iter()
             .filter(|c| slot.user_positions().contains(&c.position))
@@ -201,7 +205,11 @@ impl Provisioner {
                 .await
                 .unwrap_or(true)
         };
-        let launched = self.ec2.launch_if(&req, &self.ami_id, still_wanted).await?;
+        let rank = Some(booking.booking_time);
+        let launched = self
+            .ec2
+            .launch_if(&req, &self.ami_id, rank, still_wanted)
+            .await?;
         if let Some(id) = &launched {
             tracing::info!(slot = slot.slot, instance_id = %id, users = users.len(), "launched");
         }
