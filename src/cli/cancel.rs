@@ -38,7 +38,13 @@ pub async fn run(settings: &Settings, booking_id: &str) -> anyhow::Result<ExitCo
         .iter()
         .filter(|s| s.instance_id.is_some() && s.instance_state.as_deref() != Some("terminated"))
         .count();
-    let revision = booking.revision + 1;
+    let Some(revision) = booking.revision.checked_add(1) else {
+        eprintln!(
+            "booking {id} is at the highest revision ({}); it cannot be changed any more",
+            booking.revision
+        );
+        return Ok(ExitCode::FAILURE);
+    };
     let body = serde_json::to_vec(&serde_json::json!({
         "booking_id": id.as_str(),
         "revision": revision,
@@ -55,6 +61,9 @@ pub async fn run(settings: &Settings, booking_id: &str) -> anyhow::Result<ExitCo
         booking.state
     );
     println!("{}", what_happens(&booking, machines));
+    println!(
+        "(if the upstream publishes its own revision {revision} first, this cancellation is a conflict: see labbook dlq list booking-created)"
+    );
     Ok(ExitCode::SUCCESS)
 }
 

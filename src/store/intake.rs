@@ -111,7 +111,9 @@ pub async fn add_credentials(
     Ok(())
 }
 
-/// Removes the logins from position `keep` on (fewer trainees, before provisioning).
+/// Removes the logins from position `keep` on (fewer trainees, before provisioning), and the
+/// planned machines' places for them (a booking moved after an earlier provisioning keeps its
+/// plan): machines left without trainees are dropped, the last one keeps its remaining ones.
 pub async fn remove_credentials_from(
     conn: &mut PgConnection,
     booking_id: &str,
@@ -120,8 +122,20 @@ pub async fn remove_credentials_from(
     sqlx::query("DELETE FROM credentials WHERE booking_id = $1 AND position >= $2")
         .bind(booking_id)
         .bind(keep)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
+    sqlx::query("DELETE FROM slots WHERE booking_id = $1 AND first_user >= $2")
+        .bind(booking_id)
+        .bind(keep)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE slots SET user_count = $2 - first_user WHERE booking_id = $1 AND first_user + user_count > $2",
+    )
+    .bind(booking_id)
+    .bind(keep)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -135,6 +149,7 @@ pub async fn store_update(
     sqlx::query(
         "UPDATE bookings SET email = $2, booking_time = $3, number_of_users = $4,
                 duration_minutes = $5, revision = $6, state = $7, updated_at = now(),
+                failure_reason = CASE WHEN $7 = 'failed' THEN failure_reason END,
                 schedule_revision = CASE WHEN $8 THEN $6 ELSE schedule_revision END
          WHERE booking_id = $1",
     )

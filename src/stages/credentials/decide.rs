@@ -49,6 +49,14 @@ pub struct Update {
 impl Update {
     /// The state the booking is in after the update.
     pub fn next_state(&self, current: BookingState) -> BookingState {
+        if current == BookingState::Failed {
+            // Moved to a new time, a failed booking is tried again then.
+            return if self.time_moved {
+                BookingState::Scheduled
+            } else {
+                current
+            };
+        }
         if self.started && self.time_moved {
             // Its machines are for the old time: it is provisioned again at the new one.
             BookingState::Scheduled
@@ -113,8 +121,7 @@ fn decide_cancel(revision: i64, s: &BookingRecord, now: DateTime<Utc>) -> Decisi
             s.booking_id
         ));
     }
-    let ended =
-        s.state == BookingState::Ended || (s.ends_at() <= now && s.state != BookingState::Failed);
+    let ended = s.state == BookingState::Ended || s.ends_at() <= now;
     Decision::Cancel { ended }
 }
 
@@ -153,7 +160,7 @@ fn decide_booking(b: &Booking, s: &BookingRecord, now: DateTime<Utc>) -> Decisio
             end_moved: s.ends_at() != b.ends_at(),
             added: (b.number_of_users.get() as i32 - s.number_of_users).max(0) as u32,
             removed: (s.number_of_users - b.number_of_users.get() as i32).max(0) as u32,
-            started: s.state.provisioning_started(),
+            started: s.state.provisioning_started() || s.state == BookingState::Failed,
         }),
     }
 }
@@ -164,12 +171,7 @@ fn refuse_update(b: &Booking, s: &BookingRecord, now: DateTime<Utc>) -> Option<S
     if s.state == BookingState::Ended || s.ends_at() <= now {
         return Some(format!("booking {id} has ended; it can no longer change"));
     }
-    if s.state == BookingState::Failed {
-        return Some(format!(
-            "booking {id} failed; it can no longer change (replay its dead letter, or book again under a new id)"
-        ));
-    }
-    let started = s.state.provisioning_started();
+    let started = s.state.provisioning_started() || s.state == BookingState::Failed;
     if started && (b.number_of_users.get() as i32) < s.number_of_users {
         return Some(format!(
             "booking {id}: number_of_users cannot go down from {} to {} after provisioning started (machines cannot drop accounts); the stored booking is unchanged",
@@ -306,6 +308,27 @@ mod tests {
         assert_eq!(
             u.next_state(BookingState::Provisioned),
             BookingState::Scheduled
+        );
+    }
+
+    #[test]
+    fn a_failed_booking_moved_to_a_new_time_is_tried_again_then() {
+        let s = stored(&booking(0, 10, 3, 60), BookingState::Failed, false);
+        let Decision::Update(u) = decide(&book(booking(1, 12, 3, 60)), Some(&s), None, now())
+        else {
+            panic!("an update")
+        };
+        assert_eq!(u.next_state(BookingState::Failed), BookingState::Scheduled);
+        let Decision::Update(u) = decide(&book(booking(1, 10, 4, 60)), Some(&s), None, now())
+        else {
+            panic!("an update")
+        };
+        assert_eq!(u.next_state(BookingState::Failed), BookingState::Failed);
+        // Past its end, a failed booking is over: cancelling it sends nothing.
+        let over = stored(&booking(0, 6, 3, 60), BookingState::Failed, false);
+        assert_eq!(
+            decide(&cancel(1), Some(&over), None, now()),
+            Decision::Cancel { ended: true }
         );
     }
 

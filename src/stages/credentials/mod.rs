@@ -271,7 +271,9 @@ impl CredentialsStage {
             detail,
             schedule: false,
             email: Some(EmailKind::Updated),
-            provision_now: u.started && (u.time_moved || u.added > 0),
+            provision_now: u.started
+                && state != BookingState::Failed
+                && (u.time_moved || u.added > 0),
         })
     }
 

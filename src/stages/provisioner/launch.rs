@@ -41,7 +41,10 @@ impl Provisioner {
             let slots = self.plan(&booking).await?;
             let credentials = bookings::credentials(pool, id).await?;
             self.launch_missing(&booking, slots, &credentials).await?;
-            let ready = self.wait_until_ready(id).await?;
+            let Some(ready) = self.wait_until_ready(id).await? else {
+                // It changed while this attempt launched (cancelled, moved, grown).
+                continue;
+            };
             if bookings::finish_provisioning(pool, id, booking.revision).await? {
                 tracing::info!(
                     instances = ready,
@@ -262,13 +265,22 @@ impl Provisioner {
 
     /// Polls with backoff (one `DescribeInstances` per poll for the whole booking) until every
     /// slot's instance runs with a public address, recording what EC2 says; returns how many.
-    async fn wait_until_ready(&self, booking_id: &str) -> Result<usize, StageError> {
+    /// `None` as soon as the booking is no longer being provisioned (cancelled or moved while
+    /// its machines launched), so that what was launched is terminated at once.
+    async fn wait_until_ready(&self, booking_id: &str) -> Result<Option<usize>, StageError> {
         let pool = &self.store.pool;
-        let ids: Vec<String> = slots::for_booking(pool, booking_id)
-            .await?
-            .into_iter()
-            .filter_map(|s| s.instance_id)
-            .collect();
+        let slots = slots::for_booking(pool, booking_id).await?;
+        let ids: Vec<String> = slots.iter().filter_map(|s| s.instance_id.clone()).collect();
+        if ids.len() < slots.len() {
+            if !bookings::is_provisioning(pool, booking_id).await? {
+                return Ok(None);
+            }
+            return Err(StageError::transient(anyhow::anyhow!(
+                "{} of {} machines could be launched; the rest on the next attempt",
+                ids.len(),
+                slots.len()
+            )));
+        }
         let started = Instant::now();
         let mut delays = backon::BackoffBuilder::build(
             backon::ExponentialBuilder::default()
@@ -277,6 +289,9 @@ impl Provisioner {
                 .without_max_times(),
         );
         loop {
+            if !bookings::is_provisioning(pool, booking_id).await? {
+                return Ok(None);
+            }
             let infos = self.ec2.describe(&ids).await?;
             if let Some(gone) = infos.iter().find(|i| i.is_gone()) {
                 // EC2 took it back before it ran (no capacity, a volume limit): the slot gets a
@@ -294,7 +309,7 @@ impl Provisioner {
                     let (dns, ip) = (i.public_dns.as_deref(), i.public_ip.as_deref());
                     slots::record_state(pool, &i.instance_id, &i.state, dns, ip).await?;
                 }
-                return Ok(ready);
+                return Ok(Some(ready));
             }
             if started.elapsed() >= self.settings.running_timeout {
                 return Err(StageError::transient(anyhow::anyhow!(

@@ -153,6 +153,22 @@ impl Stage for ProvisionStage {
             );
             return Ok(Vec::new());
         }
+        if r.revision
+            .is_some_and(|rev| (rev as i64) < i64::from(booking.schedule_revision))
+        {
+            tracing::warn!(
+                "provision-due of a time the booking has moved from dead-lettered; the booking goes on"
+            );
+            return Ok(Vec::new());
+        }
+        if booking.provisioned_revision.is_some() && booking.state == BookingState::Provisioning {
+            // Machines for added trainees could not be launched: the class keeps the machines
+            // it has; the dead letter, replayed, launches the rest.
+            tracing::warn!(
+                "machines for added trainees could not be launched; the running ones are kept"
+            );
+            return Ok(Vec::new());
+        }
         let terminated = p.terminate_all(&r.booking_id).await?;
         let failed = bookings::transition(
             &p.store.pool,
@@ -173,7 +189,7 @@ impl Stage for ProvisionStage {
             terminated,
             "provisioning failed; partial launches terminated, booking marked failed"
         );
-        let revision = booking.revision.max(0) as u32;
+        let revision = booking.schedule_revision.max(0) as u32;
         Ok(vec![NotifyMessage::at_revision(
             &r.booking_id,
             EmailKind::Failure,

@@ -6,6 +6,7 @@ use chrono::Utc;
 use super::Provisioner;
 use crate::broker::{Outgoing, StageError};
 use crate::domain::{BookingRef, Event, EventKind};
+use crate::store::schedule::{self, Action};
 use crate::store::{BookingState, bookings, events, slots};
 
 /// How early a `teardown-due` may come before the booking's end and still be taken as the
@@ -26,7 +27,12 @@ impl Provisioner {
             return Ok(Vec::new());
         }
         if booking.ends_at() > Utc::now() + CLOCK_TOLERANCE && !booking.state.is_over() {
-            if r.revision.is_some() {
+            let timer = schedule::find(&self.store.pool, booking_id, Action::Teardown).await?;
+            let moved = r
+                .revision
+                .zip(timer)
+                .is_some_and(|(rev, t)| i64::from(t.revision) > rev as i64);
+            if moved {
                 tracing::info!(
                     ends_at = %crate::format_time(booking.ends_at()),
                     "the booking's end moved later; this teardown is for its earlier end"
