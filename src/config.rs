@@ -99,6 +99,36 @@ pub struct Ec2Settings {
     /// EC2 action as `BURST/PER_SECOND` (calls at once, then calls per second), or `off`. The
     /// defaults are EC2's own buckets for an account and Region; see [`crate::ec2::rate`].
     pub rate_limits: crate::ec2::rate::RateLimits,
+    /// `LABBOOK_READINESS`: what the instance details email waits for besides running machines.
+    pub readiness: Readiness,
+    /// `LABBOOK_READY_TIMEOUT_SECONDS` (default 900, at most 1500): how long a machine's
+    /// bootstrap may take to report success (The Littlest JupyterHub installs in about ten
+    /// minutes).
+    pub ready_timeout: Duration,
+    /// `LABBOOK_READY_PROBE`: what else must answer before a machine counts as ready.
+    pub probe: Probe,
+}
+
+/// What the instance details email waits for (`LABBOOK_READINESS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Running machines with an address (an emulator, whose console stays empty).
+    Running,
+    /// Besides, each machine's bootstrap reports `labbook-bootstrap: ok` on its serial console
+    /// (read with `GetConsoleOutput`).
+    Bootstrap,
+}
+
+/// A network check of a ready machine (`LABBOOK_READY_PROBE`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// None.
+    Off,
+    /// Each machine's address: port 22 accepts (SSH mode), or `/hub/health` on port 80
+    /// answers 200 (JupyterHub mode).
+    Machine,
+    /// This `host:port` instead of each machine's address (tests point it at loopback).
+    Target(String),
 }
 
 /// `LABBOOK_RUNNING_TIMEOUT_SECONDS`. The provisioner waits for its instances while it holds
@@ -157,7 +187,49 @@ impl Ec2Settings {
                 .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
             rate_limits: crate::ec2::rate::RateLimits::from_vars(|var| v.get(var))
                 .map_err(|(var, problem)| ConfigError::new(var, problem))?,
+            readiness: readiness(v)?,
+            ready_timeout: v.seconds("LABBOOK_READY_TIMEOUT_SECONDS", 900, 1, 1500)?,
+            probe: probe(v)?,
         })
+    }
+}
+
+/// `LABBOOK_READINESS`: `auto` (default: `bootstrap` against EC2, `running` when
+/// `AWS_ENDPOINT_URL` names an emulator, whose console output is fixed), `bootstrap` or `running`.
+fn readiness(v: &Vars<'_>) -> Result<Readiness, ConfigError> {
+    let emulated = v.string("AWS_ENDPOINT_URL").is_some();
+    let auto = if emulated {
+        Readiness::Running
+    } else {
+        Readiness::Bootstrap
+    };
+    v.choice(
+        "LABBOOK_READINESS",
+        "auto",
+        [
+            ("auto", auto),
+            ("bootstrap", Readiness::Bootstrap),
+            ("running", Readiness::Running),
+        ],
+    )
+}
+
+/// `LABBOOK_READY_PROBE`: `off` (default), `on`, or `HOST:PORT`.
+fn probe(v: &Vars<'_>) -> Result<Probe, ConfigError> {
+    match v.get("LABBOOK_READY_PROBE").map(str::trim) {
+        None | Some("off") => Ok(Probe::Off),
+        Some("on") => Ok(Probe::Machine),
+        Some(target)
+            if target
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) =>
+        {
+            Ok(Probe::Target(target.to_owned()))
+        }
+        Some(other) => Err(ConfigError::new(
+            "LABBOOK_READY_PROBE",
+            format!("must be off, on, or HOST:PORT (got {other:?})"),
+        )),
     }
 }
 

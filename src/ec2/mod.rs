@@ -179,7 +179,12 @@ pub fn register_metrics() {
         "labbook_ec2_rate_wait_milliseconds_total",
         "Time EC2 calls waited for a token"
     );
-    for operation in ["RunInstances", "DescribeInstances", "TerminateInstances"] {
+    for operation in [
+        "RunInstances",
+        "DescribeInstances",
+        "TerminateInstances",
+        "GetConsoleOutput",
+    ] {
         metrics::counter!("labbook_ec2_rate_limited_total", "operation" => operation).increment(0);
         metrics::counter!("labbook_ec2_rate_wait_milliseconds_total", "operation" => operation)
             .increment(0);
@@ -558,6 +563,27 @@ impl Ec2 {
                 operation: "RunInstances",
                 detail: "no instance in the answer".into(),
             })
+    }
+
+    /// What the instance wrote to its serial console (EC2 keeps its last 64 KiB): empty until
+    /// there is something. labbook's bootstrap reports its outcome there.
+    pub async fn console_output(&self, instance_id: &str) -> Result<String, Ec2Error> {
+        let out = self
+            .call("GetConsoleOutput", || async {
+                self.client
+                    .get_console_output()
+                    .instance_id(instance_id)
+                    .send()
+                    .await
+                    .map_err(|e| classify("GetConsoleOutput", e))
+            })
+            .await?;
+        ok("GetConsoleOutput");
+        let encoded = out.output().unwrap_or_default();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .unwrap_or_default();
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Terminates instances; ones already gone are fine.

@@ -16,6 +16,21 @@ use crate::store::{BookingRecord, BookingState, Store, bookings, emails, events,
 /// What the failure email says failed: plain words, never an internal error.
 const WHAT_FAILED: &str = "The lab machines for this booking could not be started.";
 
+/// What the failure email says when the machines ran but their bootstrap never succeeded.
+const NOT_READY_TEXT: &str = "The lab machines for this booking started but did not become ready.";
+
+fn what_failed(booking: &BookingRecord) -> &'static str {
+    let not_ready = booking
+        .failure_reason
+        .as_deref()
+        .is_some_and(|r| r.starts_with(crate::stages::provisioner::NOT_READY));
+    if not_ready {
+        NOT_READY_TEXT
+    } else {
+        WHAT_FAILED
+    }
+}
+
 /// What the cancellation email says of the machines.
 const STOPPED: &str = "The lab machines of this booking have been stopped.";
 const NOT_STARTED: &str = "No lab machines will be started for it.";
@@ -71,7 +86,7 @@ impl NotifierStage {
                 self.templates
                     .instance_details(id, &time, &ends, &instances, jupyterhub)
             }
-            EmailKind::Failure => self.templates.failure(id, &time, WHAT_FAILED),
+            EmailKind::Failure => self.templates.failure(id, &time, what_failed(booking)),
             EmailKind::Updated => {
                 let users = self.logins(id).await?;
                 let change = self.change(booking).await?;
@@ -148,7 +163,9 @@ impl NotifierStage {
                     .detail(format!("{} machines running", instances.len()))
                     .instances(instances)
             }
-            EmailKind::Failure => Event::new(id, EventKind::Failed, n.revision).detail(WHAT_FAILED),
+            EmailKind::Failure => {
+                Event::new(id, EventKind::Failed, n.revision).detail(what_failed(booking))
+            }
             EmailKind::Cancelled => return Ok(Vec::new()),
         };
         let event = event.state(booking.state);

@@ -21,6 +21,8 @@ pub struct Slot {
     pub launched_at: Option<DateTime<Utc>>,
     /// Raised each time the slot's machine is launched anew; part of its `ClientToken`.
     pub generation: i32,
+    /// Times the slot's machine started but did not become ready.
+    pub ready_failures: i32,
 }
 
 impl Slot {
@@ -193,6 +195,21 @@ pub async fn replace_instance(pool: &PgPool, instance_id: &str) -> Result<(), sq
     sqlx::query(
         "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
                           public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
+         WHERE instance_id = $1",
+    )
+    .bind(instance_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets the slot's machine `instance_id`, which started but did not become ready, counting
+/// it: the slot is launched anew with a new generation.
+pub async fn replace_not_ready(pool: &PgPool, instance_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE slots SET generation = generation + 1, ready_failures = ready_failures + 1,
+                          instance_id = NULL, instance_state = NULL, public_dns = NULL,
+                          public_ip = NULL, launched_at = NULL, updated_at = now()
          WHERE instance_id = $1",
     )
     .bind(instance_id)

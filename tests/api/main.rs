@@ -9,6 +9,7 @@ mod intake;
 mod operations;
 mod pacing;
 mod provisioning;
+mod readiness;
 mod runtime;
 mod shutdown;
 mod throttling;

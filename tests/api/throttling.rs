@@ -42,6 +42,9 @@ struct ProxyState {
     fail_run_instances: u32,
     /// The body of every `RunInstances` call, in order.
     run_bodies: Vec<Vec<u8>>,
+    /// What `GetConsoleOutput` answers, per instance, else `console_default` (else moto's).
+    console: HashMap<String, String>,
+    console_default: Option<String>,
 }
 
 /// An HTTP proxy to the EC2 emulator that throttles like EC2.
@@ -75,6 +78,19 @@ impl ThrottlingProxy {
     /// Answers the next `n` `RunInstances` calls with EC2's `500 InternalError`.
     pub fn fail_next_run_instances(&self, n: u32) {
         self.state.lock().unwrap().fail_run_instances = n;
+    }
+
+    /// `GetConsoleOutput` of every instance answers `text` (unless set per instance).
+    pub fn set_console_default(&self, text: &str) {
+        self.state.lock().unwrap().console_default = Some(text.to_owned());
+    }
+
+    /// `GetConsoleOutput` of `instance_id` answers `text`.
+    pub fn set_console(&self, instance_id: &str, text: &str) {
+        let mut state = self.state.lock().unwrap();
+        state
+            .console
+            .insert(instance_id.to_owned(), text.to_owned());
     }
 
     /// The body of every `RunInstances` call the proxy saw, in order.
@@ -144,6 +160,32 @@ fn admit(state: &Mutex<ProxyState>, action: &str) -> bool {
     admitted
 }
 
+/// EC2's answer to `GetConsoleOutput` with the console text the test set, if it set one.
+fn console_answer(state: &Mutex<ProxyState>, body: &[u8]) -> Option<Response> {
+    use base64::Engine;
+    let form = String::from_utf8_lossy(body).into_owned();
+    let instance = form
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("InstanceId="))?
+        .to_owned();
+    let state = state.lock().unwrap();
+    let text = state
+        .console
+        .get(&instance)
+        .or(state.console_default.as_ref())?;
+    let output = base64::engine::general_purpose::STANDARD.encode(text);
+    let xml = format!(
+        r#"<?xml version="1.0" encoding="UTF-8"?><GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>x</requestId><instanceId>{instance}</instanceId><timestamp>2026-11-26T00:00:00.000Z</timestamp><output>{output}</output></GetConsoleOutputResponse>"#
+    );
+    Some(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "text/xml;charset=UTF-8")
+            .body(Body::from(xml))
+            .unwrap(),
+    )
+}
+
 /// The `Action` of an EC2 query-protocol request (`Action=RunInstances&...`).
 fn action_of(body: &[u8]) -> String {
     String::from_utf8_lossy(body)
@@ -168,6 +210,11 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
                 .body(Body::from(INTERNAL_ERROR_BODY))
                 .unwrap();
         }
+    }
+    if action == "GetConsoleOutput"
+        && let Some(answer) = console_answer(&state, &body)
+    {
+        return answer;
     }
     if !admit(&state, &action) {
         return Response::builder()

@@ -45,11 +45,14 @@ impl Provisioner {
                 // It changed while this attempt launched (cancelled, moved, grown).
                 continue;
             };
+            if self.wait_until_bootstrapped(id).await?.is_none() {
+                continue;
+            }
             if bookings::finish_provisioning(pool, id, booking.revision).await? {
                 tracing::info!(
                     instances = ready,
                     revision = booking.revision,
-                    "every instance is running with a public address"
+                    "every machine is running with a public address and ready"
                 );
                 return Ok(vec![NotifyMessage::at_revision(
                     id,

@@ -8,6 +8,7 @@
 //! redelivery or a crash between launch and record never launches a second machine.
 
 mod launch;
+mod ready;
 mod sweep;
 mod teardown;
 
@@ -24,6 +25,7 @@ use crate::store::schedule::{self, Action};
 use crate::store::{BookingRecord, BookingState, Store, bookings};
 
 pub use launch::slot_count;
+pub use ready::{Boot, NOT_READY, boot_outcome};
 pub use sweep::run_sweeper;
 
 /// What provisioning, teardown and the sweep share.
