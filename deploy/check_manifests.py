@@ -520,7 +520,7 @@ def check_definitions():
     require(gen.returncode == 0, f"gen-rabbitmq-definitions.py failed: {gen.stderr.strip()}")
     require(gen.stdout == path.read_text(), "rabbitmq-definitions.json differs from what "
             "gen-rabbitmq-definitions.py writes: regenerate it")
-    return "30 queues (5 stage, 5 dlq, 20 retry), 1 exchange, 5 bindings; matches generator"
+    return "30 queues (5 stage, 5 dlq, 20 retry), 2 exchanges (labbook, labbook.events), 5 bindings; matches generator"
 
 
 # --------------------------------------------------------------------------------------------
@@ -601,7 +601,7 @@ def check_iam():
         require(types <= covered, f"iam: {a} lacks {sorted(types - covered)}")
     for a in ("ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeSecurityGroups",
               "ec2:DescribeSubnets", "ec2:DescribeVpcs", "ec2:RunInstances",
-              "ec2:TerminateInstances", "ec2:CreateTags"):
+              "ec2:TerminateInstances", "ec2:CreateTags", "ec2:GetConsoleOutput"):
         require(a in actions, f"iam: {a} missing")
     return f"{len(stmts)} statements, {len(actions)} actions, no wildcards; tag/IMDSv2 conditions"
 

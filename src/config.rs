@@ -151,6 +151,7 @@ impl Ec2Settings {
                 ),
             )
         })?;
+        let readiness = readiness(v)?;
         Ok(Self {
             ami_id: v.string("LABBOOK_AMI_ID"),
             instance_type: v
@@ -187,8 +188,8 @@ impl Ec2Settings {
                 .map(|(id, secret)| (id.to_owned(), secret.to_owned().into())),
             rate_limits: crate::ec2::rate::RateLimits::from_vars(|var| v.get(var))
                 .map_err(|(var, problem)| ConfigError::new(var, problem))?,
-            readiness: readiness(v)?,
-            ready_timeout: v.seconds("LABBOOK_READY_TIMEOUT_SECONDS", 900, 1, 1500)?,
+            readiness,
+            ready_timeout: ready_timeout(v, running_timeout, readiness)?,
             probe: probe(v)?,
         })
     }
@@ -212,6 +213,29 @@ fn readiness(v: &Vars<'_>) -> Result<Readiness, ConfigError> {
             ("running", Readiness::Running),
         ],
     )
+}
+
+/// `LABBOOK_READY_TIMEOUT_SECONDS`: the provisioner waits for running machines, then for their
+/// bootstraps, holding one delivery: both waits together stay below RabbitMQ's
+/// `consumer_timeout` (30 minutes), with five minutes for the rest of the work.
+fn ready_timeout(
+    v: &Vars<'_>,
+    running: Duration,
+    readiness: Readiness,
+) -> Result<Duration, ConfigError> {
+    const VAR: &str = "LABBOOK_READY_TIMEOUT_SECONDS";
+    let ready = v.seconds(VAR, 900, 1, 1500)?;
+    if readiness == Readiness::Bootstrap && running + ready > Duration::from_secs(1500) {
+        return Err(ConfigError::new(
+            VAR,
+            format!(
+                "{} s with LABBOOK_RUNNING_TIMEOUT_SECONDS of {} s is over 1500 s: the two waits together must stay below RabbitMQ's consumer_timeout of 30 minutes",
+                ready.as_secs(),
+                running.as_secs()
+            ),
+        ));
+    }
+    Ok(ready)
 }
 
 /// `LABBOOK_READY_PROBE`: `off` (default), `on`, or `HOST:PORT`.
@@ -810,8 +834,17 @@ mod tests {
     fn running_timeout_stays_below_the_consumer_timeout() {
         let s = with(&[]).unwrap();
         assert_eq!(s.ec2.running_timeout, Duration::from_secs(600));
-        let s = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500")]).unwrap();
+        let long = [
+            ("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500"),
+            ("LABBOOK_READINESS", "running"),
+        ];
+        let s = with(&long).unwrap();
         assert_eq!(s.ec2.running_timeout, Duration::from_secs(1500));
+        // Waiting for the bootstraps as well, the two waits together must fit.
+        let err = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500")]).unwrap_err();
+        assert_eq!(err.var, "LABBOOK_READY_TIMEOUT_SECONDS");
+        let s = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "600")]).unwrap();
+        assert_eq!(s.ec2.ready_timeout, Duration::from_secs(900));
         let err = error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1501");
         assert!(err.to_string().contains("1 to 1500"), "{err}");
         assert!(err.to_string().contains("consumer_timeout"), "{err}");
