@@ -16,7 +16,9 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// `n` bookings whose email is invalid, dead-lettered by the credentials stage.
 async fn dead_letters(env: &mut TestEnv, n: usize) -> Vec<String> {
-    env.spawn(&[Worker::Credentials]).await;
+    // One message at a time, so the dead letters are in the order they were published.
+    env.spawn_with(&[Worker::Credentials], &[("LABBOOK_PREFETCH", "1")])
+        .await;
     let ids: Vec<String> = (0..n).map(|i| format!("dead-{i}")).collect();
     for id in &ids {
         env.publish_booking(
