@@ -403,3 +403,41 @@ async fn health_and_metrics_endpoints_answer() {
     assert!(ready.text().await.unwrap().contains("database"));
     env.stop().await;
 }
+
+#[tokio::test]
+async fn labbook_cancel_publishes_the_next_revision_and_status_shows_the_history() {
+    let env = TestEnv::new().await;
+    let id = crate::helpers::unique_id("cli-cancel");
+    env.publish_booking(&booking_json(&id, 2, 24)).await;
+    env.drain().await;
+    let (code, out, err) = cli(&env, &["cancel", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("revision 1") && out.contains("will not be provisioned"),
+        "{out}"
+    );
+    env.drain().await;
+    let (code, out, _) = cli(&env, &["status", &id]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("state      cancelled"), "{out}");
+    assert!(out.contains("revision   1 (cancelled)"), "{out}");
+    let history: Vec<&str> = out.lines().filter(|l| l.starts_with("history")).collect();
+    assert!(
+        history[0].contains("accepted") && history[0].contains("r0"),
+        "{out}"
+    );
+    assert!(
+        history
+            .iter()
+            .any(|l| l.contains("cancelled") && l.contains("r1")),
+        "{out}"
+    );
+    // Again: nothing more to cancel, nothing published.
+    let (code, out, _) = cli(&env, &["cancel", &id]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("already cancelled"), "{out}");
+    assert_eq!(env.depth("booking-created").await, 0);
+    let (code, _, err) = cli(&env, &["cancel", "no-such-booking"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not found"), "{err}");
+}
