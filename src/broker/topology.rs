@@ -107,22 +107,7 @@ impl Topology {
             passive: true,
             ..Default::default()
         };
-        channel
-            .exchange_declare(
-                EXCHANGE.into(),
-                ExchangeKind::Direct,
-                passive,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                EVENTS_EXCHANGE.into(),
-                ExchangeKind::Topic,
-                passive,
-                FieldTable::default(),
-            )
-            .await?;
+        declare_exchanges(channel, passive).await?;
         for name in self.queue_names() {
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -160,28 +145,11 @@ impl Topology {
             durable: true,
             ..Default::default()
         };
-        channel
-            .exchange_declare(
-                EXCHANGE.into(),
-                ExchangeKind::Direct,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                EVENTS_EXCHANGE.into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        declare_exchanges(channel, durable_exchange).await?;
         for q in StageQueue::ALL {
             channel
                 .queue_declare(q.name().into(), durable, quorum())
@@ -218,6 +186,22 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// The stage exchange and the events exchange, declared (or checked) with `options`.
+async fn declare_exchanges(
+    channel: &Channel,
+    options: ExchangeDeclareOptions,
+) -> lapin::Result<()> {
+    for (name, kind) in [
+        (EXCHANGE, ExchangeKind::Direct),
+        (EVENTS_EXCHANGE, ExchangeKind::Topic),
+    ] {
+        channel
+            .exchange_declare(name.into(), kind, options, FieldTable::default())
+            .await?;
+    }
+    Ok(())
 }
 
 /// `booking-created.retry.10s`, `notify.retry.500ms`.

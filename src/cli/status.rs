@@ -123,6 +123,11 @@ fn print_text(s: &Status) {
             i.admin_username
         );
     }
+    print_emails_and_history(s);
+}
+
+fn print_emails_and_history(s: &Status) {
+    let t = crate::format_time;
     for e in &s.emails {
         let state = match (&e.sent_at, &e.last_error) {
             (Some(at), _) => format!("sent {}", t(*at)),

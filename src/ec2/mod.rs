@@ -511,33 +511,7 @@ impl Ec2 {
         G: Fn() -> Open,
         Open: std::future::Future<Output = bool>,
     {
-        let security_groups = self.security_groups().await?;
-        let tag_spec = |kind| self.tags_for(req, kind);
-        let request = self
-            .client
-            .run_instances()
-            .image_id(ami_id)
-            .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
-            .min_count(1)
-            .max_count(1)
-            .client_token(client_token(
-                &self.settings.installation,
-                req.booking_id,
-                req.slot,
-                req.generation,
-            ))
-            .set_subnet_id(self.settings.subnet_id.clone())
-            .set_security_group_ids(Some(security_groups))
-            .set_key_name(self.settings.key_name.clone())
-            .user_data(base64::engine::general_purpose::STANDARD.encode(req.user_data))
-            .metadata_options(
-                InstanceMetadataOptionsRequest::builder()
-                    .http_tokens(HttpTokensState::Required)
-                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
-                    .build(),
-            )
-            .tag_specifications(tag_spec(ResourceType::Instance))
-            .tag_specifications(tag_spec(ResourceType::Volume));
+        let request = self.run_instances_request(req, ami_id).await?;
         let out = self
             .call_ranked("RunInstances", rank, || async {
                 if !gate().await {
@@ -563,6 +537,43 @@ impl Ec2 {
                 operation: "RunInstances",
                 detail: "no instance in the answer".into(),
             })
+    }
+
+    /// The `RunInstances` call of `req`: the same parameters for every retry of the slot's
+    /// generation (EC2 answers `IdempotentParameterMismatch` to a token reused with others).
+    async fn run_instances_request(
+        &self,
+        req: &LaunchRequest<'_>,
+        ami_id: &str,
+    ) -> Result<aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder, Ec2Error>
+    {
+        let security_groups = self.security_groups().await?;
+        let tag_spec = |kind| self.tags_for(req, kind);
+        Ok(self
+            .client
+            .run_instances()
+            .image_id(ami_id)
+            .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .client_token(client_token(
+                &self.settings.installation,
+                req.booking_id,
+                req.slot,
+                req.generation,
+            ))
+            .set_subnet_id(self.settings.subnet_id.clone())
+            .set_security_group_ids(Some(security_groups))
+            .set_key_name(self.settings.key_name.clone())
+            .user_data(base64::engine::general_purpose::STANDARD.encode(req.user_data))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            .tag_specifications(tag_spec(ResourceType::Instance))
+            .tag_specifications(tag_spec(ResourceType::Volume)))
     }
 
     /// What the instance wrote to its serial console (EC2 keeps its last 64 KiB): empty until

@@ -397,10 +397,15 @@ async fn health_and_metrics_endpoints_answer() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let ready = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
-    assert_eq!(ready.status(), 503);
-    assert!(ready.text().await.unwrap().contains("database"));
+    // Once connected to the broker, it says what it waits for.
+    let why = eventually(WAIT, "readyz naming the database", || async {
+        let ready = reqwest::get(format!("http://{addr}/readyz")).await.ok()?;
+        assert_eq!(ready.status(), 503);
+        let text = ready.text().await.ok()?;
+        text.contains("database").then_some(text)
+    })
+    .await;
+    assert!(!why.is_empty());
     env.stop().await;
 }
 
