@@ -1,0 +1,156 @@
+# shellcheck shell=bash
+# The boot check's checks on the booted machines: sourced by scripts/boot-check.sh.
+
+BOOT_TIMEOUT="${LABBOOK_BOOT_TIMEOUT:-900}"
+# The bootstrap's report (src/ec2/userdata.rs): "ok", or the failed step and its exit code.
+REPORT_ERE='labbook-bootstrap: (ok|failed: [^(]*\(exit [0-9]+\))'
+CLOUD_INIT_DONE_ERE='Cloud-init v\. [^ ]+ finished at .*'
+# labbook's readiness wait reads the console the same way (src/stages/provisioner/ready.rs):
+# a line that ends with the "ok" report; the login prompt may come first on that line.
+report_line_ends_with() {
+  tr -d '\r' <"${VM_DIR[$1]}/console.log" | grep -a 'labbook-bootstrap: ' | tail -n1 |
+    sed 's/[[:space:]]*$//' | grep -q "$2\$"
+}
+
+# Each check's times, for the summary.
+declare -A FIGURES
+
+# read_logins SLOT_DIR: ADMIN=(user password), TRAINEES=(user password user password ...).
+read_logins() {
+  local role user password
+  ADMIN=() TRAINEES=()
+  while read -r role user password; do
+    case $role in
+    admin) ADMIN=("$user" "$password") ;;
+    trainee) TRAINEES+=("$user" "$password") ;;
+    esac
+  done <"$1/logins"
+  [ ${#ADMIN[@]} = 2 ] && [ ${#TRAINEES[@]} -ge 2 ] || die "no admin or trainee login in $1/logins"
+}
+
+# A login that must be refused: the password was checked and found wrong, or not accepted at
+# all, and nothing else (a connection problem) went wrong.
+expect_refused() {
+  local name=$1 user=$2 password=$3 what=$4
+  if vm_ssh "$name" "$user" "$password" true; then
+    die "[$name] $what: the login succeeded"
+  fi
+  case $SSH_ERR in
+  *"Permission denied"*) pass "$what: refused" ;;
+  *) die "[$name] $what: failed, but not as a refused login: $SSH_ERR" ;;
+  esac
+}
+
+# expect_sudo_refused NAME USER PASSWORD COMMAND STDIN: the login works and sudo says no
+# (exit 1), as opposed to the login failing.
+expect_sudo_refused() {
+  local name=$1 user=$2 code=0
+  vm_ssh "$@" || code=$?
+  [ "$code" = 1 ] && [[ $SSH_ERR == *sudo* ]] ||
+    die "[$name] $user: '$4' should be refused by sudo; exit $code: $SSH_OUT $SSH_ERR"
+}
+
+# The first password login after the boot, tried until sshd answers (it is restarted by
+# cloud-init with the user-data's settings).
+first_login() {
+  local name=$1 user=$2 password=$3 deadline
+  deadline=$(($(date +%s) + 120))
+  until vm_ssh "$name" "$user" "$password" 'id -un'; do
+    [ "$(date +%s)" -lt "$deadline" ] ||
+      die "[$name] trainee $user cannot log in with the emailed password: $SSH_ERR"
+    sleep 3
+  done
+  [ "$SSH_OUT" = "$user" ] || die "[$name] logged in as $user, but id -un says '$SSH_OUT'"
+}
+
+# The ssh bootstrap, on instance 0 of the booking in DIR.
+check_ssh_boot() {
+  local name=$1 slot0=$2/slot-0 slot1=$2/slot-1 i user password hash shadow code
+  read_logins "$slot0"
+  vm_wait "$name" "$REPORT_ERE" "$BOOT_TIMEOUT" "the bootstrap's report on the console"
+  [ "$VM_MATCH" = "labbook-bootstrap: ok" ] || die "[$name] the console says: $VM_MATCH"
+  FIG_SSH_REPORT=$(vm_elapsed "$name")
+  say "[$name] console at $FIG_SSH_REPORT s: $VM_MATCH"
+  report_line_ends_with "$name" "labbook-bootstrap: ok" ||
+    die "[$name] the console's report line does not end with 'labbook-bootstrap: ok', which labbook's readiness wait needs"
+  vm_wait "$name" "$CLOUD_INIT_DONE_ERE" "$BOOT_TIMEOUT" "cloud-init's final message"
+  FIG_SSH_DONE=$(vm_elapsed "$name")
+  say "[$name] cloud-init finished at $FIG_SSH_DONE s; logging in over SSH"
+
+  first_login "$name" "${TRAINEES[0]}" "${TRAINEES[1]}"
+  FIG_SSH_LOGIN=$(vm_elapsed "$name")
+  pass "first password login over SSH $FIG_SSH_LOGIN s after QEMU started"
+  # The harness itself: QEMU's restrict=on keeps the guest from the host (10.0.2.2 is the
+  # host's 127.0.0.1 in user-mode networking; moto listens there).
+  code=0
+  vm_ssh "$name" "${TRAINEES[0]}" "${TRAINEES[1]}" \
+    "timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.2.2/${MOTO_PORT:-5000}'" || code=$?
+  case $code in
+  1 | 124) pass "the guest cannot reach the host (restrict=on)" ;;
+  0) die "[$name] the guest reaches the host's 127.0.0.1:${MOTO_PORT:-5000}: QEMU's restrict=on is not in force" ;;
+  *) die "[$name] could not try the host from the guest (exit $code): $SSH_ERR" ;;
+  esac
+  for ((i = 0; i < ${#TRAINEES[@]}; i += 2)); do
+    user=${TRAINEES[i]} password=${TRAINEES[i + 1]}
+    vm_ssh "$name" "$user" "$password" 'id -un' && [ "$SSH_OUT" = "$user" ] ||
+      die "[$name] trainee $user cannot log in with the emailed password: $SSH_ERR"
+    pass "trainee $user logs in with the emailed password"
+    expect_sudo_refused "$name" "$user" "$password" 'sudo -n true' ""
+    expect_sudo_refused "$name" "$user" "$password" "sudo -S -p '' true" "$password"
+    pass "trainee $user has no sudo (with or without the password)"
+  done
+
+  user=${ADMIN[0]} password=${ADMIN[1]}
+  vm_ssh "$name" "$user" "$password" 'id -un' && [ "$SSH_OUT" = "$user" ] ||
+    die "[$name] admin $user cannot log in with the emailed password: $SSH_ERR"
+  pass "admin $user logs in with the emailed password"
+  expect_sudo_refused "$name" "$user" "$password" 'sudo -n true' ""
+  vm_ssh "$name" "$user" "$password" "sudo -S -p '' id -u" "$password" && [ "$SSH_OUT" = 0 ] ||
+    die "[$name] admin $user cannot use sudo with its password: $SSH_ERR"
+  pass "admin $user uses sudo with its password (and not without)"
+
+  expect_refused "$name" "${TRAINEES[0]}" "not-${TRAINEES[1]}" "trainee ${TRAINEES[0]} with a wrong password"
+  expect_refused "$name" "$user" "${TRAINEES[1]}" "admin $user with a trainee's password"
+  read_logins "$slot1" # instance 1's trainees, on instance 0
+  for ((i = 0; i < ${#TRAINEES[@]}; i += 2)); do
+    expect_refused "$name" "${TRAINEES[i]}" "${TRAINEES[i + 1]}" "instance 1's trainee ${TRAINEES[i]}"
+  done
+  read_logins "$slot0"
+
+  vm_ssh "$name" "$user" "$password" 'cloud-init status' || true
+  [ "$(sed -n 's/^status: //p' <<<"$SSH_OUT")" = "done" ] ||
+    die "[$name] cloud-init status: $SSH_OUT $SSH_ERR"
+  pass "cloud-init status: done"
+  vm_ssh "$name" "$user" "$password" "sudo -S -p '' getent shadow $(cut -d' ' -f1 "$slot0/hashes" | tr '\n' ' ')" \
+    "$password" || die "[$name] cannot read /etc/shadow as the admin: $SSH_ERR"
+  shadow=$SSH_OUT
+  while read -r user hash; do
+    [ "$(awk -F: -v u="$user" '$1 == u { print $2 }' <<<"$shadow")" = "$hash" ] ||
+      die "[$name] /etc/shadow's hash for $user is not the user-data's"
+  done <"$slot0/hashes"
+  pass "/etc/shadow holds the user-data's hashes ($(wc -l <"$slot0/hashes") accounts)"
+  vm_ssh "$name" "${ADMIN[0]}" "${ADMIN[1]}" "sudo -S -p '' grep -l '^PasswordAuthentication yes' -r /etc/ssh" \
+    "${ADMIN[1]}" || true
+  say "[$name] password logins turned on by: $(tr '\n' ' ' <<<"$SSH_OUT")"
+  FIGURES[$name]="'labbook-bootstrap: ok' at $FIG_SSH_REPORT s, cloud-init done at $FIG_SSH_DONE s, first SSH login at $FIG_SSH_LOGIN s"
+}
+
+# The jupyterhub bootstrap on a machine that reaches nothing: instance 0 of the booking in DIR.
+check_jupyterhub_boot() {
+  local name=$1 slot0=$2/slot-0
+  read_logins "$slot0"
+  vm_wait "$name" "$REPORT_ERE" "$BOOT_TIMEOUT" "the bootstrap's report on the console"
+  FIG_JH_FAILED=$(vm_elapsed "$name")
+  say "[$name] console at $FIG_JH_FAILED s: $VM_MATCH"
+  case $VM_MATCH in
+  "labbook-bootstrap: failed: download The Littlest JupyterHub's installer (exit "*)
+    pass "the bootstrap reports that the installer could not be downloaded ($FIG_JH_FAILED s after QEMU started)"
+    ;;
+  *) die "[$name] expected the installer's download to fail, the console says: $VM_MATCH" ;;
+  esac
+  vm_wait "$name" "$CLOUD_INIT_DONE_ERE" $((FIG_JH_FAILED + 300)) "cloud-init's final message"
+  FIG_JH_DONE=$(vm_elapsed "$name")
+  pass "cloud-init finished ($FIG_JH_DONE s)"
+  expect_refused "$name" "${TRAINEES[0]}" "${TRAINEES[1]}" "password SSH login (off in jupyterhub mode)"
+  FIGURES[$name]="'labbook-bootstrap: failed' at $FIG_JH_FAILED s, cloud-init done at $FIG_JH_DONE s"
+}

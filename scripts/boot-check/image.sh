@@ -1,0 +1,191 @@
+# shellcheck shell=bash
+# The boot check's VM image, sourced by scripts/boot-check.sh: a Debian 13 (trixie) root made
+# with debootstrap, with a kernel, cloud-init, OpenSSH and sudo, turned into an ext4 disk image
+# (mkfs.ext4 -d, no loop mount) plus the kernel and initrd that QEMU boots directly.
+#
+# Like scripts/rabbitmq4.sh (whose own root this leaves alone): debootstrap --variant=minbase
+# from the first Debian mirror apt uses, the rest with apt in a chroot where no service may
+# start, everything cached outside the checkout. The image is made once per recipe version:
+# bump IMAGE_RECIPE when anything in this file changes what the image holds.
+#
+# What it adds to a plain Debian, to look like a cloud image:
+# - /etc/ssh/sshd_config.d/60-cloudimg-settings.conf with `PasswordAuthentication no`
+#   (Ubuntu's cloud images have it), so the user-data must turn password logins on itself;
+# - no SSH host keys and an empty machine-id (the first boot makes them);
+# - cloud-init looks for a NoCloud seed only (a `cidata` disk), not for a cloud's metadata
+#   service, and manages /etc/hosts (as Debian's cloud images do); the rest of cloud-init's
+#   configuration is Debian's; systemd-networkd runs the network cloud-init writes;
+# - curl and e2fsprogs, as on every cloud image (the JupyterHub bootstrap needs curl before
+#   cloud-init's packages are in; cloud-init's resizefs needs resize2fs).
+
+IMAGE_RECIPE=1
+IMAGE_SUITE=trixie
+IMAGE_PACKAGES=(
+  linux-image-amd64 initramfs-tools systemd-sysv udev dbus
+  cloud-init openssh-server sudo curl ca-certificates python3 iproute2 procps less e2fsprogs
+)
+IMAGE_SIZE=4G
+
+VM_CACHE="${LABBOOK_VM_CACHE:-/var/cache/labbook/vm}"
+IMAGE_DIR="$VM_CACHE/$IMAGE_SUITE-r$IMAGE_RECIPE"
+IMAGE_DISK="$IMAGE_DIR/disk.raw"
+IMAGE_KERNEL="$IMAGE_DIR/vmlinuz"
+IMAGE_INITRD="$IMAGE_DIR/initrd.img"
+IMAGE_DONE="$IMAGE_DIR/.done"
+IMAGE_BUILD_ROOT="$VM_CACHE/build-root"
+
+# The first Debian mirror apt uses (one-line or deb822 sources), else deb.debian.org; as in
+# scripts/rabbitmq4.sh.
+image_apt_mirror() {
+  local m
+  m=$(
+    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
+      2>/dev/null |
+      awk '/^deb /    { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /=/ && $i !~ /\]$/) { print $i; break } }
+           /^URIs:/   { for (i = 2; i <= NF; i++) print $i }' |
+      grep -E '^https?://[^ ]*/debian/?$' | head -n1
+  ) || true
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+# Every mount under the build root, deepest first.
+image_unmount() {
+  local m
+  [ -d "$IMAGE_BUILD_ROOT" ] || return 0
+  awk -v r="$(realpath "$IMAGE_BUILD_ROOT")" '$2 == r || index($2, r "/") == 1 { print $2 }' \
+    /proc/self/mounts | sort -r | while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m"
+  done
+}
+
+image_mount() {
+  local fs
+  for fs in proc sys dev; do
+    mkdir -p "$IMAGE_BUILD_ROOT/$fs"
+    mountpoint -q "$IMAGE_BUILD_ROOT/$fs" && continue
+    case $fs in
+    proc) mount -t proc proc "$IMAGE_BUILD_ROOT/proc" ;;
+    sys) mount -t sysfs sysfs "$IMAGE_BUILD_ROOT/sys" ;;
+    dev) mount --bind /dev "$IMAGE_BUILD_ROOT/dev" ;;
+    esac
+  done
+}
+
+image_throw_away_build_root() {
+  [ -e "$IMAGE_BUILD_ROOT" ] || return 0
+  image_unmount
+  rm -rf --one-file-system "$IMAGE_BUILD_ROOT"
+}
+
+image_in_root() {
+  chroot "$IMAGE_BUILD_ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+    DEBIAN_FRONTEND=noninteractive "$@"
+}
+
+image_debootstrap() {
+  local mirror
+  mirror="${LABBOOK_VM_MIRROR:-$(image_apt_mirror)}"
+  say "debootstrap --variant=minbase $IMAGE_SUITE from $mirror (log: $VM_CACHE/debootstrap.log)"
+  with_progress debootstrap "$VM_CACHE/debootstrap.log" \
+    debootstrap --variant=minbase "$IMAGE_SUITE" "$IMAGE_BUILD_ROOT" "$mirror" ||
+    die "debootstrap failed: see $VM_CACHE/debootstrap.log"
+  image_unmount # debootstrap may leave /proc or /sys mounted
+}
+
+image_apt_install() {
+  image_in_root apt-get update &&
+    image_in_root apt-get install -y --no-install-recommends "${IMAGE_PACKAGES[@]}"
+}
+
+image_install_packages() {
+  local r=$IMAGE_BUILD_ROOT
+  say "apt-get install ${IMAGE_PACKAGES[*]} (log: $VM_CACHE/apt.log)"
+  # No service may start while packages are installed.
+  printf '#!/bin/sh\nexit 101\n' >"$r/usr/sbin/policy-rc.d"
+  chmod 755 "$r/usr/sbin/policy-rc.d"
+  cp /etc/resolv.conf "$r/etc/resolv.conf"
+  image_mount
+  with_progress "apt-get install" "$VM_CACHE/apt.log" image_apt_install ||
+    die "apt-get install failed in the image root: see $VM_CACHE/apt.log"
+  image_in_root apt-get clean
+  image_unmount
+  rm -f "$r/usr/sbin/policy-rc.d"
+}
+
+image_configure() {
+  local r=$IMAGE_BUILD_ROOT
+  printf '/dev/vda / ext4 rw,errors=remount-ro 0 1\n' >"$r/etc/fstab"
+  printf 'localhost\n' >"$r/etc/hostname"
+  printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$r/etc/hosts"
+  # What Ubuntu's cloud images ship: password logins off until the user-data says otherwise.
+  mkdir -p "$r/etc/ssh/sshd_config.d"
+  printf 'PasswordAuthentication no\n' >"$r/etc/ssh/sshd_config.d/60-cloudimg-settings.conf"
+  grep -q '^Include /etc/ssh/sshd_config.d/\*.conf' "$r/etc/ssh/sshd_config" ||
+    die "the image's sshd_config does not include sshd_config.d: the recipe needs a look"
+  cat >"$r/etc/cloud/cloud.cfg.d/90-labbook-boot-check.cfg" <<'EOF'
+# labbook's boot check: the user-data comes on a NoCloud seed (a disk labelled cidata).
+datasource_list: [ NoCloud, None ]
+# As Debian's cloud images: the machine's own name resolves without DNS.
+manage_etc_hosts: true
+EOF
+  # cloud-init writes the network configuration for systemd-networkd (there is neither
+  # ifupdown nor netplan here), which must then run, as on Debian's cloud images.
+  image_in_root systemctl enable systemd-networkd >/dev/null 2>&1 ||
+    die "cannot enable systemd-networkd in the image root"
+  # The guest's network is QEMU's user mode with restrict=on: nothing outside answers, its DNS
+  # neither. A name lookup fails as it would on an instance without a route out.
+  rm -f "$r/etc/resolv.conf"
+  # First-boot state: the first boot makes the host keys (cloud-init) and the machine-id.
+  rm -f "$r"/etc/ssh/ssh_host_*
+  : >"$r/etc/machine-id"
+  rm -f "$r/var/lib/dbus/machine-id"
+  rm -rf "$r"/var/lib/apt/lists/* "$r"/var/cache/apt/*.bin "$r"/var/lib/cloud/*
+  rm -f "$r"/var/log/*.log "$r"/var/log/apt/*
+}
+
+image_assemble() {
+  local r=$IMAGE_BUILD_ROOT kernel initrd
+  kernel=$(find "$r/boot" -maxdepth 1 -name 'vmlinuz-*' | sort -V | tail -n1)
+  initrd=$(find "$r/boot" -maxdepth 1 -name 'initrd.img-*' | sort -V | tail -n1)
+  [ -n "$kernel" ] && [ -n "$initrd" ] || die "no kernel or initrd in $r/boot"
+  rm -rf "$IMAGE_DIR"
+  mkdir -p "$IMAGE_DIR"
+  cp "$kernel" "$IMAGE_KERNEL"
+  cp "$initrd" "$IMAGE_INITRD"
+  say "mkfs.ext4 -d: a $IMAGE_SIZE ext4 image from the root ($(du -sh --one-file-system "$r" | cut -f1) used)"
+  truncate -s "$IMAGE_SIZE" "$IMAGE_DISK"
+  mkfs.ext4 -q -F -L labbook-root -d "$r" "$IMAGE_DISK" ||
+    die "mkfs.ext4 -d failed (e2fsprogs 1.43 or later is needed)"
+  printf 'recipe %s, %s, kernel %s, built %s\n' "$IMAGE_RECIPE" "$IMAGE_SUITE" \
+    "$(basename "$kernel")" "$(date -u +%FT%TZ)" >"$IMAGE_DIR/version"
+}
+
+# The image of this recipe: made when missing (or left unfinished), else reused. Sets
+# IMAGE_BUILD_SECONDS (0 when cached).
+image_ensure() {
+  local t0
+  IMAGE_BUILD_SECONDS=0
+  mkdir -p "$VM_CACHE"
+  exec 7>"$VM_CACHE/.lock"
+  flock 7
+  if [ -e "$IMAGE_DONE" ]; then
+    say "VM image (recipe $IMAGE_RECIPE) cached: $IMAGE_DIR ($(cat "$IMAGE_DIR/version"))"
+    exec 7>&-
+    return
+  fi
+  command -v debootstrap >/dev/null || need_debian_packages debootstrap
+  say "building the VM image, recipe $IMAGE_RECIPE, in $VM_CACHE (once; several minutes)"
+  t0=$(date +%s)
+  image_throw_away_build_root
+  # Images of other recipes are not used any more.
+  find "$VM_CACHE" -mindepth 1 -maxdepth 1 -type d -name "$IMAGE_SUITE-r*" -exec rm -rf {} +
+  image_debootstrap
+  image_install_packages
+  image_configure
+  image_assemble
+  image_throw_away_build_root
+  touch "$IMAGE_DONE"
+  IMAGE_BUILD_SECONDS=$(($(date +%s) - t0))
+  say "VM image built in ${IMAGE_BUILD_SECONDS} s: $IMAGE_DIR ($(du -h "$IMAGE_DISK" | cut -f1) on disk)"
+  exec 7>&-
+}
