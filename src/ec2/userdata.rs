@@ -58,7 +58,7 @@ const SCRIPT_HEAD: &str = r#"#!/bin/bash
 set -eu -o pipefail -o errtrace
 console=${LABBOOK_CONSOLE:-/dev/console}
 log=${LABBOOK_BOOTSTRAP_LOG:-/var/log/labbook-bootstrap.log}
-report() { printf 'labbook-bootstrap: %s\n' "$1" | tee -a "$log" >"$console" 2>/dev/null || true; }
+report() { printf '\nlabbook-bootstrap: %s\n' "$1" | tee -a "$log" >"$console" 2>/dev/null || true; }
 step="start"
 trap 'code=$?; report "failed: $step (exit $code)"; exit $code' ERR
 mode=$1 admin=$2

@@ -165,7 +165,11 @@ fn a_bootstrap_whose_installer_cannot_be_fetched_fails_loudly() {
         "labbook-bootstrap: failed: download The Littlest JupyterHub's installer (exit 7)",
         "curl's 'could not connect' is reported with its step"
     );
-    assert!(console.starts_with(labbook::ec2::userdata::REPORT_FAILED));
+    assert!(
+        console
+            .trim_start()
+            .starts_with(labbook::ec2::userdata::REPORT_FAILED)
+    );
 }
 
 #[test]

@@ -38,7 +38,9 @@ pub fn boot_outcome(console: &str) -> Boot {
         .rev()
         .find_map(|line| {
             let line = line.trim();
-            if line.ends_with(REPORT_OK) {
+            // The report may share its line with what was on the console before (a login
+            // prompt), so it is looked for anywhere in the line.
+            if line.contains(REPORT_OK) {
                 Some(Boot::Ok)
             } else {
                 line.find(REPORT_FAILED)
@@ -190,9 +192,9 @@ async fn hub_healthy(target: &str) -> std::io::Result<bool> {
             status.starts_with("HTTP/1.") && status.get(9..12) == Some("200"),
         )
     };
-    Ok(tokio::time::timeout(PROBE_TIMEOUT, exchange)
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
         .await
-        .unwrap_or(Ok(false))?)
+        .unwrap_or(Ok(false))
 }
 
 #[cfg(test)]
@@ -205,6 +207,8 @@ mod tests {
         assert_eq!(boot_outcome("Cloud-init v. 25.1 running\n"), Boot::Pending);
         let ok = format!("[  42.1] cloud-init[812]: {REPORT_OK}\n");
         assert_eq!(boot_outcome(&ok), Boot::Ok);
+        let after_prompt = format!("lab-0 login: {REPORT_OK}\n");
+        assert_eq!(boot_outcome(&after_prompt), Boot::Ok);
         let failed = format!("noise\n[ 61.0] {REPORT_FAILED} install-tljh (exit 22)\n");
         assert_eq!(
             boot_outcome(&failed),
