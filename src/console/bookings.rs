@@ -58,7 +58,10 @@ impl Filter {
         if !(0..=1_000_000).contains(&offset) {
             return Err(format!("offset must be from 0 to 1000000 (got {offset})"));
         }
-        let search = text(&raw.q).map(|q| q.chars().take(200).collect());
+        let search = text(&raw.q).map(str::to_owned);
+        if search.as_ref().is_some_and(|q| q.chars().count() > 200) {
+            return Err("q is at most 200 characters".into());
+        }
         Ok(Self {
             state,
             from,

@@ -136,28 +136,15 @@ async fn failed_booking(env: &mut TestEnv, served: &Served) -> String {
     id
 }
 
-#[tokio::test]
-async fn the_api_tells_a_failed_booking_and_replays_its_dead_letter_after_a_dry_run() {
-    let mut env = TestEnv::new().await;
-    let served = Served::start(&env).await;
-    let id = failed_booking(&mut env, &served).await;
-    let mut answers = Vec::new();
-
+/// The bookings list and the booking's story, as the API tells them; returns the answers.
+async fn check_failed_story(served: &Served, id: &str) -> Vec<String> {
     let (status, list) = served.api("/api/bookings?state=failed").await;
     assert_eq!(status, StatusCode::OK);
     let row = &list["bookings"][0];
-    assert_eq!(
-        (row["booking_id"].as_str(), row["dead_letters"].as_u64()),
-        (Some(id.as_str()), Some(1))
-    );
-    assert!(
-        row["failure_reason"]
-            .as_str()
-            .unwrap()
-            .contains("InvalidSubnetID"),
-        "{row}"
-    );
-    answers.push(list.to_string());
+    let listed = (row["booking_id"].as_str(), row["dead_letters"].as_u64());
+    assert_eq!(listed, (Some(id), Some(1)));
+    let reason = row["failure_reason"].as_str().unwrap();
+    assert!(reason.contains("InvalidSubnetID"), "{row}");
     let (_, none) = served.api("/api/bookings?state=provisioned").await;
     assert_eq!(none["total"], 0);
     let (_, found) = served.api(&format!("/api/bookings?q={}", &id[3..])).await;
@@ -165,26 +152,28 @@ async fn the_api_tells_a_failed_booking_and_replays_its_dead_letter_after_a_dry_
 
     let (status, detail) = served.api(&format!("/api/bookings/{id}")).await;
     assert_eq!(status, StatusCode::OK);
-    let events: Vec<&str> = detail["timeline"]
-        .as_array()
-        .unwrap()
+    let timeline = detail["timeline"].as_array().unwrap();
+    let events: Vec<&str> = timeline
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    for wanted in [
+    let wanted = [
         "received",
         "credentials",
         "scheduled",
         "provisioning",
         "email_sent",
-        "dead_letter",
-        "failed",
-    ] {
-        assert!(events.contains(&wanted), "{wanted} missing from {events:?}");
+    ];
+    for event in wanted.iter().chain(&["dead_letter", "failed"]) {
+        assert!(events.contains(event), "{event} missing from {events:?}");
     }
     assert_eq!(detail["usernames"].as_array().unwrap().len(), 3);
-    answers.push(detail.to_string());
+    vec![list.to_string(), detail.to_string()]
+}
 
+/// Finds the booking's dead letter by booking and by error text, shows it, replays it after a
+/// dry run that moves nothing; returns the answers.
+async fn replay_through_the_api(served: &Served, env: &TestEnv, id: &str) -> Vec<String> {
     let path = "/api/dead-letters/provision-due";
     let (_, letters) = served.api(&format!("{path}?booking_id={id}")).await;
     assert_eq!(letters["dead_letters"].as_array().unwrap().len(), 1);
@@ -195,54 +184,42 @@ async fn the_api_tells_a_failed_booking_and_replays_its_dead_letter_after_a_dry_
     let (_, by_error) = served.api(&format!("{path}?error=invalidsubnet")).await;
     assert_eq!(by_error["dead_letters"][0]["id"], letter_id.as_str());
     let (_, other) = served.api(&format!("{path}?error=no-such-error")).await;
-    assert_eq!(
-        (
-            other["total"].as_u64(),
-            other["dead_letters"].as_array().unwrap().len()
-        ),
-        (Some(1), 0)
-    );
+    let shown = other["dead_letters"].as_array().unwrap().len();
+    assert_eq!((other["total"].as_u64(), shown), (Some(1), 0));
     let (status, one) = served.api(&format!("{path}/{letter_id}")).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(one["body"].as_str().unwrap().contains(&id));
-    answers.push(one.to_string());
+    assert!(one["body"].as_str().unwrap().contains(id));
 
-    let (status, dry) = served
-        .api_post(
-            &format!("{path}/replay"),
-            json!({"ids": [letter_id], "dry_run": true}),
-        )
-        .await;
+    let replay = format!("{path}/replay");
+    let dry_run = json!({"ids": [letter_id], "dry_run": true});
+    let (status, dry) = served.api_post(&replay, dry_run).await;
     assert_eq!(
         (status, dry["count"].as_u64()),
         (StatusCode::OK, Some(1)),
         "{dry}"
     );
-    assert_eq!(
-        env.depth("provision-due.dlq").await,
-        1,
-        "a dry run moves nothing"
-    );
-    let (status, done) = served
-        .api_post(&format!("{path}/replay"), json!({"ids": [letter_id]}))
-        .await;
-    assert_eq!(
-        (status, done["replayed"].as_u64(), done["left"].as_u64()),
-        (StatusCode::OK, Some(1), Some(0)),
-        "{done}"
-    );
+    let left = env.depth("provision-due.dlq").await;
+    assert_eq!(left, 1, "a dry run moves nothing");
+    let (status, done) = served.api_post(&replay, json!({"ids": [letter_id]})).await;
+    let moved = (status, done["replayed"].as_u64(), done["left"].as_u64());
+    assert_eq!(moved, (StatusCode::OK, Some(1), Some(0)), "{done}");
+    vec![one.to_string(), dry.to_string(), done.to_string()]
+}
+
+#[tokio::test]
+async fn the_api_tells_a_failed_booking_and_replays_its_dead_letter_after_a_dry_run() {
+    let mut env = TestEnv::new().await;
+    let served = Served::start(&env).await;
+    let id = failed_booking(&mut env, &served).await;
+    let mut answers = check_failed_story(&served, &id).await;
+    answers.extend(replay_through_the_api(&served, &env, &id).await);
 
     env.wait_state(&id, "provisioned").await;
     let (_, detail) = served.api(&format!("/api/bookings/{id}")).await;
     assert_eq!(detail["booking"]["state"], "provisioned");
     assert_eq!(detail["dead_letters"].as_array().unwrap().len(), 0);
-    assert!(
-        detail["machines"][0]["url"]
-            .as_str()
-            .unwrap()
-            .starts_with("http://"),
-        "{detail}"
-    );
+    let url = detail["machines"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with("http://"), "{detail}");
     answers.push(detail.to_string());
     let passwords = passwords_of(&env, &id).await;
     for answer in &answers {
@@ -344,7 +321,7 @@ async fn the_pages_show_the_story_and_replay_only_with_a_csrf_token() {
     ))
     .await;
     assert!(dry.contains("would go back to"), "{dry}");
-    assert_eq!(field(&dry, "id"), [letter_id.clone()]);
+    assert_eq!(field(&dry, "id"), std::slice::from_ref(&letter_id));
     assert_eq!(env.depth("provision-due.dlq").await, 1);
 
     let post = |form: Vec<(&'static str, String)>| {
