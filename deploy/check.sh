@@ -34,6 +34,7 @@ K8S_CORE=(
   deploy/kubernetes/scheduler.yaml
   deploy/kubernetes/provisioner.yaml
   deploy/kubernetes/notifier.yaml
+  deploy/kubernetes/console.yaml
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +143,7 @@ for v in "${K8S_VERSIONS[@]}"; do
 done
 run kustomization - manifests kustomization
 run k8s-workloads - manifests workloads
+run k8s-console - manifests console
 run keda - manifests keda
 run json - json_parse deploy/iam-policy.json deploy/rabbitmq-definitions.json
 run rabbitmq-definitions - manifests definitions

@@ -156,7 +156,7 @@ def check_workloads():
 
     sas = by_kind(docs, "ServiceAccount")
     deployments = by_kind(docs, "Deployment")
-    require(set(deployments) == {f"labbook-{w}" for w in WORKERS},
+    require(set(deployments) == {f"labbook-{w}" for w in WORKERS} | {"labbook-console"},
             f"Deployments: {sorted(deployments)}")
     pdbs = by_kind(docs, "PodDisruptionBudget")
 
@@ -218,6 +218,48 @@ def check_workloads():
         check_env_refs(f"{f}:labbook-migrate/{c['name']}", c, configmaps)
     return (f"{len(deployments)} Deployments, {len(pdbs)} PDBs, 1 Job, ConfigMap and Secret "
             "refs consistent")
+
+
+def check_console():
+    """The console: `labbook console` on a port a ClusterIP Service targets, its token from the
+    Secret, no key that decrypts passwords, no mail or AWS credentials."""
+    docs = all_k8s_docs()
+    configmaps = by_kind(docs, "ConfigMap")
+    secrets = by_kind(docs, "Secret")
+    example_keys = set((secrets[SECRET][1].get("stringData") or {}).keys())
+    f, d = by_kind(docs, "Deployment")["labbook-console"]
+    where = f"{f}:labbook-console"
+    spec = d["spec"]["template"]["spec"]
+    labels = d["spec"]["template"]["metadata"]["labels"]
+    check_security(where, spec)
+    require(len(spec["containers"]) == 1, f"{where}: one container")
+    c = spec["containers"][0]
+    cmd = c.get("command") or []
+    require(cmd[:2] == ["labbook", "console"], f"{where}: command labbook console")
+    require("--listen" in cmd, f"{where}: --listen (the default is loopback only)")
+    port = int(cmd[cmd.index("--listen") + 1].rsplit(":", 1)[1])
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    require(ports.get("http") == port, f"{where}: container port http = the --listen port")
+    for probe in ("readinessProbe", "livenessProbe"):
+        p = (c.get(probe) or {}).get("httpGet") or {}
+        require(p.get("path") == "/healthz" and p.get("port") in ("http", port),
+                f"{where}: {probe} GET /healthz (the one path without the token)")
+    keys = check_env_refs(where, c, configmaps)
+    require({"AMQP_URL", "DATABASE_URL", "LABBOOK_CONSOLE_TOKEN"} <= keys,
+            f"{where}: AMQP_URL, DATABASE_URL, LABBOOK_CONSOLE_TOKEN from {SECRET}")
+    forbidden = {"LABBOOK_SECRET_KEY", "SMTP_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    require(not keys & forbidden, f"{where}: must not get {sorted(keys & forbidden)}")
+    require(keys <= example_keys, f"{where}: keys {sorted(keys - example_keys)} missing "
+            "from secret.example.yaml")
+    services = by_kind(docs, "Service")
+    require("labbook-console" in services, "a Service labbook-console")
+    svc = services["labbook-console"][1]["spec"]
+    require(svc.get("type", "ClusterIP") == "ClusterIP", "console Service: ClusterIP only")
+    require(all(labels.get(k) == v for k, v in svc["selector"].items()),
+            "console Service selects the console's pods")
+    require(all(p.get("targetPort") in ("http", port) for p in svc["ports"]),
+            "console Service targets the http port")
+    return "Deployment and ClusterIP Service consistent; token from the Secret, no password key"
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +477,7 @@ def check_compose():
         )
     require(out.returncode == 0, f"docker-compose config failed: {out.stderr.strip()}")
     services = yaml.safe_load(out.stdout)["services"]
-    expected = {"rabbitmq", "postgres", "moto", "mailpit", "migrate", *WORKERS}
+    expected = {"rabbitmq", "postgres", "moto", "mailpit", "migrate", "console", *WORKERS}
     require(set(services) == expected, f"compose services {sorted(services)}")
     for infra in ("rabbitmq", "postgres"):
         require("healthcheck" in services[infra], f"compose: {infra} healthcheck")
@@ -457,6 +499,14 @@ def check_compose():
         require(s["environment"]["LABBOOK_LOG_FORMAT"] == "json", f"compose: {w} json logs")
         require(s["environment"]["SMTP_URL"] == "smtp://mailpit:1025", f"compose: {w} SMTP")
         require(s["environment"]["AWS_ENDPOINT_URL"] == "http://moto:5000", f"compose: {w} moto")
+    con = services["console"]
+    require(con["command"][:2] == ["labbook", "console"], "compose: console runs labbook console")
+    require("LABBOOK_SECRET_KEY" not in con["environment"], "compose: console gets no secret key")
+    def host_ip(p):  # docker-compose 1.x writes "IP:HOST:CONTAINER", 2.x a mapping
+        return p.split(":")[0] if isinstance(p, str) and p.count(":") == 2 else (
+            p.get("host_ip") if isinstance(p, dict) else None)
+    require(all(host_ip(p) == "127.0.0.1" for p in con.get("ports") or []),
+            "compose: the console is published on the host's loopback only")
     return f"{len(services)} services; workers wait for migrate; shared environment complete"
 
 
@@ -702,6 +752,7 @@ CHECKS = {
     "dockerfile": check_dockerfile,
     "kustomization": check_kustomization,
     "workloads": check_workloads,
+    "console": check_console,
     "keda": check_keda,
     "compose": check_compose,
     "definitions": check_definitions,

@@ -355,6 +355,7 @@ pub struct Settings {
     /// error; on the default address, several workers on one host just skip it.
     pub metrics_addr_explicit: bool,
     pub json_logs: bool,
+    pub console: ConsoleSettings,
     secret_key: Option<SecretKey>,
 }
 
@@ -396,6 +397,7 @@ impl Settings {
             metrics_addr: telemetry.metrics_addr,
             metrics_addr_explicit: telemetry.metrics_addr_explicit,
             json_logs: telemetry.json_logs,
+            console: ConsoleSettings::from_vars(&v)?,
             secret_key: secret_key(&v)?,
         })
     }
@@ -424,6 +426,66 @@ fn secret_key(v: &Vars<'_>) -> Result<Option<SecretKey>, ConfigError> {
             SecretKey::from_base64(raw).map_err(|e| ConfigError::new("LABBOOK_SECRET_KEY", e))
         })
         .transpose()
+}
+
+/// The operator console (`labbook console`). Only the console asks for its token, so a
+/// worker starts whatever `LABBOOK_CONSOLE_TOKEN` holds.
+#[derive(Debug, Clone)]
+pub struct ConsoleSettings {
+    token: Option<secrecy::SecretString>,
+    /// `LABBOOK_CONSOLE_LISTEN` (default `127.0.0.1:8080`; `--listen` wins).
+    pub listen: SocketAddr,
+    /// `LABBOOK_CONSOLE_SECURE_COOKIE` (`true` or `false`); unset: the session cookie is
+    /// `Secure` unless the console listens on a loopback address.
+    pub secure_cookie: Option<bool>,
+}
+
+/// The shortest `LABBOOK_CONSOLE_TOKEN` the console accepts.
+pub const MIN_CONSOLE_TOKEN_CHARS: usize = 16;
+
+impl ConsoleSettings {
+    fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
+        let listen = v.get("LABBOOK_CONSOLE_LISTEN").unwrap_or("127.0.0.1:8080");
+        Ok(Self {
+            token: v.string("LABBOOK_CONSOLE_TOKEN").map(Into::into),
+            listen: listen.parse().map_err(|_| {
+                ConfigError::new(
+                    "LABBOOK_CONSOLE_LISTEN",
+                    format!("must be HOST:PORT, e.g. 127.0.0.1:8080 (got {listen:?})"),
+                )
+            })?,
+            secure_cookie: v
+                .get("LABBOOK_CONSOLE_SECURE_COOKIE")
+                .map(|_| {
+                    v.choice(
+                        "LABBOOK_CONSOLE_SECURE_COOKIE",
+                        "true",
+                        [("true", true), ("false", false)],
+                    )
+                })
+                .transpose()?,
+        })
+    }
+
+    /// The secret every console request must carry; an error names `LABBOOK_CONSOLE_TOKEN`
+    /// when it is unset or shorter than [`MIN_CONSOLE_TOKEN_CHARS`].
+    pub fn require_token(&self) -> Result<&secrecy::SecretString, ConfigError> {
+        use secrecy::ExposeSecret;
+        let var = "LABBOOK_CONSOLE_TOKEN";
+        let token = self.token.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                var,
+                "is not set (a random secret of at least 16 characters, e.g. from `openssl rand -base64 32`)",
+            )
+        })?;
+        if token.expose_secret().chars().count() < MIN_CONSOLE_TOKEN_CHARS {
+            return Err(ConfigError::new(
+                var,
+                format!("is shorter than {MIN_CONSOLE_TOKEN_CHARS} characters"),
+            ));
+        }
+        Ok(token)
+    }
 }
 
 /// `DATABASE_URL` and `LABBOOK_DB_MAX_CONNECTIONS` (flattened into [`Settings`]).
@@ -728,6 +790,21 @@ mod tests {
         assert_eq!(s.ec2.bootstrap, Bootstrap::JupyterHub);
         assert_eq!(s.broker.max_attempts, 5);
         assert!(s.require_secret_key().is_err());
+    }
+
+    #[test]
+    fn the_console_token_is_required_long_and_never_printed() {
+        let none = with(&[]).unwrap();
+        assert_eq!(none.console.listen.to_string(), "127.0.0.1:8080");
+        let err = none.console.require_token().unwrap_err();
+        assert_eq!(err.var, "LABBOOK_CONSOLE_TOKEN");
+        let short = with(&[("LABBOOK_CONSOLE_TOKEN", "0123456789abcde")]).unwrap();
+        assert!(short.console.require_token().is_err());
+        let good = with(&[("LABBOOK_CONSOLE_TOKEN", "0123456789abcdef")]).unwrap();
+        assert!(good.console.require_token().is_ok());
+        assert!(!format!("{good:?}").contains("0123456789abcdef"));
+        let bad = with(&[("LABBOOK_CONSOLE_LISTEN", "localhost")]).unwrap_err();
+        assert_eq!(bad.var, "LABBOOK_CONSOLE_LISTEN");
     }
 
     #[test]

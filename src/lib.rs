@@ -21,18 +21,21 @@
 //! - [`config`], [`telemetry`], [`crypto`]: settings, logs and the encryption of stored passwords;
 //! - [`startup`]: the process bootstrap, wiring the workers and running them until a shutdown
 //!   signal; [`health`]: metrics and probes;
-//! - [`cli`]: the operator's `labbook` command.
+//! - [`cli`]: the operator's `labbook` command; [`console`]: its web console and HTTP API;
+//!   [`ops`]: what the two share (dead letters).
 //!
 //! The contract with the upstream systems, operators and trainees is `docs/contract.md`.
 
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod crypto;
 pub mod domain;
 pub mod ec2;
 pub mod health;
 pub mod mail;
+pub mod ops;
 pub mod stages;
 pub mod startup;
 pub mod store;

@@ -213,6 +213,17 @@ pub async fn replay(
     stage: StageQueue,
     booking_id: Option<&str>,
     limit: Option<usize>,
+    on_each: impl FnMut(&DeadLetter) -> ControlFlow<()>,
+) -> Result<ReplayReport, DlqError> {
+    replay_where(conn, stage, |l| l.matches(booking_id), limit, on_each).await
+}
+
+/// [`replay`] of the dead letters `selected` accepts (the console's filters and selections).
+pub async fn replay_where(
+    conn: &Connection,
+    stage: StageQueue,
+    selected: impl Fn(&DeadLetter) -> bool,
+    limit: Option<usize>,
     mut on_each: impl FnMut(&DeadLetter) -> ControlFlow<()>,
 ) -> Result<ReplayReport, DlqError> {
     // Only what is there now: a replayed message that fails again lands in the DLQ behind
@@ -227,7 +238,7 @@ pub async fn replay(
         let Some(h) = next(&channel, &queue).await? else {
             break;
         };
-        if !h.letter.matches(booking_id) {
+        if !selected(&h.letter) {
             skipped.push(h);
             continue;
         }
@@ -261,15 +272,35 @@ pub async fn purge(
         let _ = channel.close(200, "done".into()).await;
         return Ok(n as usize);
     }
+    drop_where(conn, channel, &queue, |l| l.matches(booking_id)).await
+}
+
+/// Removes the dead letters of `stage` that `selected` accepts; the others stay, in order.
+pub async fn purge_where(
+    conn: &Connection,
+    stage: StageQueue,
+    selected: impl Fn(&DeadLetter) -> bool,
+) -> Result<usize, DlqError> {
+    let queue = stage.dlq();
+    let channel = reader(conn).await?;
+    drop_where(conn, channel, &queue, selected).await
+}
+
+async fn drop_where(
+    conn: &Connection,
+    channel: Channel,
+    queue: &str,
+    selected: impl Fn(&DeadLetter) -> bool,
+) -> Result<usize, DlqError> {
     let (mut removed, mut kept) = (0, Vec::new());
-    while let Some(h) = next(&channel, &queue).await? {
-        if h.letter.matches(booking_id) {
+    while let Some(h) = next(&channel, queue).await? {
+        if selected(&h.letter) {
             h.acker.ack(BasicAckOptions::default()).await?;
             removed += 1;
         } else {
             kept.push(h);
         }
     }
-    put_back(conn, channel, &queue, kept).await?;
+    put_back(conn, channel, queue, kept).await?;
     Ok(removed)
 }

@@ -4,8 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::ops::ControlFlow;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
-use chrono::Utc;
+use anyhow::bail;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use lapin::Connection;
@@ -13,6 +12,7 @@ use lapin::Connection;
 use crate::broker::StageQueue;
 use crate::broker::dlq::{self, DeadLetter};
 use crate::config::Settings;
+use crate::ops::dlq::{Selection, age, stage_of, would_replay};
 
 #[derive(Subcommand, Debug)]
 pub enum DlqCommand {
@@ -28,6 +28,9 @@ pub enum DlqCommand {
         /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
+        /// Only the dead letters whose error contains TEXT (ignoring case).
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
     },
     /// Move dead letters back to their stage queue with the attempt count reset. Each is
     /// published (confirmed) before it leaves the DLQ: an interrupted replay loses nothing.
@@ -37,6 +40,9 @@ pub enum DlqCommand {
         /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
+        /// Only the dead letters whose error contains TEXT (ignoring case).
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
         /// Replay at most N messages.
         #[arg(long, value_name = "N")]
         limit: Option<usize>,
@@ -51,20 +57,13 @@ pub enum DlqCommand {
         /// Only the dead letters of this booking.
         #[arg(long)]
         booking_id: Option<String>,
+        /// Only the dead letters whose error contains TEXT (ignoring case).
+        #[arg(long, value_name = "TEXT")]
+        error: Option<String>,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
     },
-}
-
-fn stage_of(queue: &str) -> anyhow::Result<StageQueue> {
-    StageQueue::parse(queue).with_context(|| {
-        let names: Vec<&str> = StageQueue::ALL.iter().map(|q| q.name()).collect();
-        format!(
-            "unknown queue {queue:?}: use one of {} (or its .dlq name)",
-            names.join(", ")
-        )
-    })
 }
 
 pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
@@ -76,21 +75,37 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
     let (conn, channel) = super::open_broker(settings, "labbook dlq").await?;
     let _ = channel.close(200, "done".into()).await;
 
+    let select = |booking_id: Option<String>, error_contains, limit| Selection {
+        booking_id,
+        error_contains,
+        limit,
+        ids: None,
+    };
     let code = match command {
         DlqCommand::List { .. } => list(&conn, stage).await?,
-        DlqCommand::Show { booking_id, .. } => show(&conn, stage, booking_id.as_deref()).await?,
+        DlqCommand::Show {
+            booking_id, error, ..
+        } => show(&conn, stage, &select(booking_id, error, None)).await?,
         DlqCommand::Replay {
             booking_id,
+            error,
             limit,
-            dry_run: true,
+            dry_run,
             ..
-        } => replay_dry_run(&conn, stage, booking_id.as_deref(), limit).await?,
-        DlqCommand::Replay {
-            booking_id, limit, ..
-        } => replay(&conn, stage, booking_id.as_deref(), limit).await?,
+        } => {
+            let selection = select(booking_id, error, limit);
+            if dry_run {
+                replay_dry_run(&conn, stage, &selection).await?
+            } else {
+                replay(&conn, stage, &selection).await?
+            }
+        }
         DlqCommand::Purge {
-            booking_id, yes, ..
-        } => purge(&conn, stage, booking_id.as_deref(), yes).await?,
+            booking_id,
+            error,
+            yes,
+            ..
+        } => purge(&conn, stage, &select(booking_id, error, None), yes).await?,
     };
     let _ = conn.close(200, "done".into()).await;
     Ok(code)
@@ -121,10 +136,10 @@ async fn list(conn: &Connection, stage: StageQueue) -> anyhow::Result<ExitCode> 
 async fn show(
     conn: &Connection,
     stage: StageQueue,
-    booking_id: Option<&str>,
+    selection: &Selection,
 ) -> anyhow::Result<ExitCode> {
     let letters = dlq::read_all(conn, stage).await?;
-    let shown: Vec<&DeadLetter> = letters.iter().filter(|l| l.matches(booking_id)).collect();
+    let shown: Vec<&DeadLetter> = letters.iter().filter(|l| selection.matches(l)).collect();
     for (i, l) in shown.iter().enumerate() {
         println!("--- {} #{}", stage.dlq(), i + 1);
         print_letter(l);
@@ -164,16 +179,11 @@ fn print_letter(l: &DeadLetter) {
 async fn replay_dry_run(
     conn: &Connection,
     stage: StageQueue,
-    booking_id: Option<&str>,
-    limit: Option<usize>,
+    selection: &Selection,
 ) -> anyhow::Result<ExitCode> {
     let letters = dlq::read_all(conn, stage).await?;
-    let mut n = 0;
-    for l in letters.iter().filter(|l| l.matches(booking_id)) {
-        if limit.is_some_and(|max| n >= max) {
-            break;
-        }
-        n += 1;
+    let moving = would_replay(&letters, selection);
+    for l in &moving {
         println!(
             "would replay {} ({})",
             l.booking_id.as_deref().unwrap_or("-"),
@@ -181,7 +191,8 @@ async fn replay_dry_run(
         );
     }
     println!(
-        "dry run: {n} dead letter(s) would go back to {}",
+        "dry run: {} dead letter(s) would go back to {}",
+        moving.len(),
         stage.name()
     );
     Ok(ExitCode::SUCCESS)
@@ -191,12 +202,11 @@ async fn replay_dry_run(
 async fn replay(
     conn: &Connection,
     stage: StageQueue,
-    booking_id: Option<&str>,
-    limit: Option<usize>,
+    selection: &Selection,
 ) -> anyhow::Result<ExitCode> {
     let total = dlq::depth(conn, &stage.dlq()).await? as u64;
-    let bar = progress(limit.map_or(total, |n| total.min(n as u64)));
-    let report = dlq::replay(conn, stage, booking_id, limit, |_| {
+    let bar = progress(selection.limit.map_or(total, |n| total.min(n as u64)));
+    let report = crate::ops::dlq::replay(conn, stage, selection, |_| {
         bar.inc(1);
         ControlFlow::Continue(())
     })
@@ -216,11 +226,11 @@ async fn replay(
 async fn purge(
     conn: &Connection,
     stage: StageQueue,
-    booking_id: Option<&str>,
+    selection: &Selection,
     yes: bool,
 ) -> anyhow::Result<ExitCode> {
     let letters = dlq::read_all(conn, stage).await?;
-    let n = letters.iter().filter(|l| l.matches(booking_id)).count();
+    let n = letters.iter().filter(|l| selection.matches(l)).count();
     if n == 0 {
         println!("nothing to purge in {}", stage.dlq());
         return Ok(ExitCode::SUCCESS);
@@ -234,7 +244,7 @@ async fn purge(
         println!("nothing deleted");
         return Ok(ExitCode::FAILURE);
     }
-    let removed = dlq::purge(conn, stage, booking_id).await?;
+    let removed = crate::ops::dlq::purge(conn, stage, selection).await?;
     println!("deleted {removed} dead letter(s) from {}", stage.dlq());
     Ok(ExitCode::SUCCESS)
 }
@@ -258,14 +268,4 @@ fn progress(len: u64) -> ProgressBar {
             .expect("valid template"),
     );
     bar
-}
-
-fn age(at: chrono::DateTime<Utc>) -> String {
-    let secs = (Utc::now() - at).num_seconds().max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }

@@ -57,6 +57,19 @@ enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Serve the operator console (web pages and an HTTP API) until SIGTERM/SIGINT.
+    ///
+    /// Bookings with their timelines, dead letters (filter, dry-run replay, replay, purge) and
+    /// the pipeline's health, at http://ADDR/; the API under /api, described by
+    /// /api/openapi.json. Every request needs LABBOOK_CONSOLE_TOKEN (at least 16 characters):
+    /// pages after logging in with it, the API as `Authorization: Bearer <token>`. Needs
+    /// AMQP_URL and DATABASE_URL, never LABBOOK_SECRET_KEY: no page shows a password.
+    Console {
+        /// Where to listen (default 127.0.0.1:8080, or LABBOOK_CONSOLE_LISTEN). Keep it on
+        /// loopback unless an ingress with TLS stands in front (see the README).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Run workers in this process until SIGTERM/SIGINT.
     Run {
         /// `all`, or the workers to run.
@@ -84,7 +97,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // Only the workers' own logs are wanted on a terminal; other commands print their answer.
     let filter = match cli.command {
-        Command::Run { .. } => crate::telemetry::DEFAULT_FILTER,
+        Command::Run { .. } | Command::Console { .. } => crate::telemetry::DEFAULT_FILTER,
         _ => "warn",
     };
     crate::startup::run_process(filter, |settings| async move {
@@ -148,6 +161,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Status { booking_id, json } => status::run(&settings, &booking_id, json).await,
         Command::Cancel { booking_id } => cancel::run(&settings, &booking_id).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
+        Command::Console { listen } => {
+            let console = crate::console::Console::build(&settings, listen).await?;
+            console.run_until_stopped(shutdown_signal()).await;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run { workers } => {
             let workers: Vec<Worker> = if workers.contains(&RunTarget::All) {
                 Worker::ALL.to_vec()

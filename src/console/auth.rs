@@ -1,0 +1,295 @@
+//! Who may use the console: every request carries `LABBOOK_CONSOLE_TOKEN`, as
+//! `Authorization: Bearer <token>` (the API, or an ingress that adds it after single sign-on)
+//! or as a session cookie the login page gives for it. Every page POST carries a CSRF token.
+//!
+//! Nothing is kept on the server: the session cookie is its expiry and a nonce, signed with
+//! an HMAC keyed by the token (so changing the token ends every session), and the CSRF token
+//! of a form is the HMAC of a random nonce that lives in its own `SameSite=Strict` cookie (a
+//! form posted from another site carries neither). Tokens and MACs are compared in constant
+//! time.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+use hmac::{Hmac, Mac};
+use rand::TryRngCore;
+use rand::rngs::OsRng;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::AppState;
+
+pub const SESSION_COOKIE: &str = "labbook_session";
+pub const CSRF_COOKIE: &str = "labbook_csrf";
+/// The form field that carries the CSRF token.
+pub const CSRF_FIELD: &str = "csrf";
+/// How long a login lasts.
+pub const SESSION_HOURS: i64 = 12;
+/// The largest page form the CSRF check reads (a replay of many selected dead letters).
+const MAX_FORM_BYTES: usize = 4 << 20;
+
+/// The token and what is derived from it.
+pub struct Auth {
+    token: SecretString,
+    secure_cookie: bool,
+}
+
+impl Auth {
+    pub fn new(token: SecretString, secure_cookie: bool) -> Self {
+        Self {
+            token,
+            secure_cookie,
+        }
+    }
+
+    /// Whether `candidate` is the token, in constant time (both sides hashed to one length).
+    pub fn token_matches(&self, candidate: &str) -> bool {
+        let want = Sha256::digest(self.token.expose_secret().as_bytes());
+        let got = Sha256::digest(candidate.as_bytes());
+        want.ct_eq(&got).into()
+    }
+
+    fn mac(&self, purpose: &str, value: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(self.token.expose_secret().as_bytes())
+            .expect("HMAC takes any key length");
+        mac.update(format!("labbook-console {purpose} {value}").as_bytes());
+        hex(&mac.finalize().into_bytes())
+    }
+
+    fn mac_matches(&self, purpose: &str, value: &str, mac: &str) -> bool {
+        self.mac(purpose, value)
+            .as_bytes()
+            .ct_eq(mac.as_bytes())
+            .into()
+    }
+
+    /// A fresh session cookie, valid for [`SESSION_HOURS`].
+    pub fn session_cookie(&self) -> Cookie<'static> {
+        let expiry = chrono::Utc::now().timestamp() + SESSION_HOURS * 3600;
+        let value = format!("{expiry}.{}", nonce());
+        let signed = format!("{value}.{}", self.mac("session", &value));
+        self.cookie(SESSION_COOKIE, signed)
+    }
+
+    fn session_valid(&self, jar: &CookieJar) -> bool {
+        let Some(cookie) = jar.get(SESSION_COOKIE) else {
+            return false;
+        };
+        let Some((value, mac)) = cookie.value().rsplit_once('.') else {
+            return false;
+        };
+        let expiry = value.split('.').next().and_then(|e| e.parse::<i64>().ok());
+        self.mac_matches("session", value, mac)
+            && expiry.is_some_and(|e| e > chrono::Utc::now().timestamp())
+    }
+
+    fn bearer_valid(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| self.token_matches(t.trim()))
+    }
+
+    /// The CSRF token forms carry, for the nonce in the CSRF cookie.
+    pub fn csrf_token(&self, nonce: &str) -> String {
+        self.mac("csrf", nonce)
+    }
+
+    fn csrf_valid(&self, jar: &CookieJar, field: Option<&str>) -> bool {
+        match (jar.get(CSRF_COOKIE), field) {
+            (Some(cookie), Some(field)) => self.mac_matches("csrf", cookie.value(), field),
+            _ => false,
+        }
+    }
+
+    /// A cookie only this site's own requests carry, unreadable by scripts.
+    pub fn cookie(&self, name: &'static str, value: String) -> Cookie<'static> {
+        Cookie::build((name, value))
+            .path("/")
+            .http_only(true)
+            .same_site(SameSite::Strict)
+            .secure(self.secure_cookie)
+            .build()
+    }
+}
+
+/// 16 random bytes from the OS, in hex.
+fn nonce() -> String {
+    let mut bytes = [0u8; 16];
+    OsRng
+        .try_fill_bytes(&mut bytes)
+        .expect("the OS random number generator works");
+    hex(&bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The CSRF token of this request's pages (the CSRF cookie's nonce, set by [`pages`]).
+#[derive(Clone)]
+pub struct CsrfToken(pub String);
+
+/// Pages: a valid session or bearer token, else the login page; a CSRF cookie for the forms;
+/// on a POST, the form's CSRF token checked before the handler sees anything.
+pub async fn pages(
+    State(state): State<AppState>,
+    jar: CookieJar,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let auth = &state.auth;
+    if !(auth.session_valid(&jar) || auth.bearer_valid(req.headers())) {
+        if req.method() == Method::GET {
+            let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let to = format!("/login?next={}", urlencode(next));
+            return Redirect::to(&to).into_response();
+        }
+        return refused(StatusCode::UNAUTHORIZED, "log in first");
+    }
+    if req.method() == Method::POST {
+        match check_form_csrf(auth, &jar, req).await {
+            Ok(checked) => req = checked,
+            Err(response) => return response,
+        }
+    }
+    with_csrf_cookie(auth, jar, req, next).await
+}
+
+/// Gives the request a [`CsrfToken`] (making the cookie if the browser has none) and runs it.
+pub async fn with_csrf_cookie(
+    auth: &Auth,
+    jar: CookieJar,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let (jar, nonce) = match jar.get(CSRF_COOKIE).map(|c| c.value().to_owned()) {
+        Some(nonce) => (jar, nonce),
+        None => {
+            let nonce = nonce();
+            (jar.add(auth.cookie(CSRF_COOKIE, nonce.clone())), nonce)
+        }
+    };
+    req.extensions_mut()
+        .insert(CsrfToken(auth.csrf_token(&nonce)));
+    (jar, next.run(req).await).into_response()
+}
+
+/// Reads the form body, checks its CSRF field against the cookie, and puts the body back.
+async fn check_form_csrf(auth: &Auth, jar: &CookieJar, req: Request) -> Result<Request, Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES)
+        .await
+        .map_err(|_| refused(StatusCode::PAYLOAD_TOO_LARGE, "the form is too large"))?;
+    let field = url::form_urlencoded::parse(&bytes)
+        .find(|(k, _)| k == CSRF_FIELD)
+        .map(|(_, v)| v.into_owned());
+    if !auth.csrf_valid(jar, field.as_deref()) {
+        tracing::warn!(path = %parts.uri.path(), "refused a POST without a valid CSRF token");
+        return Err(refused(
+            StatusCode::FORBIDDEN,
+            "this form has expired or did not come from the console: reload the page and try again",
+        ));
+    }
+    Ok(Request::from_parts(parts, axum::body::Body::from(bytes)))
+}
+
+/// The API: `Authorization: Bearer <token>`, else 401 with a JSON reason.
+pub async fn api(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if state.auth.bearer_valid(req.headers()) {
+        return next.run(req).await;
+    }
+    let body = serde_json::json!({
+        "error": "unauthorized",
+        "reasons": ["send the console token as Authorization: Bearer <token>"],
+    });
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"labbook\"")],
+        axum::Json(body),
+    )
+        .into_response()
+}
+
+/// A short plain-text refusal.
+pub fn refused(status: StatusCode, why: &'static str) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        why,
+    )
+        .into_response()
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Where to go after logging in: a path of this site, never another site.
+pub fn safe_next(next: Option<&str>) -> &str {
+    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
+        .unwrap_or("/")
+}
+
+/// Checks a login form: the CSRF token, then the console token.
+pub fn login_ok(auth: &Auth, jar: &CookieJar, csrf: &str, token: &str) -> Result<(), &'static str> {
+    if !auth.csrf_valid(jar, Some(csrf)) {
+        return Err("This form has expired: try again.");
+    }
+    if !auth.token_matches(token.trim()) {
+        return Err("That is not the console token.");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new("a-console-token-of-32-characters".to_owned().into(), false)
+    }
+
+    #[test]
+    fn the_token_matches_only_itself() {
+        let a = auth();
+        assert!(a.token_matches("a-console-token-of-32-characters"));
+        assert!(!a.token_matches("a-console-token-of-32-character"));
+        assert!(!a.token_matches(""));
+    }
+
+    #[test]
+    fn sessions_and_csrf_tokens_are_signed_by_the_token() {
+        let a = auth();
+        let cookie = a.session_cookie();
+        assert!(cookie.http_only().unwrap_or(false));
+        assert_eq!(cookie.same_site(), Some(SameSite::Strict));
+        let jar = CookieJar::new().add(cookie.clone());
+        assert!(a.session_valid(&jar));
+        let other = Auth::new("another-token-of-enough-length!!".to_owned().into(), false);
+        assert!(!other.session_valid(&jar), "a new token ends old sessions");
+        let forged = format!("{}0", cookie.value());
+        assert!(!a.session_valid(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, forged))));
+
+        let jar = CookieJar::new().add(Cookie::new(CSRF_COOKIE, "n1"));
+        assert!(a.csrf_valid(&jar, Some(&a.csrf_token("n1"))));
+        assert!(!a.csrf_valid(&jar, Some(&a.csrf_token("n2"))));
+        assert!(!a.csrf_valid(&jar, None));
+        assert!(!a.csrf_valid(&CookieJar::new(), Some(&a.csrf_token("n1"))));
+    }
+
+    #[test]
+    fn login_only_returns_to_this_site() {
+        assert_eq!(
+            safe_next(Some("/bookings?state=failed")),
+            "/bookings?state=failed"
+        );
+        assert_eq!(safe_next(Some("//evil.example")), "/");
+        assert_eq!(safe_next(Some("https://evil.example")), "/");
+        assert_eq!(safe_next(None), "/");
+    }
+}

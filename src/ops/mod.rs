@@ -1,0 +1,4 @@
+//! What the operator's two tools share: the `labbook` command ([`crate::cli`]) and the web
+//! console ([`crate::console`]) handle dead letters with the same rules and the same code.
+
+pub mod dlq;
