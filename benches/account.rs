@@ -415,6 +415,12 @@ impl Scenario {
                 "a booking was not confirmed"
             );
         }
+        let first = at.values().min().copied().unwrap_or_else(Instant::now);
+        println!(
+            "  published {} bookings, all confirmed by the broker {:.2} s after the first",
+            bookings.len(),
+            first.elapsed().as_secs_f64()
+        );
         conn.close(200, "done".into()).await.ok();
         at
     }
@@ -668,15 +674,6 @@ async fn many_bookings(table: &mut Table, n: usize, users: u32) -> Option<f64> {
     let list = bookings(&unique_id("acct"), n, users);
     let published = scenario.publish(&list).await;
     let first = published.values().min().copied().unwrap();
-    println!(
-        "  published {n} in {:.2} s",
-        published
-            .values()
-            .max()
-            .unwrap()
-            .duration_since(first)
-            .as_secs_f64()
-    );
     let complete = wait_for_details(&scenario, &sink, n, Duration::from_secs(900)).await;
 
     let after = scenario.metrics().await;
