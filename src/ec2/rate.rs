@@ -123,10 +123,12 @@ impl RateLimits {
         })
     }
 
+    /// The limit of `action`. `GetConsoleOutput` (readiness polls each machine's console)
+    /// is a read like `DescribeInstances` and takes its tokens at that rate, from its own bucket.
     pub fn for_action(&self, action: &str) -> Option<RateLimit> {
         match action {
             "RunInstances" => self.run_instances,
-            "DescribeInstances" => self.describe_instances,
+            "DescribeInstances" | "GetConsoleOutput" => self.describe_instances,
             "TerminateInstances" => self.terminate_instances,
             _ => None,
         }
@@ -453,6 +455,10 @@ mod tests {
             Some(RateLimit::new(5, 2.0))
         );
         assert_eq!(none.for_action("CreateSecurityGroup"), None);
+        assert_eq!(
+            none.for_action("GetConsoleOutput"),
+            none.for_action("DescribeInstances")
+        );
         let off = RateLimits::from_vars(|v| {
             (v == "LABBOOK_EC2_RATE_DESCRIBE_INSTANCES").then_some("off")
         })
