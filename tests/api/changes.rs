@@ -53,6 +53,18 @@ impl Changes {
         Self { env, outbox }
     }
 
+    /// All workers running, and a booking of `users` trainees that started five minutes ago
+    /// for an hour, provisioned.
+    async fn running(prefix: &str, users: u32) -> (Self, String, DateTime<Utc>) {
+        let mut c = Self::new(&[]).await;
+        c.env.spawn(&Worker::ALL).await;
+        let id = unique_id(prefix);
+        let started = Utc::now() - chrono::Duration::minutes(5);
+        c.publish(booking(&id, 0, started, users, 60)).await;
+        c.env.wait_state(&id, "provisioned").await;
+        (c, id, started)
+    }
+
     async fn publish(&self, body: Value) {
         self.env.publish_booking(&body.to_string()).await;
     }
@@ -349,18 +361,7 @@ async fn a_cancellation_of_an_unknown_booking_is_kept_against_late_revisions() {
 
 #[tokio::test]
 async fn a_cancellation_after_provisioning_terminates_every_machine() {
-    let mut c = Changes::new(&[]).await;
-    c.env.spawn(&Worker::ALL).await;
-    let id = unique_id("cancel-late");
-    c.publish(booking(
-        &id,
-        0,
-        Utc::now() - chrono::Duration::minutes(5),
-        3,
-        60,
-    ))
-    .await;
-    c.env.wait_state(&id, "provisioned").await;
+    let (mut c, id, _) = Changes::running("cancel-late", 3).await;
     assert_eq!(instances_for(&id).await.len(), 2);
     c.publish(cancellation(&id, 1)).await;
     eventually(WAIT, "every machine terminated", || async {
@@ -432,12 +433,7 @@ async fn a_running_booking_is_extended_then_shortened_to_an_end_already_past() {
 
 #[tokio::test]
 async fn more_trainees_after_provisioning_get_new_machines_and_fewer_are_refused() {
-    let mut c = Changes::new(&[]).await;
-    c.env.spawn(&Worker::ALL).await;
-    let id = unique_id("grow");
-    let at = Utc::now() - chrono::Duration::minutes(5);
-    c.publish(booking(&id, 0, at, 2, 60)).await;
-    c.env.wait_state(&id, "provisioned").await;
+    let (mut c, id, at) = Changes::running("grow", 2).await;
     let store = c.env.store().await;
     let first = slots::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(first.len(), 1);
@@ -500,18 +496,7 @@ async fn more_trainees_after_provisioning_get_new_machines_and_fewer_are_refused
 
 #[tokio::test]
 async fn a_booking_moved_after_provisioning_is_terminated_and_provisioned_again() {
-    let mut c = Changes::new(&[]).await;
-    c.env.spawn(&Worker::ALL).await;
-    let id = unique_id("resched");
-    c.publish(booking(
-        &id,
-        0,
-        Utc::now() - chrono::Duration::minutes(5),
-        2,
-        60,
-    ))
-    .await;
-    c.env.wait_state(&id, "provisioned").await;
+    let (mut c, id, _) = Changes::running("resched", 2).await;
     let old: HashSet<String> = instances_for(&id)
         .await
         .iter()
