@@ -11,6 +11,7 @@ use crate::domain::{EmailAddress, EmailKind, Event, EventInstance, EventKind, No
 use crate::mail::render::{InstanceBlock, UserLine, message_id};
 use crate::mail::{Mailer, Rendered, Templates};
 use crate::store::emails::Claim;
+use crate::store::slots::Slot;
 use crate::store::{BookingRecord, BookingState, Store, bookings, emails, events, slots};
 
 /// What the failure email says failed: plain words, never an internal error.
@@ -150,13 +151,14 @@ impl NotifierStage {
                     .detail(format!("{} email sent", n.kind.as_str()))
             }
             EmailKind::InstanceDetails => {
+                // The machines as they are, without decrypting their admin passwords.
                 let instances: Vec<EventInstance> = self
-                    .instances(id)
+                    .machines(id)
                     .await?
                     .into_iter()
-                    .map(|i| EventInstance {
-                        url: i.url,
-                        usernames: i.usernames,
+                    .map(|m| EventInstance {
+                        url: m.url(),
+                        usernames: m.usernames,
                     })
                     .collect();
                 Event::new(id, EventKind::Provisioned, n.revision)
@@ -188,40 +190,71 @@ impl NotifierStage {
         Ok(users)
     }
 
-    /// One block per machine: its address, its trainees, its admin login.
-    async fn instances(&self, id: &str) -> Result<Vec<InstanceBlock>, StageError> {
+    /// The booking's machines with their addresses and trainees; no password is decrypted.
+    async fn machines(&self, id: &str) -> Result<Vec<Machine>, StageError> {
         let creds = bookings::credentials(&self.store.pool, id).await?;
         let slots = slots::for_booking(&self.store.pool, id).await?;
-        let mut instances = Vec::with_capacity(slots.len());
-        for slot in &slots {
-            let address = slot.address().ok_or_else(|| {
-                StageError::permanent(format!(
-                    "no running instance with an address is recorded for slot {}",
-                    slot.slot
-                ))
-            })?;
-            let admin = self.key.decrypt(
-                &slot.admin_password_encrypted,
-                &admin_context(id, slot.slot),
-            )?;
-            instances.push(InstanceBlock {
-                url: format!("http://{address}"),
-                host: address.to_owned(),
-                usernames: creds
-                    .iter()
-                    .filter(|c| slot.user_positions().contains(&c.position))
-                    .map(|c| c.username.clone())
-                    .collect(),
-                admin_username: slot.admin_username.clone(),
-                admin_password: admin.expose().to_owned(),
+        let mut machines = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let host = slot
+                .address()
+                .ok_or_else(|| {
+                    StageError::permanent(format!(
+                        "no running instance with an address is recorded for slot {}",
+                        slot.slot
+                    ))
+                })?
+                .to_owned();
+            let usernames = creds
+                .iter()
+                .filter(|c| slot.user_positions().contains(&c.position))
+                .map(|c| c.username.clone())
+                .collect();
+            machines.push(Machine {
+                slot,
+                host,
+                usernames,
             });
         }
-        if instances.is_empty() {
+        if machines.is_empty() {
             return Err(StageError::permanent(
                 "no instances are recorded for this booking",
             ));
         }
+        Ok(machines)
+    }
+
+    /// One block per machine: its address, its trainees, its admin login (decrypted here, for
+    /// the email only).
+    async fn instances(&self, id: &str) -> Result<Vec<InstanceBlock>, StageError> {
+        let mut instances = Vec::new();
+        for m in self.machines(id).await? {
+            let context = admin_context(id, m.slot.slot);
+            let admin = self
+                .key
+                .decrypt(&m.slot.admin_password_encrypted, &context)?;
+            instances.push(InstanceBlock {
+                url: m.url(),
+                admin_username: m.slot.admin_username,
+                admin_password: admin.expose().to_owned(),
+                host: m.host,
+                usernames: m.usernames,
+            });
+        }
         Ok(instances)
+    }
+}
+
+/// A machine of a booking as the emails and events tell it.
+struct Machine {
+    slot: Slot,
+    host: String,
+    usernames: Vec<String>,
+}
+
+impl Machine {
+    fn url(&self) -> String {
+        format!("http://{}", self.host)
     }
 }
 
