@@ -238,11 +238,10 @@ pub async fn retire_machines(
     .bind(booking_id)
     .execute(&mut *conn)
     .await?;
-    Ok(sqlx::query(
-        "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
-                          public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
-         WHERE booking_id = $1",
-    )
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE slots SET {} WHERE booking_id = $1",
+        super::slots::FORGET_MACHINE
+    )))
     .bind(booking_id)
     .execute(conn)
     .await?

@@ -4,6 +4,12 @@
 use chrono::{DateTime, Utc};
 use sqlx::{FromRow, PgPool};
 
+/// The `SET` list that forgets a slot's machine and raises its launch generation, so the slot
+/// is launched anew with a new `ClientToken`.
+pub(crate) const FORGET_MACHINE: &str = "generation = generation + 1, instance_id = NULL,
+    instance_state = NULL, public_dns = NULL, public_ip = NULL, launched_at = NULL,
+    updated_at = now()";
+
 /// A slot as stored.
 #[derive(Debug, Clone, FromRow)]
 pub struct Slot {
@@ -177,12 +183,10 @@ pub async fn record_state(
 /// instance recorded is reset too: a launch of it may have happened, unrecorded, and been
 /// terminated since, and its old token would return that terminated machine.
 pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
-                          public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
-         WHERE booking_id = $1
-           AND (instance_id IS NULL OR instance_state IN ('terminated', 'shutting-down'))",
-    )
+    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE slots SET {FORGET_MACHINE} WHERE booking_id = $1
+           AND (instance_id IS NULL OR instance_state IN ('terminated', 'shutting-down'))"
+    )))
     .bind(booking_id)
     .execute(pool)
     .await?
@@ -191,28 +195,19 @@ pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Er
 
 /// Forgets the instance `instance_id` of its slot and raises the slot's generation, so the
 /// slot is launched anew with a new `ClientToken` (the old one would return the same machine).
-pub async fn replace_instance(pool: &PgPool, instance_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE slots SET generation = generation + 1, instance_id = NULL, instance_state = NULL,
-                          public_dns = NULL, public_ip = NULL, launched_at = NULL, updated_at = now()
-         WHERE instance_id = $1",
-    )
+/// `not_ready`: the machine started but did not become ready, which the slot counts.
+pub async fn replace_instance(
+    pool: &PgPool,
+    instance_id: &str,
+    not_ready: bool,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE slots SET {FORGET_MACHINE},
+                ready_failures = ready_failures + CASE WHEN $2 THEN 1 ELSE 0 END
+         WHERE instance_id = $1"
+    )))
     .bind(instance_id)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// Forgets the slot's machine `instance_id`, which started but did not become ready, counting
-/// it: the slot is launched anew with a new generation.
-pub async fn replace_not_ready(pool: &PgPool, instance_id: &str) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE slots SET generation = generation + 1, ready_failures = ready_failures + 1,
-                          instance_id = NULL, instance_state = NULL, public_dns = NULL,
-                          public_ip = NULL, launched_at = NULL, updated_at = now()
-         WHERE instance_id = $1",
-    )
-    .bind(instance_id)
+    .bind(not_ready)
     .execute(pool)
     .await?;
     Ok(())

@@ -299,7 +299,7 @@ impl Provisioner {
             if let Some(gone) = infos.iter().find(|i| i.is_gone()) {
                 // EC2 took it back before it ran (no capacity, a volume limit): the slot gets a
                 // new launch generation, and the next attempt a replacement.
-                slots::replace_instance(pool, &gone.instance_id).await?;
+                slots::replace_instance(pool, &gone.instance_id, false).await?;
                 return Err(StageError::transient(anyhow::anyhow!(
                     "instance {} stopped before it was ready ({}); a replacement is launched on the next attempt",
                     gone.instance_id,

@@ -160,7 +160,7 @@ impl Provisioner {
         self.ec2
             .terminate(std::slice::from_ref(instance_id))
             .await?;
-        slots::replace_not_ready(&self.store.pool, instance_id).await?;
+        slots::replace_instance(&self.store.pool, instance_id, true).await?;
         Err(StageError::transient(anyhow::anyhow!(
             "the machine of slot {} did not become ready ({why}); a replacement is launched on the next attempt",
             slot.slot
