@@ -33,10 +33,11 @@ pub async fn publish_confirmed(
     properties: BasicProperties,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    let publish = publish(channel, (exchange, routing_key), body, properties, true);
-    tokio::time::timeout(timeout, publish)
-        .await
-        .map_err(|_| PublishError::Unconfirmed(timeout))?
+    within(
+        timeout,
+        publish(channel, (exchange, routing_key), body, properties, true),
+    )
+    .await
 }
 
 /// Publishes an event to `labbook.events` and waits at most `timeout` for the broker's
@@ -49,7 +50,14 @@ pub async fn publish_event_confirmed(
     properties: BasicProperties,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    let publish = publish(channel, route, body, properties, false);
+    within(timeout, publish(channel, route, body, properties, false)).await
+}
+
+/// A publish that is not confirmed within `timeout` has failed.
+async fn within(
+    timeout: Duration,
+    publish: impl std::future::Future<Output = Result<(), PublishError>>,
+) -> Result<(), PublishError> {
     tokio::time::timeout(timeout, publish)
         .await
         .map_err(|_| PublishError::Unconfirmed(timeout))?
