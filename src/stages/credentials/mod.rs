@@ -85,13 +85,15 @@ impl Stage for CredentialsStage {
                     revision = msg.revision(),
                     "cancellation of a booking never stored: kept"
                 );
-                Effects::cancelled(None, false)
+                // A kept cancellation reads as a cancelled booking.
+                Effects::cancelled(BookingState::Cancelled, false)
             }
             (Decision::Duplicate, _, Some(s)) => Effects::again(s),
             (Decision::AlreadyCancelled { repeat: true }, _, s) => {
                 tracing::info!("the same cancellation again; its follow-ups are published again");
-                let state = s.as_ref().map(|s| s.state);
-                Effects::cancelled(state, state == Some(BookingState::Cancelled))
+                let state = s.as_ref().map_or(BookingState::Cancelled, |s| s.state);
+                let kept = s.is_none();
+                Effects::cancelled(state, state == BookingState::Cancelled && !kept)
             }
             (Decision::AlreadyCancelled { repeat: false }, ..) => {
                 tracing::info!("the booking is already cancelled; nothing changes");
@@ -156,8 +158,8 @@ impl CredentialsStage {
 /// What an accepted message asks of the rest of the pipeline, besides its event.
 struct Effects {
     event: EventKind,
-    /// The booking's state after the message; `None` for a cancellation never stored.
-    state: Option<BookingState>,
+    /// The booking's state after the message.
+    state: BookingState,
     detail: String,
     /// `credentials-ready`, for a booking stored for the first time.
     schedule: bool,
@@ -168,10 +170,10 @@ struct Effects {
 }
 
 impl Effects {
-    fn cancelled(state: Option<BookingState>, email: bool) -> Self {
+    fn cancelled(state: BookingState, email: bool) -> Self {
         Self {
             event: EventKind::Cancelled,
-            state: state.or(Some(BookingState::Cancelled)),
+            state,
             detail: "the booking was cancelled".into(),
             schedule: false,
             email: email.then_some(EmailKind::Cancelled),
@@ -188,7 +190,7 @@ impl Effects {
         let first = s.revision == s.first_revision;
         Self {
             event: EventKind::Accepted,
-            state: Some(s.state),
+            state: s.state,
             detail: String::new(),
             schedule: first,
             email: Some(if first {
@@ -221,7 +223,7 @@ impl CredentialsStage {
         );
         Ok(Effects {
             event: EventKind::Accepted,
-            state: Some(BookingState::Received),
+            state: BookingState::Received,
             detail: format!("stored with {} users", b.number_of_users.get()),
             schedule: true,
             email: Some(EmailKind::Confirmation),
@@ -267,7 +269,7 @@ impl CredentialsStage {
         tracing::info!(revision = b.revision, %state, retired, change = %detail, "booking updated");
         Ok(Effects {
             event: EventKind::Accepted,
-            state: Some(state),
+            state,
             detail,
             schedule: false,
             email: Some(EmailKind::Updated),
@@ -314,8 +316,9 @@ impl CredentialsStage {
     ) -> Result<Vec<Outgoing>, StageError> {
         let id = msg.id().as_str();
         let revision = msg.revision();
-        let mut event = Event::new(id, effects.event, revision).detail(effects.detail);
-        event.state = effects.state.map(|s| s.to_string());
+        let event = Event::new(id, effects.event, revision)
+            .detail(effects.detail)
+            .state(effects.state);
         let mut out = vec![events::record(&self.store.pool, &event).await?];
         if effects.schedule {
             out.push(BookingRef::outgoing(StageQueue::CredentialsReady, id));
@@ -354,7 +357,7 @@ async fn cancel(
         intake::arm(tx, id, Action::Teardown, Utc::now(), revision).await?;
     }
     tracing::info!(revision, was = %s.state, "booking cancelled");
-    Ok(Effects::cancelled(Some(state), !ended))
+    Ok(Effects::cancelled(state, !ended))
 }
 
 /// One line saying what an update changed, for its event and the log.
