@@ -51,18 +51,7 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f s", b - a }'; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# The first Debian mirror apt uses (one-line or deb822 sources), else deb.debian.org.
-apt_mirror() {
-  local m
-  m=$(
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
-      2>/dev/null |
-      awk '/^deb /    { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /=/ && $i !~ /\]$/) { print $i; break } }
-           /^URIs:/   { for (i = 2; i <= NF; i++) print $i }' |
-      grep -E '^https?://[^ ]*/debian/?$' | head -n1
-  ) || true
-  echo "${m:-http://deb.debian.org/debian}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/lib/apt-mirror.sh"
 MIRROR="${LABBOOK_RABBITMQ4_MIRROR:-$(apt_mirror)}"
 
 # The root must not be inside a git checkout (it holds a whole Debian system).

@@ -34,19 +34,7 @@ IMAGE_INITRD="$IMAGE_DIR/initrd.img"
 IMAGE_DONE="$IMAGE_DIR/.done"
 IMAGE_BUILD_ROOT="$VM_CACHE/build-root"
 
-# The first Debian mirror apt uses (one-line or deb822 sources), else deb.debian.org; as in
-# scripts/rabbitmq4.sh.
-image_apt_mirror() {
-  local m
-  m=$(
-    cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources \
-      2>/dev/null |
-      awk '/^deb /    { for (i = 2; i <= NF; i++) if ($i !~ /^\[/ && $i !~ /=/ && $i !~ /\]$/) { print $i; break } }
-           /^URIs:/   { for (i = 2; i <= NF; i++) print $i }' |
-      grep -E '^https?://[^ ]*/debian/?$' | head -n1
-  ) || true
-  echo "${m:-http://deb.debian.org/debian}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/apt-mirror.sh"
 
 # Every mount under the build root, deepest first.
 image_unmount() {
@@ -84,7 +72,7 @@ image_in_root() {
 
 image_debootstrap() {
   local mirror
-  mirror="${LABBOOK_VM_MIRROR:-$(image_apt_mirror)}"
+  mirror="${LABBOOK_VM_MIRROR:-$(apt_mirror)}"
   say "debootstrap --variant=minbase $IMAGE_SUITE from $mirror (log: $VM_CACHE/debootstrap.log)"
   with_progress debootstrap "$VM_CACHE/debootstrap.log" \
     debootstrap --variant=minbase "$IMAGE_SUITE" "$IMAGE_BUILD_ROOT" "$mirror" ||
