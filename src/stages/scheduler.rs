@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lapin::{Channel, Connection};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::provisioner::slot_count;
@@ -74,9 +73,11 @@ impl LaunchPace {
     }
 
     /// When provisioning `booking` is due (now, if that is past).
-    pub async fn provision_at(
+    /// `db` is the pool, or the connection of a transaction in progress (an update that moves
+    /// the booking holds one: it does not take a second).
+    pub async fn provision_at<'e>(
         &self,
-        pool: &PgPool,
+        db: impl sqlx::PgExecutor<'e>,
         booking: (&str, DateTime<Utc>, i32),
     ) -> Result<DateTime<Utc>, sqlx::Error> {
         let (id, time, users) = booking;
@@ -84,7 +85,7 @@ impl LaunchPace {
         let per = self.users_per_instance.max(1);
         let own = u64::from(slot_count(users.max(0) as u32, per));
         let since = time - lead - AHEAD_WINDOW;
-        let ahead = schedule::instances_ahead(pool, id, (since, time), per).await?;
+        let ahead = schedule::instances_ahead(db, id, (since, time), per).await?;
         Ok((time - lead - self.launch_time(own + ahead)).max(Utc::now()))
     }
 }

@@ -118,8 +118,8 @@ pub async fn is_due(pool: &PgPool, booking_id: &str, action: Action) -> Result<b
 
 /// How many machines the bookings due in `window` (other than `booking_id`) still have to
 /// launch before it: those not provisioned yet, `users_per_instance` users each.
-pub async fn instances_ahead(
-    pool: &PgPool,
+pub async fn instances_ahead<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     booking_id: &str,
     window: (DateTime<Utc>, DateTime<Utc>),
     users_per_instance: u32,
@@ -133,7 +133,7 @@ pub async fn instances_ahead(
     .bind(window.0)
     .bind(window.1)
     .bind(users_per_instance as i32)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await?;
     Ok(n.max(0) as u64)
 }

@@ -253,7 +253,7 @@ impl CredentialsStage {
         if u.time_moved {
             let users = b.number_of_users.get() as i32;
             let booking = (id, b.booking_time, users);
-            let due = self.pace.provision_at(&self.store.pool, booking).await?;
+            let due = self.pace.provision_at(&mut *tx, booking).await?;
             intake::arm(tx, id, Action::Provision, due, b.revision).await?;
         }
         if u.end_moved {
