@@ -157,10 +157,13 @@ impl Provisioner {
             )));
         }
         tracing::warn!(slot = slot.slot, %instance_id, reason = why, "the machine did not become ready; it is replaced");
-        self.ec2
-            .terminate(std::slice::from_ref(instance_id))
-            .await?;
-        slots::replace_instance(&self.store.pool, instance_id, true).await?;
+        // Retired first, then forgotten by its slot, then terminated: a crash anywhere leaves
+        // it to be terminated (by the next message of the booking, or the sweep), and the
+        // slot's count of machines that did not become ready is kept.
+        let pool = &self.store.pool;
+        slots::retire(pool, &slot.booking_id, instance_id).await?;
+        slots::replace_instance(pool, instance_id, true).await?;
+        self.terminate_retired(Some(&slot.booking_id)).await?;
         Err(StageError::transient(anyhow::anyhow!(
             "the machine of slot {} did not become ready ({why}); a replacement is launched on the next attempt",
             slot.slot
