@@ -8,7 +8,8 @@ use sqlx::{FromRow, PgPool};
 /// is launched anew with a new `ClientToken`.
 pub(crate) const FORGET_MACHINE: &str = "generation = generation + 1, instance_id = NULL,
     instance_state = NULL, public_dns = NULL, public_ip = NULL, launched_at = NULL,
-    updated_at = now()";
+    next_check_at = NULL, ready_at = NULL, console_reads = 0, console_buffered = false,
+    http_only = NULL, image_id = NULL, updated_at = now()";
 
 /// A slot as stored.
 #[derive(Debug, Clone, FromRow)]
@@ -29,6 +30,19 @@ pub struct Slot {
     pub generation: i32,
     /// Times the slot's machine started but did not become ready.
     pub ready_failures: i32,
+    /// When the readiness loop looks at the machine next (`None`: nothing to watch).
+    pub next_check_at: Option<DateTime<Utc>>,
+    /// When the machine was seen ready; a ready machine is never polled again.
+    pub ready_at: Option<DateTime<Utc>>,
+    /// `GetConsoleOutput` calls spent on the machine.
+    pub console_reads: i32,
+    /// EC2 refused the live console for the machine's type: the buffered copy is read.
+    pub console_buffered: bool,
+    /// Why the machine could not set up HTTPS (its bootstrap said so): its lab is served over
+    /// plain HTTP, and its instance block says so. `None`: HTTPS as configured.
+    pub http_only: Option<String>,
+    /// The AMI the machine booted from.
+    pub image_id: Option<String>,
 }
 
 impl Slot {
