@@ -51,3 +51,21 @@ INSERT INTO machines (instance_id, booking_id, slot, generation, image_id, launc
 SELECT instance_id, booking_id, slot, generation, NULL, COALESCE(launched_at, now()), ready_at
 FROM slots WHERE instance_id IS NOT NULL
 ON CONFLICT DO NOTHING;
+
+-- Stage messages a step decided on, written in the step's transaction and published after it
+-- commits (so a consumer never sees the message before the state it follows), then deleted.
+-- A row left by a process that died between the commit and the publish is published by the
+-- next boot watch tick of any replica.
+CREATE TABLE stage_outbox (
+    id          BIGSERIAL PRIMARY KEY,
+    queue       TEXT NOT NULL,
+    message_id  TEXT NOT NULL,
+    body        BYTEA NOT NULL,
+    created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+-- Launch intents of generations before a slot's current one are resolved: their machines were
+-- recorded (and retired when the slot moved on). From here on a launch whose outcome stayed
+-- unknown when its slot moved on is searched for by its generation's tag.
+DELETE FROM launch_intents i USING slots s
+WHERE s.booking_id = i.booking_id AND s.slot = i.slot AND i.generation < s.generation;

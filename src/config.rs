@@ -79,8 +79,8 @@ pub struct Ec2Settings {
     pub bootstrap: Bootstrap,
     pub admin_username: Username,
     pub launch_concurrency: usize,
-    /// `LABBOOK_RUNNING_TIMEOUT_SECONDS` (default 600, at most 1500: below RabbitMQ's
-    /// `consumer_timeout`): how long to wait for launched instances to run.
+    /// `LABBOOK_RUNNING_TIMEOUT_SECONDS` (default 600): how long a launched machine may take
+    /// to run with a public address before it is replaced.
     pub running_timeout: Duration,
     /// How often the provisioner looks for machines of bookings that are over.
     pub sweep_interval: Duration,
@@ -101,10 +101,17 @@ pub struct Ec2Settings {
     pub rate_limits: crate::ec2::rate::RateLimits,
     /// `LABBOOK_READINESS`: what the instance details email waits for besides running machines.
     pub readiness: Readiness,
-    /// `LABBOOK_READY_TIMEOUT_SECONDS` (default 900, at most 1500): how long a machine's
-    /// bootstrap may take to report success (The Littlest JupyterHub installs in about ten
-    /// minutes).
+    /// `LABBOOK_READY_TIMEOUT_SECONDS` (default 900): how long a machine may take from launch
+    /// to its bootstrap's report of success before it is replaced (The Littlest JupyterHub
+    /// installs in about ten minutes).
     pub ready_timeout: Duration,
+    /// `LABBOOK_EXPECTED_BOOT_SECONDS`: launch to ready, until boots of the image are recorded
+    /// (see [`expected_boot`]). The boot watch reads a console first then; the scheduler
+    /// starts provisioning that much earlier.
+    pub expected_boot: Duration,
+    /// `LABBOOK_BOOT_WATCH_TICK_MS` (default 1000): how often the boot watch looks for machines
+    /// due a look.
+    pub watch_tick: Duration,
     /// `LABBOOK_READY_PROBE`: what else must answer before a machine counts as ready.
     pub probe: Probe,
 }
@@ -131,10 +138,9 @@ pub enum Probe {
     Target(String),
 }
 
-/// `LABBOOK_RUNNING_TIMEOUT_SECONDS`. The provisioner waits for its instances while it holds
-/// the unacknowledged `provision-due` delivery, and RabbitMQ closes the channel of a consumer
-/// that holds a delivery longer than its `consumer_timeout` (30 minutes by default). The wait
-/// is therefore capped at 25 minutes, which leaves time for the launch and the rest of the work.
+/// `LABBOOK_RUNNING_TIMEOUT_SECONDS`: how long a launched machine may take to run with a public
+/// address before it counts as not ready (and is replaced). No delivery waits through it: the
+/// boot watch follows machines as rows (docs/contract.md §1 item 9).
 const RUNNING_TIMEOUT: &str = "LABBOOK_RUNNING_TIMEOUT_SECONDS";
 
 impl Ec2Settings {
@@ -142,16 +148,16 @@ impl Ec2Settings {
         let admin = v.get("LABBOOK_ADMIN_USERNAME").unwrap_or("labadmin");
         let admin_username =
             Username::parse(admin).map_err(|e| ConfigError::new("LABBOOK_ADMIN_USERNAME", e))?;
-        let running_timeout = v.seconds(RUNNING_TIMEOUT, 600, 1, 1500).map_err(|e| {
-            ConfigError::new(
-                RUNNING_TIMEOUT,
-                format!(
-                    "{}: it must stay below RabbitMQ's consumer_timeout of 30 minutes",
-                    e.problem
-                ),
-            )
-        })?;
+        let running_timeout = v.seconds(RUNNING_TIMEOUT, 600, 1, 86_400)?;
         let readiness = readiness(v)?;
+        let bootstrap = v.choice(
+            "LABBOOK_BOOTSTRAP",
+            "jupyterhub",
+            [
+                ("jupyterhub", Bootstrap::JupyterHub),
+                ("ssh", Bootstrap::Ssh),
+            ],
+        )?;
         Ok(Self {
             ami_id: v.string("LABBOOK_AMI_ID"),
             instance_type: v
@@ -165,14 +171,7 @@ impl Ec2Settings {
                 .filter(|cidrs| !cidrs.is_empty())
                 .unwrap_or_else(|| vec!["0.0.0.0/0".to_owned()]),
             users_per_instance: v.number("LABBOOK_USERS_PER_INSTANCE", 2, 1, 1000)? as u32,
-            bootstrap: v.choice(
-                "LABBOOK_BOOTSTRAP",
-                "jupyterhub",
-                [
-                    ("jupyterhub", Bootstrap::JupyterHub),
-                    ("ssh", Bootstrap::Ssh),
-                ],
-            )?,
+            bootstrap,
             admin_username,
             launch_concurrency: v.number("LABBOOK_LAUNCH_CONCURRENCY", 4, 1, 64)? as usize,
             running_timeout,
@@ -189,7 +188,14 @@ impl Ec2Settings {
             rate_limits: crate::ec2::rate::RateLimits::from_vars(|var| v.get(var))
                 .map_err(|(var, problem)| ConfigError::new(var, problem))?,
             readiness,
-            ready_timeout: ready_timeout(v, running_timeout, readiness)?,
+            ready_timeout: v.seconds("LABBOOK_READY_TIMEOUT_SECONDS", 900, 1, 86_400)?,
+            expected_boot: expected_boot(v, readiness, bootstrap)?,
+            watch_tick: Duration::from_millis(v.number(
+                "LABBOOK_BOOT_WATCH_TICK_MS",
+                1000,
+                10,
+                60_000,
+            )?),
             probe: probe(v)?,
         })
     }
@@ -215,27 +221,20 @@ fn readiness(v: &Vars<'_>) -> Result<Readiness, ConfigError> {
     )
 }
 
-/// `LABBOOK_READY_TIMEOUT_SECONDS`: the provisioner waits for running machines, then for their
-/// bootstraps, holding one delivery: both waits together stay below RabbitMQ's
-/// `consumer_timeout` (30 minutes), with five minutes for the rest of the work.
-fn ready_timeout(
+/// `LABBOOK_EXPECTED_BOOT_SECONDS`: how long a machine takes from launch to ready until this
+/// installation has recorded boots of its own image: 600 in JupyterHub mode (The Littlest
+/// JupyterHub installs in about ten minutes), 120 in SSH mode, 0 where running is ready.
+fn expected_boot(
     v: &Vars<'_>,
-    running: Duration,
     readiness: Readiness,
+    bootstrap: Bootstrap,
 ) -> Result<Duration, ConfigError> {
-    const VAR: &str = "LABBOOK_READY_TIMEOUT_SECONDS";
-    let ready = v.seconds(VAR, 900, 1, 1500)?;
-    if readiness == Readiness::Bootstrap && running + ready > Duration::from_secs(1500) {
-        return Err(ConfigError::new(
-            VAR,
-            format!(
-                "{} s with LABBOOK_RUNNING_TIMEOUT_SECONDS of {} s is over 1500 s: the two waits together must stay below RabbitMQ's consumer_timeout of 30 minutes",
-                ready.as_secs(),
-                running.as_secs()
-            ),
-        ));
-    }
-    Ok(ready)
+    let default = match (readiness, bootstrap) {
+        (Readiness::Running, _) => 0,
+        (Readiness::Bootstrap, Bootstrap::JupyterHub) => 600,
+        (Readiness::Bootstrap, Bootstrap::Ssh) => 120,
+    };
+    v.seconds("LABBOOK_EXPECTED_BOOT_SECONDS", default, 0, 86_400)
 }
 
 /// `LABBOOK_READY_PROBE`: `off` (default), `on`, or `HOST:PORT`.
@@ -908,24 +907,35 @@ mod tests {
     }
 
     #[test]
-    fn running_timeout_stays_below_the_consumer_timeout() {
+    fn boot_waits_are_bounded_by_the_boot_not_by_a_delivery() {
         let s = with(&[]).unwrap();
         assert_eq!(s.ec2.running_timeout, Duration::from_secs(600));
+        assert_eq!(s.ec2.ready_timeout, Duration::from_secs(900));
+        // No delivery is held through a boot: waits longer than a consumer_timeout are fine.
         let long = [
             ("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500"),
-            ("LABBOOK_READINESS", "running"),
+            ("LABBOOK_READY_TIMEOUT_SECONDS", "3600"),
         ];
         let s = with(&long).unwrap();
-        assert_eq!(s.ec2.running_timeout, Duration::from_secs(1500));
-        // Waiting for the bootstraps as well, the two waits together must fit.
-        let err = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1500")]).unwrap_err();
-        assert_eq!(err.var, "LABBOOK_READY_TIMEOUT_SECONDS");
-        let s = with(&[("LABBOOK_RUNNING_TIMEOUT_SECONDS", "600")]).unwrap();
-        assert_eq!(s.ec2.ready_timeout, Duration::from_secs(900));
-        let err = error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "1501");
-        assert!(err.to_string().contains("1 to 1500"), "{err}");
-        assert!(err.to_string().contains("consumer_timeout"), "{err}");
+        assert_eq!(s.ec2.ready_timeout, Duration::from_secs(3600));
         error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "0");
+        error("LABBOOK_READY_TIMEOUT_SECONDS", "soon");
+    }
+
+    #[test]
+    fn the_expected_boot_follows_what_ready_means() {
+        let bootstrap = [("LABBOOK_READINESS", "bootstrap")];
+        assert_eq!(with(&bootstrap).unwrap().ec2.expected_boot.as_secs(), 600);
+        let ssh = [
+            ("LABBOOK_READINESS", "bootstrap"),
+            ("LABBOOK_BOOTSTRAP", "ssh"),
+        ];
+        assert_eq!(with(&ssh).unwrap().ec2.expected_boot.as_secs(), 120);
+        let running = [("LABBOOK_READINESS", "running")];
+        assert_eq!(with(&running).unwrap().ec2.expected_boot.as_secs(), 0);
+        let set = [("LABBOOK_EXPECTED_BOOT_SECONDS", "90")];
+        assert_eq!(with(&set).unwrap().ec2.expected_boot.as_secs(), 90);
+        error("LABBOOK_EXPECTED_BOOT_SECONDS", "-1");
     }
 
     #[test]

@@ -14,14 +14,16 @@ use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
 
-use crate::broker::{Stage, run_stage};
+use crate::broker::{Stage, run_stage, run_ticking};
 use crate::config::{ConfigError, SecretUrl, Settings};
 use crate::ec2::Ec2;
 use crate::health::Readiness;
 use crate::mail::Mailer;
 use crate::stages::credentials::CredentialsStage;
 use crate::stages::notifier::NotifierStage;
-use crate::stages::provisioner::{ProvisionStage, Provisioner, TeardownStage, run_sweeper};
+use crate::stages::provisioner::{
+    BootWatch, ProvisionStage, Provisioner, TeardownStage, run_sweeper,
+};
 use crate::stages::scheduler::{LaunchPace, SchedulerStage, run_timer};
 use crate::store::Store;
 
@@ -113,6 +115,14 @@ impl Application {
                 let provisioner = Provisioner::new(store, ec2, key, settings.ec2.clone(), ami_id);
                 self.add_stage("provisioner", settings, ProvisionStage(provisioner.clone()));
                 self.add_stage("teardown", settings, TeardownStage(provisioner.clone()));
+                let ready = self.readiness.register("boot watch");
+                let (broker, stop) = (settings.broker.clone(), self.stop.clone());
+                let watch = BootWatch::new(provisioner.clone());
+                let tick = settings.ec2.watch_tick;
+                let boots = async move {
+                    run_ticking("boot watch", &watch, &broker, tick, ready, stop).await;
+                };
+                self.tasks.push(("boot watch", Box::pin(boots)));
                 let every = settings.ec2.sweep_interval;
                 let sweeper = run_sweeper(provisioner, every, self.stop.clone());
                 self.tasks.push(("sweeper", Box::pin(sweeper)));
@@ -311,9 +321,12 @@ pub fn about(worker: Worker) -> String {
              AMQP_URL, DATABASE_URL."
         }
         Worker::Provisioner => {
-            "Consumes provision-due (launches the booking's EC2 instances, once, and publishes \
-             the instance-details notify) and teardown-due (terminates them). Needs AMQP_URL, \
-             DATABASE_URL, LABBOOK_SECRET_KEY, LABBOOK_AMI_ID and AWS credentials."
+            "Consumes provision-due (launches the booking's EC2 instances, once, and acknowledges \
+             once they are recorded) and teardown-due (terminates them). Its boot watch follows \
+             the launched machines until each runs and its bootstrap reports success, and then \
+             publishes the instance-details notify; every replica shares that work through the \
+             database. Needs AMQP_URL, DATABASE_URL, LABBOOK_SECRET_KEY, LABBOOK_AMI_ID and AWS \
+             credentials."
         }
         Worker::Notifier => {
             "Consumes notify: renders and sends the confirmation, instance-details and failure \

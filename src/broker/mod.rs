@@ -11,6 +11,7 @@ mod error;
 pub mod headers;
 pub(crate) mod publisher;
 pub(crate) mod runtime;
+pub(crate) mod ticker;
 pub(crate) mod topology;
 
 pub use connection::{
@@ -22,4 +23,5 @@ pub use runtime::{
     Incoming, MAX_BODY_BYTES, Outgoing, Route, Stage, Subject, Undecodable, run_stage,
     run_until_empty,
 };
+pub use ticker::{Tick, TickError, run_ticking, tick_until_idle};
 pub use topology::{EVENTS_EXCHANGE, EXCHANGE, StageQueue, Topology, delay_queue_name};

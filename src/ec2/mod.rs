@@ -24,6 +24,9 @@ use rate::RateLimiter;
 
 pub const TAG_BOOKING: &str = "labbook:booking-id";
 pub const TAG_SLOT: &str = "labbook:slot";
+/// The slot's launch generation the instance was launched for (absent: generation 0, launched
+/// before the tag existed).
+pub const TAG_GENERATION: &str = "labbook:generation";
 pub const TAG_MANAGED: &str = "labbook:managed";
 /// The labbook installation (`LABBOOK_INSTALLATION`) that launched the instance.
 pub const TAG_INSTALLATION: &str = "labbook:installation";
@@ -219,6 +222,8 @@ pub struct InstanceInfo {
     pub public_dns: Option<String>,
     pub public_ip: Option<String>,
     pub slot: Option<i32>,
+    /// The slot's launch generation it was launched for (see [`TAG_GENERATION`]).
+    pub generation: i32,
     pub booking_id: Option<String>,
     pub installation: Option<String>,
 }
@@ -250,6 +255,9 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
         public_dns: non_empty(i.public_dns_name()),
         public_ip: non_empty(i.public_ip_address()),
         slot: tag(i, TAG_SLOT).and_then(|v| v.parse().ok()),
+        generation: tag(i, TAG_GENERATION)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
         booking_id: tag(i, TAG_BOOKING).map(str::to_owned),
         installation: tag(i, TAG_INSTALLATION).map(str::to_owned),
     })
@@ -260,6 +268,25 @@ fn tag<'a>(i: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
         .iter()
         .find(|t| t.key() == Some(key))
         .and_then(|t| t.value())
+}
+
+/// EC2's most instance ids in one `DescribeInstances`.
+pub const DESCRIBE_MAX_IDS: usize = 1000;
+
+/// A machine's console as `GetConsoleOutput` answered it.
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleOutput {
+    pub text: String,
+    /// When EC2 says the output was last updated.
+    pub updated_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl Ec2Error {
+    /// Whether EC2 refused the live console for the instance's type (not on Nitro): the
+    /// buffered copy is all there is. Any refusal other than an unknown instance counts.
+    pub fn refuses_latest_console(&self) -> bool {
+        matches!(self, Ec2Error::Permanent { code, .. } if !code.starts_with("InvalidInstanceID"))
+    }
 }
 
 /// One instance to launch.
@@ -464,9 +491,18 @@ impl Ec2 {
         Ok(out)
     }
 
-    /// The instances with these ids that EC2 shows. EC2's reads are eventually consistent: an
-    /// instance launched a moment ago may not be visible yet, and is then left out.
+    /// The instances with these ids that EC2 shows, one `DescribeInstances` per 1,000 ids (EC2's
+    /// most per call). EC2's reads are eventually consistent: an instance launched a moment ago
+    /// may not be visible yet, and is then left out.
     pub async fn describe(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, Ec2Error> {
+        let mut found = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(DESCRIBE_MAX_IDS) {
+            found.extend(self.describe_some(chunk).await?);
+        }
+        Ok(found)
+    }
+
+    async fn describe_some(&self, ids: &[String]) -> Result<Vec<InstanceInfo>, Ec2Error> {
         let result = self
             .call("DescribeInstances", || async {
                 self.client
@@ -479,6 +515,14 @@ impl Ec2 {
             .await;
         let out = match result {
             Ok(out) => out,
+            Err(err) if err.code() == Some("InvalidInstanceID.NotFound") && ids.len() > 1 => {
+                // One id EC2 does not show yet (or any more) fails the whole call: ask one by one.
+                let mut found = Vec::new();
+                for id in ids {
+                    found.extend(Box::pin(self.describe_some(std::slice::from_ref(id))).await?);
+                }
+                return Ok(found);
+            }
             Err(err) if err.code() == Some("InvalidInstanceID.NotFound") => return Ok(Vec::new()),
             Err(err) => return Err(err),
         };
@@ -577,13 +621,21 @@ impl Ec2 {
     }
 
     /// What the instance wrote to its serial console (EC2 keeps its last 64 KiB): empty until
-    /// there is something. labbook's bootstrap reports its outcome there.
-    pub async fn console_output(&self, instance_id: &str) -> Result<String, Ec2Error> {
+    /// there is something. labbook's bootstrap reports its outcome there. `latest` asks for the
+    /// live output (`Latest=true`, Nitro instance types); without it EC2 answers the copy it
+    /// buffered shortly after the instance's last state transition, which a report written
+    /// minutes after the start is not in.
+    pub async fn console_output(
+        &self,
+        instance_id: &str,
+        latest: bool,
+    ) -> Result<ConsoleOutput, Ec2Error> {
         let out = self
             .call("GetConsoleOutput", || async {
                 self.client
                     .get_console_output()
                     .instance_id(instance_id)
+                    .set_latest(latest.then_some(true))
                     .send()
                     .await
                     .map_err(|e| classify("GetConsoleOutput", e))
@@ -594,7 +646,13 @@ impl Ec2 {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded.trim())
             .unwrap_or_default();
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        let updated_at = out
+            .timestamp()
+            .and_then(|t| chrono::DateTime::from_timestamp(t.secs(), t.subsec_nanos()));
+        Ok(ConsoleOutput {
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+            updated_at,
+        })
     }
 
     /// Terminates instances; ones already gone are fine.
@@ -666,6 +724,7 @@ impl Ec2 {
         let tags = [
             (TAG_BOOKING, req.booking_id.to_owned()),
             (TAG_SLOT, req.slot.to_string()),
+            (TAG_GENERATION, req.generation.to_string()),
             (TAG_MANAGED, "true".to_owned()),
             (TAG_INSTALLATION, self.settings.installation.clone()),
             ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),

@@ -73,6 +73,9 @@ pub struct RateLimits {
     pub describe_instances: Option<RateLimit>,
     /// `LABBOOK_EC2_RATE_TERMINATE_INSTANCES`: default `100/5`.
     pub terminate_instances: Option<RateLimit>,
+    /// `LABBOOK_EC2_RATE_GET_CONSOLE_OUTPUT`: default `100/20`, a non-mutating action's bucket.
+    /// The boot watch reads each booting machine's console about once per expected boot.
+    pub get_console_output: Option<RateLimit>,
 }
 
 impl Default for RateLimits {
@@ -82,6 +85,7 @@ impl Default for RateLimits {
             run_instances: Some(RateLimit::new(5, 2.0)),
             describe_instances: Some(RateLimit::new(100, 20.0)),
             terminate_instances: Some(RateLimit::new(100, 5.0)),
+            get_console_output: Some(RateLimit::new(100, 20.0)),
         }
     }
 }
@@ -93,11 +97,12 @@ impl RateLimits {
             run_instances: None,
             describe_instances: None,
             terminate_instances: None,
+            get_console_output: None,
         }
     }
 
-    /// The limits from `LABBOOK_EC2_RATE_RUN_INSTANCES`, `LABBOOK_EC2_RATE_DESCRIBE_INSTANCES`
-    /// and `LABBOOK_EC2_RATE_TERMINATE_INSTANCES`, each `BURST/PER_SECOND` or `off`, EC2's
+    /// The limits from `LABBOOK_EC2_RATE_RUN_INSTANCES`, `LABBOOK_EC2_RATE_DESCRIBE_INSTANCES`,
+    /// `LABBOOK_EC2_RATE_TERMINATE_INSTANCES` and `LABBOOK_EC2_RATE_GET_CONSOLE_OUTPUT`, each `BURST/PER_SECOND` or `off`, EC2's
     /// defaults where unset. An error names the variable.
     ///
     /// The buckets are per installation's database: installations that share an AWS account
@@ -120,15 +125,19 @@ impl RateLimits {
                 "LABBOOK_EC2_RATE_TERMINATE_INSTANCES",
                 defaults.terminate_instances,
             )?,
+            get_console_output: one(
+                "LABBOOK_EC2_RATE_GET_CONSOLE_OUTPUT",
+                defaults.get_console_output,
+            )?,
         })
     }
 
-    /// The limit of `action`. `GetConsoleOutput` (readiness polls each machine's console)
-    /// is a read like `DescribeInstances` and takes its tokens at that rate, from its own bucket.
+    /// The limit of `action`.
     pub fn for_action(&self, action: &str) -> Option<RateLimit> {
         match action {
             "RunInstances" => self.run_instances,
-            "DescribeInstances" | "GetConsoleOutput" => self.describe_instances,
+            "DescribeInstances" => self.describe_instances,
+            "GetConsoleOutput" => self.get_console_output,
             "TerminateInstances" => self.terminate_instances,
             _ => None,
         }

@@ -9,13 +9,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use lapin::{Channel, Connection};
+use lapin::Channel;
 use tokio_util::sync::CancellationToken;
 
 use super::provisioner::slot_count;
 use crate::broker::{
-    Incoming, Outgoing, Stage, StageError, StageQueue, Topology, Undecodable, confirmed_channel,
-    connect, retry_until_cancelled,
+    Incoming, Outgoing, Stage, StageError, StageQueue, Tick, TickError, Undecodable, run_ticking,
 };
 use crate::config::{BrokerSettings, Settings};
 use crate::domain::BookingRef;
@@ -38,15 +37,21 @@ impl SchedulerStage {
     }
 }
 
-/// When a booking's provisioning is due: `LABBOOK_PROVISION_LEAD_SECONDS` before its time, and
-/// earlier by the time the account's `RunInstances` budget needs for its machines and for those
-/// of the bookings due before it (they launch first): a big morning is ready by its start times.
-#[derive(Debug, Clone, Copy)]
+/// When a booking's provisioning is due: `LABBOOK_PROVISION_LEAD_SECONDS` before its time,
+/// earlier by the machines' expected boot (the 90th percentile of the image's recorded boots,
+/// else `LABBOOK_EXPECTED_BOOT_SECONDS`), and earlier by the time the account's `RunInstances`
+/// budget needs for its machines and for those of the bookings due before it (they launch
+/// first): a big morning is ready by its start times.
+#[derive(Debug, Clone)]
 pub struct LaunchPace {
     pub lead: Duration,
     pub users_per_instance: u32,
     /// `LABBOOK_EC2_RATE_RUN_INSTANCES`: `None` when off (no time added).
     pub run_instances: Option<RateLimit>,
+    /// `LABBOOK_EXPECTED_BOOT_SECONDS`: launch to ready while the image has no recorded boots.
+    pub expected_boot: Duration,
+    /// `LABBOOK_AMI_ID`: whose recorded boots count.
+    pub image_id: Option<String>,
 }
 
 /// How far back bookings due before this one count as ahead of it: launches of bookings due
@@ -60,7 +65,18 @@ impl LaunchPace {
             lead: settings.provision_lead,
             users_per_instance: settings.ec2.users_per_instance,
             run_instances: settings.ec2.rate_limits.run_instances,
+            expected_boot: settings.ec2.expected_boot,
+            image_id: settings.ec2.ami_id.clone(),
         }
+    }
+
+    /// How long the booking's machines are expected to take from launch to ready.
+    async fn boot_time(&self, db: &mut sqlx::PgConnection) -> Result<Duration, sqlx::Error> {
+        let Some(image) = &self.image_id else {
+            return Ok(self.expected_boot);
+        };
+        let recorded = crate::store::machines::boot_times(db, image).await?;
+        Ok(recorded.map_or(self.expected_boot, |t| t.p90))
     }
 
     /// The time `launches` calls take at the account's rate, beyond the bucket's burst.
@@ -72,21 +88,23 @@ impl LaunchPace {
         chrono::Duration::milliseconds((beyond / limit.per_second * 1000.0).ceil() as i64)
     }
 
-    /// When provisioning `booking` is due (now, if that is past).
-    /// `db` is the pool, or the connection of a transaction in progress (an update that moves
-    /// the booking holds one: it does not take a second).
-    pub async fn provision_at<'e>(
+    /// When provisioning `booking` is due (now, if that is past): its time less the lead, the
+    /// expected boot and the launches ahead of it. `db` is a connection of the pool, or of a
+    /// transaction in progress (an update that moves the booking holds one: it does not take
+    /// a second).
+    pub async fn provision_at(
         &self,
-        db: impl sqlx::PgExecutor<'e>,
+        db: &mut sqlx::PgConnection,
         booking: (&str, DateTime<Utc>, i32),
     ) -> Result<DateTime<Utc>, sqlx::Error> {
         let (id, time, users) = booking;
         let lead = chrono::Duration::from_std(self.lead).unwrap_or_default();
+        let boot = chrono::Duration::from_std(self.boot_time(&mut *db).await?).unwrap_or_default();
         let per = self.users_per_instance.max(1);
         let own = u64::from(slot_count(users.max(0) as u32, per));
-        let since = time - lead - AHEAD_WINDOW;
-        let ahead = schedule::instances_ahead(db, id, (since, time), per).await?;
-        Ok((time - lead - self.launch_time(own + ahead)).max(Utc::now()))
+        let since = time - lead - boot - AHEAD_WINDOW;
+        let ahead = schedule::instances_ahead(&mut *db, id, (since, time), per).await?;
+        Ok((time - lead - boot - self.launch_time(own + ahead)).max(Utc::now()))
     }
 }
 
@@ -108,7 +126,10 @@ impl Stage for SchedulerStage {
         let id = booking.booking_id.as_str();
         let provision_at = self
             .pace
-            .provision_at(pool, (id, booking.booking_time, booking.number_of_users))
+            .provision_at(
+                &mut *pool.acquire().await?,
+                (id, booking.booking_time, booking.number_of_users),
+            )
             .await?;
         // A row an update set already (it moved the booking) stays as it is.
         schedule::insert(
@@ -145,7 +166,6 @@ pub async fn run_timer(
     ready: ReadyFlag,
     shutdown: CancellationToken,
 ) {
-    let topology = Topology::from_settings(&broker);
     metrics::describe_histogram!(
         "labbook_scheduler_lag_seconds",
         "How late the timer published what was due"
@@ -153,78 +173,19 @@ pub async fn run_timer(
     for action in [Action::Provision, Action::Teardown] {
         let _ = metrics::histogram!("labbook_scheduler_lag_seconds", "action" => action.as_str());
     }
-    loop {
-        let setup = retry_until_cancelled("timer: cannot set up the broker", &shutdown, || {
-            open(&broker, &topology)
-        });
-        let Some((conn, channel)) = setup.await else {
-            return;
-        };
-        tracing::info!(tick_ms = tick.as_millis() as u64, "timer running");
-        ready.set(true);
-        let timeout = broker.publish_timeout;
-        tick_until_lost(&store, (&conn, &channel, timeout), tick, &shutdown).await;
-        ready.set(false);
-        let _ = conn.close(200, "labbook: closing".into()).await;
-        if shutdown.is_cancelled() {
-            return;
-        }
+    let timer = Timer { store };
+    run_ticking("scheduler timer", &timer, &broker, tick, ready, shutdown).await;
+}
+
+/// The durable timer's step.
+pub struct Timer {
+    pub store: Store,
+}
+
+impl Tick for Timer {
+    async fn tick(&self, channel: &Channel, timeout: Duration) -> Result<usize, TickError> {
+        publish_due(&self.store, channel, timeout).await
     }
-}
-
-async fn open(
-    broker: &BrokerSettings,
-    topology: &Topology,
-) -> lapin::Result<(Connection, Channel)> {
-    let conn = connect(broker.amqp_url.expose_secret(), "labbook scheduler timer").await?;
-    let channel = confirmed_channel(&conn, topology).await?;
-    Ok((conn, channel))
-}
-
-/// Publishes what is due every `tick` until shutdown or until the broker goes away. A
-/// database outage is waited out tick by tick, logged once.
-async fn tick_until_lost(
-    store: &Store,
-    (conn, channel, timeout): (&Connection, &Channel, Duration),
-    tick: Duration,
-    shutdown: &CancellationToken,
-) {
-    let mut database_down = false;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
-        }
-        if !conn.status().connected() {
-            tracing::warn!("timer: lost the broker connection; reconnecting");
-            return;
-        }
-        match publish_due(store, channel, timeout).await {
-            Ok(_) if database_down => {
-                database_down = false;
-                tracing::info!("timer: the database is back");
-            }
-            Ok(_) => {}
-            Err(TickError::Database(err)) => {
-                if !database_down {
-                    tracing::warn!(error = %err, "timer: database unavailable; trying again every tick");
-                }
-                database_down = true;
-            }
-            Err(TickError::Broker(err)) => {
-                tracing::warn!(error = %err, "timer: publishing failed; reconnecting");
-                return;
-            }
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum TickError {
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error(transparent)]
-    Broker(#[from] crate::broker::PublishError),
 }
 
 /// Publishes every due row once; returns how many.
@@ -266,12 +227,14 @@ mod tests {
             lead: Duration::from_secs(900),
             users_per_instance: 2,
             run_instances: Some(RateLimit::new(5, 2.0)),
+            expected_boot: Duration::ZERO,
+            image_id: None,
         };
         assert_eq!(pace.launch_time(5), chrono::Duration::zero());
         assert_eq!(pace.launch_time(60), chrono::Duration::milliseconds(27_500));
         let off = LaunchPace {
             run_instances: None,
-            ..pace
+            ..pace.clone()
         };
         assert_eq!(off.launch_time(1000), chrono::Duration::zero());
     }

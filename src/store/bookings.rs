@@ -111,10 +111,13 @@ pub struct StoredCredential {
     pub password_hash: String,
 }
 
-pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<BookingRecord>, sqlx::Error> {
+pub async fn find<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+) -> Result<Option<BookingRecord>, sqlx::Error> {
     sqlx::query_as("SELECT * FROM bookings WHERE booking_id = $1")
         .bind(booking_id)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await
 }
 
@@ -133,8 +136,8 @@ pub async fn credentials(
 
 /// Moves a booking to `state` if it is in one of the states that may lead there; returns
 /// whether it moved. Failed and ended bookings do not come back.
-pub async fn transition(
-    pool: &PgPool,
+pub async fn transition<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     booking_id: &str,
     state: BookingState,
     reason: Option<&str>,
@@ -158,7 +161,7 @@ pub async fn transition(
     .bind(state)
     .bind(reason)
     .bind(&from)
-    .execute(pool)
+    .execute(db)
     .await?
     .rows_affected();
     Ok(moved > 0)

@@ -223,23 +223,15 @@ pub async fn disarm_provisioning(
 
 /// The booking moved after its machines were launched: its recorded machines are retired (to
 /// be terminated by the provisioner and the sweep), and every slot gets a new launch generation,
-/// so a launch still in flight for an old one is not recorded as the slot's machine.
+/// so a launch still in flight for an old one is not recorded as the slot's machine. The slots
+/// start their counts of machines that did not become ready afresh.
 pub async fn retire_machines(
     conn: &mut PgConnection,
     booking_id: &str,
 ) -> Result<u64, sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO retired_instances (booking_id, instance_id)
-         SELECT booking_id, instance_id FROM slots
-         WHERE booking_id = $1 AND instance_id IS NOT NULL
-           AND instance_state IS DISTINCT FROM 'terminated'
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(booking_id)
-    .execute(&mut *conn)
-    .await?;
+    super::slots::retire_all(&mut *conn, booking_id).await?;
     Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-        "UPDATE slots SET {} WHERE booking_id = $1",
+        "UPDATE slots SET {}, ready_failures = 0 WHERE booking_id = $1",
         super::slots::FORGET_MACHINE
     )))
     .bind(booking_id)

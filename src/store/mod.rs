@@ -3,9 +3,12 @@
 //! Migrations are embedded and applied by `labbook migrate`.
 
 pub mod bookings;
+pub mod boots;
 pub mod emails;
 pub mod events;
 pub mod intake;
+pub mod machines;
+pub mod outbox;
 pub mod schedule;
 pub mod slots;
 

@@ -109,17 +109,31 @@ pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Slot>, s
         .await
 }
 
-/// Records the instance launched (or found) for a slot's launch `generation`. Never replaces
-/// one already recorded. Returns the slot's instance, or `None` when the slot has moved on to
-/// another generation meanwhile (its booking moved): the instance is then retired instead.
+/// Records the instance launched (or found) for a slot's launch `generation`, booted from
+/// `image_id`, and has the boot watch look at it at once. Never replaces one already recorded.
+/// Returns the slot's instance, or `None` when the slot has moved on to another generation
+/// meanwhile (its booking moved): the instance is then retired instead.
 pub async fn record_instance(
     pool: &PgPool,
     booking_id: &str,
     (slot, generation): (i32, i32),
     instance_id: &str,
+    image_id: Option<&str>,
 ) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    super::machines::launched(
+        &mut *tx,
+        booking_id,
+        (slot, generation),
+        instance_id,
+        image_id,
+    )
+    .await?;
     let recorded: Option<String> = sqlx::query_scalar(
-        "UPDATE slots SET instance_id = COALESCE(instance_id, $4), launched_at = COALESCE(launched_at, now()),
+        "UPDATE slots SET instance_id = COALESCE(instance_id, $4),
+                          launched_at = COALESCE(launched_at, now()),
+                          image_id = COALESCE(image_id, $5),
+                          next_check_at = CASE WHEN instance_id IS NULL THEN now() ELSE next_check_at END,
                           updated_at = now()
          WHERE booking_id = $1 AND slot = $2 AND generation = $3 RETURNING instance_id",
     )
@@ -127,24 +141,49 @@ pub async fn record_instance(
     .bind(slot)
     .bind(generation)
     .bind(instance_id)
-    .fetch_optional(pool)
+    .bind(image_id)
+    .fetch_optional(&mut *tx)
     .await?;
     if recorded.is_none() {
-        retire(pool, booking_id, instance_id).await?;
+        retire(&mut *tx, booking_id, instance_id).await?;
     }
+    tx.commit().await?;
     Ok(recorded)
 }
 
 /// Records a machine that no slot wants any more, to be terminated.
-pub async fn retire(pool: &PgPool, booking_id: &str, instance_id: &str) -> Result<(), sqlx::Error> {
+pub async fn retire<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+    instance_id: &str,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO retired_instances (booking_id, instance_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
     )
     .bind(booking_id)
     .bind(instance_id)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
+}
+
+/// Retires every machine recorded for the booking's slots (a booking that failed, or moved):
+/// the provisioner and the sweep terminate them. Returns how many were not retired already.
+pub async fn retire_all<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO retired_instances (booking_id, instance_id)
+         SELECT booking_id, instance_id FROM slots
+         WHERE booking_id = $1 AND instance_id IS NOT NULL
+           AND instance_state IS DISTINCT FROM 'terminated'
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(booking_id)
+    .execute(db)
+    .await?
+    .rows_affected())
 }
 
 /// Retired machines waiting to be terminated: the booking's, or every booking's.
@@ -171,8 +210,8 @@ pub async fn forget_retired(pool: &PgPool, instance_ids: &[String]) -> Result<()
 }
 
 /// Records what EC2 last said about an instance.
-pub async fn record_state(
-    pool: &PgPool,
+pub async fn record_state<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     instance_id: &str,
     state: &str,
     public_dns: Option<&str>,
@@ -187,7 +226,7 @@ pub async fn record_state(
     .bind(state)
     .bind(public_dns)
     .bind(public_ip)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -195,23 +234,32 @@ pub async fn record_state(
 /// Forgets the gone machines of a booking's slots and raises their generation, so they are
 /// launched anew (with new `ClientToken`s); returns how many slots were reset. A slot with no
 /// instance recorded is reset too: a launch of it may have happened, unrecorded, and been
-/// terminated since, and its old token would return that terminated machine.
+/// terminated since, and its old token would return that terminated machine. The booking's
+/// slots start their counts of machines that did not become ready afresh (the operator fixed
+/// the cause and replayed it).
 pub async fn reset_gone(pool: &PgPool, booking_id: &str) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+    let mut tx = pool.begin().await?;
+    let reset = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE slots SET {FORGET_MACHINE} WHERE booking_id = $1
            AND (instance_id IS NULL OR instance_state IN ('terminated', 'shutting-down'))"
     )))
     .bind(booking_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
-    .rows_affected())
+    .rows_affected();
+    sqlx::query("UPDATE slots SET ready_failures = 0 WHERE booking_id = $1")
+        .bind(booking_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(reset)
 }
 
 /// Forgets the instance `instance_id` of its slot and raises the slot's generation, so the
 /// slot is launched anew with a new `ClientToken` (the old one would return the same machine).
 /// `not_ready`: the machine started but did not become ready, which the slot counts.
-pub async fn replace_instance(
-    pool: &PgPool,
+pub async fn replace_instance<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     instance_id: &str,
     not_ready: bool,
 ) -> Result<(), sqlx::Error> {
@@ -222,7 +270,7 @@ pub async fn replace_instance(
     )))
     .bind(instance_id)
     .bind(not_ready)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }

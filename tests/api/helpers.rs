@@ -306,6 +306,7 @@ impl TestEnv {
         let ec2 = labbook::ec2::Ec2::new(settings.ec2.clone()).await;
         let provisioner =
             Provisioner::new(store.clone(), ec2, key.clone(), settings.ec2.clone(), ami);
+        let watch = labbook::stages::provisioner::BootWatch::new(provisioner.clone());
         let provision = Arc::new(ProvisionStage(provisioner));
         let smtp = settings.smtp_url.expose_secret();
         let mailer = labbook::mail::Mailer::new(smtp, &settings.mail_from).unwrap();
@@ -322,6 +323,9 @@ impl TestEnv {
             let pass = run_until_empty(credentials.clone(), broker).await.unwrap()
                 + run_until_empty(scheduler.clone(), broker).await.unwrap()
                 + run_until_empty(provision.clone(), broker).await.unwrap()
+                + labbook::broker::tick_until_idle(&watch, broker)
+                    .await
+                    .unwrap()
                 + run_until_empty(notifier.clone(), broker).await.unwrap();
             if pass == 0 {
                 return total;

@@ -590,7 +590,7 @@ async fn a_machine_taken_back_before_it_ran_is_replaced() {
         .launch(&request, "ami-03cf127a")
         .await
         .unwrap();
-    slots::record_instance(&store.pool, &id, (0, 0), &lost)
+    slots::record_instance(&store.pool, &id, (0, 0), &lost, None)
         .await
         .unwrap();
     crate::helpers::raw_ec2()

@@ -1,14 +1,17 @@
 //! Readiness before the instance details email: each machine's bootstrap reports on its serial
 //! console, which EC2's `GetConsoleOutput` returns. The emulator's console is fixed, so a proxy in
-//! front of it answers with the console text each test scripts.
+//! front of it answers as EC2 documents: the copy buffered at the machine's start without
+//! `Latest=true`, the live output (scripted by each test, or a boot clock) with it. The boot
+//! watch follows machines as rows: no delivery is held while they boot.
 
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use labbook::startup::Worker;
 use labbook::store::{bookings, slots};
 
 use crate::helpers::{
-    TestEnv, booking_json, eventually, instances_for, state_of, unique_id, wait_emails,
+    TestEnv, booking_json, emails_to, eventually, instances_for, state_of, unique_id, wait_emails,
 };
 use crate::throttling::ThrottlingProxy;
 
@@ -22,6 +25,8 @@ async fn env_behind(proxy: &ThrottlingProxy, extra: &[(&str, &str)]) -> TestEnv 
     let mut vars = vec![
         ("AWS_ENDPOINT_URL", proxy.url.as_str()),
         ("LABBOOK_READINESS", "bootstrap"),
+        ("LABBOOK_EXPECTED_BOOT_SECONDS", "1"),
+        ("LABBOOK_BOOT_WATCH_TICK_MS", "200"),
         ("LABBOOK_RETRY_DELAYS_MS", "300,600"),
     ];
     vars.extend_from_slice(extra);
@@ -62,6 +67,29 @@ async fn the_instance_email_waits_until_every_bootstrap_reports_success() {
     env.wait_state(&id, "provisioned").await;
     let sent = wait_emails(&to, 2).await;
     assert!(subjects(&sent).contains(&"JupyterHub Access Information".to_owned()));
+    // The report is written minutes after the start: only the live console has it.
+    let (live, buffered) = proxy.console_reads();
+    assert!(live >= 2, "{live} live console reads");
+    assert_eq!(buffered, 0, "the buffered copy never holds the report");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn where_ec2_refuses_the_live_console_the_buffered_copy_is_read() {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.refuse_latest_console();
+    proxy.set_console_default(OK);
+    let mut env = env_behind(&proxy, &[]).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("buffered");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    let store = env.store().await;
+    let slot = &slots::for_booking(&store.pool, &id).await.unwrap()[0];
+    assert!(slot.console_buffered, "remembered for the machine");
+    let (live, buffered) = proxy.console_reads();
+    assert_eq!(live, 1, "asked for the live console once, then never again");
+    assert!(buffered >= 1);
     env.stop().await;
 }
 
@@ -181,4 +209,252 @@ async fn an_ssh_machine_must_also_accept_connections_where_the_probe_points() {
     let _sshd = tokio::net::TcpListener::bind(&target).await.unwrap();
     env.wait_state(&id, "provisioned").await;
     env.stop().await;
+}
+
+#[tokio::test]
+async fn a_machine_that_never_reports_is_replaced_while_the_others_become_ready() {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.boot_machines_after(Duration::from_millis(1500));
+    let mut env = env_behind(&proxy, &[("LABBOOK_READY_TIMEOUT_SECONDS", "4")]).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("silent");
+    env.publish_booking(&booking_json(&id, 6, -1)).await;
+    let store = env.store().await;
+    let first: Vec<slots::Slot> = eventually(WAIT, "three machines launched", || async {
+        let s = slots::for_booking(&store.pool, &id).await.unwrap();
+        (s.len() == 3 && s.iter().all(|s| s.instance_id.is_some())).then_some(s)
+    })
+    .await;
+    // Slot 1's machine never reports; the others boot in a second and a half.
+    let silent = first[1].instance_id.clone().unwrap();
+    proxy.set_console(&silent, BOOTING);
+    let others_ready = eventually(WAIT, "the other machines ready", || async {
+        let s = slots::for_booking(&store.pool, &id).await.unwrap();
+        let ready = [&s[0], &s[2]].iter().all(|s| s.ready_at.is_some());
+        (ready && s[1].instance_id.as_deref() == Some(silent.as_str())).then_some(s)
+    })
+    .await;
+    assert!(
+        others_ready[1].ready_at.is_none(),
+        "the silent one is not ready"
+    );
+    env.wait_state(&id, "provisioned").await;
+    let done = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_ne!(
+        done[1].instance_id.as_deref(),
+        Some(silent.as_str()),
+        "slot 1 replaced"
+    );
+    assert_eq!((done[1].generation, done[1].ready_failures), (1, 1));
+    for k in [0, 2] {
+        assert_eq!(
+            done[k].instance_id, first[k].instance_id,
+            "slot {k} kept its machine"
+        );
+        assert_eq!(
+            done[k].ready_at, others_ready[k].ready_at,
+            "and was not looked at again"
+        );
+        assert_eq!(done[k].generation, 0);
+    }
+    let running: Vec<_> = instances_for(&id)
+        .await
+        .into_iter()
+        .filter(|i| state_of(i) == "running")
+        .collect();
+    assert_eq!(running.len(), 3, "one machine per slot");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_grown_booking_waits_for_its_new_machines_only() {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.boot_machines_after(Duration::from_millis(300));
+    let mut env = env_behind(&proxy, &[]).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("grown");
+    let to = format!("{id}@example.org");
+    let at = chrono::Utc::now() - chrono::Duration::minutes(1);
+    let mut booking: serde_json::Value =
+        serde_json::from_str(&crate::helpers::booking_at(&id, 2, at, 180)).unwrap();
+    booking["email"] = to.clone().into();
+    env.publish_booking(&booking.to_string()).await;
+    env.wait_state(&id, "provisioned").await;
+    let store = env.store().await;
+    let old = slots::for_booking(&store.pool, &id)
+        .await
+        .unwrap()
+        .remove(0);
+    let old_id = old.instance_id.clone().unwrap();
+    // Hours later its console no longer holds the report (EC2 keeps its last 64 KiB).
+    proxy.set_console(&old_id, "[ 9000.1] systemd[1]: Started session-42.scope.\n");
+    let reads_before = proxy.console_reads();
+    booking["revision"] = 1.into();
+    booking["number_of_users"] = 4.into();
+    env.publish_booking(&booking.to_string()).await;
+    let grown = eventually(WAIT, "the new machine ready", || async {
+        let b = bookings::find(&store.pool, &id).await.unwrap().unwrap();
+        (b.state.as_str() == "provisioned" && b.provisioned_revision == Some(1)).then_some(())
+    });
+    grown.await;
+    let now = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(now.len(), 2);
+    assert_eq!(
+        now[0].instance_id.as_deref(),
+        Some(old_id.as_str()),
+        "untouched"
+    );
+    assert_eq!(now[0].ready_at, old.ready_at, "not re-checked");
+    assert_eq!(now[0].console_reads, old.console_reads);
+    let reads_after = proxy.console_reads();
+    assert!(reads_after.0 > reads_before.0, "the new machine was read");
+    let details = wait_emails(&to, 4).await;
+    let last = details
+        .iter()
+        .rfind(|e| e["subject"] == "JupyterHub Access Information")
+        .unwrap();
+    let text = last["text"].as_str().unwrap();
+    assert_eq!(
+        text.matches("Instance URL:").count(),
+        2,
+        "every machine: {text}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn machines_booting_hold_no_delivery() {
+    // One delivery at a time: were a boot held in a delivery, the second booking would launch
+    // only after the first booking's machines were ready.
+    let proxy = ThrottlingProxy::start().await;
+    let boot = Duration::from_secs(6);
+    proxy.boot_machines_after(boot);
+    let mut env = env_behind(&proxy, &[("LABBOOK_PREFETCH", "1")]).await;
+    env.spawn(&Worker::ALL).await;
+    let ids: Vec<String> = (0..3).map(|k| unique_id(&format!("burst{k}"))).collect();
+    for id in &ids {
+        env.publish_booking(&booking_json(id, 2, -1)).await;
+    }
+    for id in &ids {
+        env.wait_state(id, "provisioned").await;
+    }
+    let store = env.store().await;
+    let mut launches = Vec::new();
+    for id in &ids {
+        let slot = slots::for_booking(&store.pool, id).await.unwrap().remove(0);
+        launches.push(proxy.launched_at(&slot.instance_id.unwrap()).unwrap());
+    }
+    let first = *launches.iter().min().unwrap();
+    let last = *launches.iter().max().unwrap();
+    assert!(
+        last.duration_since(first) < boot,
+        "every booking launched before the first one's machines were ready ({:?} apart)",
+        last.duration_since(first)
+    );
+    env.stop().await;
+}
+
+/// The provisioner as its own process, behind the proxy.
+fn spawn_provisioner(env: &TestEnv, proxy: &ThrottlingProxy) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_labbook-provisioner"))
+        .env_clear()
+        .envs(&env.vars)
+        .envs([
+            ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+            ("LABBOOK_READINESS", "bootstrap"),
+            ("LABBOOK_EXPECTED_BOOT_SECONDS", "1"),
+            ("LABBOOK_BOOT_WATCH_TICK_MS", "200"),
+            ("LABBOOK_METRICS_ADDR", "127.0.0.1:0"),
+        ])
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Bookings whose machines are launched and booting in a provisioner process, which `stop`
+/// then stops; another replica must finish them with one machine per slot and one email each.
+async fn stopped_mid_boot(stop: impl FnOnce(&mut Child)) {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.boot_machines_after(Duration::from_secs(4));
+    let mut env = env_behind(&proxy, &[]).await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Notifier])
+        .await;
+    let mut child = spawn_provisioner(&env, &proxy);
+    let ids: Vec<String> = (0..3).map(|k| unique_id(&format!("mid-boot{k}"))).collect();
+    for id in &ids {
+        let mut b: serde_json::Value = serde_json::from_str(&booking_json(id, 3, -1)).unwrap();
+        b["email"] = format!("{id}@example.org").into();
+        env.publish_booking(&b.to_string()).await;
+    }
+    let store = env.store().await;
+    for id in &ids {
+        eventually(WAIT, "the machines launched and booting", || async {
+            let s = slots::for_booking(&store.pool, id).await.unwrap();
+            (s.len() == 2
+                && s.iter()
+                    .all(|s| s.instance_id.is_some() && s.ready_at.is_none()))
+            .then_some(())
+        })
+        .await;
+    }
+    stop(&mut child);
+    env.spawn(&[Worker::Provisioner]).await;
+    for id in &ids {
+        env.wait_state(id, "provisioned").await;
+    }
+    env.stop().await;
+    env.drain().await;
+    for id in &ids {
+        let live: Vec<_> = instances_for(id)
+            .await
+            .into_iter()
+            .filter(|i| state_of(i) != "terminated")
+            .collect();
+        assert_eq!(
+            live.len(),
+            2,
+            "one machine per slot, nothing launched twice"
+        );
+        let subjects = subjects(&emails_to(&format!("{id}@example.org")).await);
+        let details = subjects
+            .iter()
+            .filter(|s| *s == "JupyterHub Access Information")
+            .count();
+        assert_eq!(details, 1, "one instance email: {subjects:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_provisioner_killed_mid_boot_loses_and_repeats_nothing() {
+    stopped_mid_boot(|child| {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_provisioner_stopped_mid_boot_exits_within_seconds_and_another_finishes() {
+    stopped_mid_boot(|child| {
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let asked = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "the provisioner did not exit within 5 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(status.code(), Some(0));
+    })
+    .await;
 }

@@ -10,11 +10,11 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderName, StatusCode};
 use axum::response::Response;
-use labbook::broker::{StageQueue, run_stage};
+use labbook::broker::{StageQueue, run_stage, run_ticking};
 use labbook::ec2::Ec2Error;
 use labbook::ec2::rate::{RateLimit, RateLimiter, RateLimits};
 use labbook::health::Readiness;
-use labbook::stages::provisioner::{ProvisionStage, Provisioner};
+use labbook::stages::provisioner::{BootWatch, ProvisionStage, Provisioner};
 use labbook::startup::Worker;
 use labbook::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -22,11 +22,20 @@ use tokio_util::sync::CancellationToken;
 use crate::helpers::{TestEnv, booking_json, free_port, moto_url, unique_id};
 
 /// EC2's buckets per action (burst, refill per second); other actions are not limited.
-const EC2_BUCKETS: [(&str, f64, f64); 3] = [
+const EC2_BUCKETS: [(&str, f64, f64); 4] = [
     ("RunInstances", 5.0, 2.0),
     ("DescribeInstances", 100.0, 20.0),
     ("TerminateInstances", 100.0, 5.0),
+    ("GetConsoleOutput", 100.0, 20.0),
 ];
+
+/// What EC2 buffered of a machine's console shortly after it started: the boot's first lines,
+/// never a report the bootstrap writes minutes later. Only `Latest=true` returns the live output.
+pub const BUFFERED_CONSOLE: &str = "[    0.000000] Linux version 6.8.0-1012-aws (buildd@lcy02-amd64-050)\n[    3.1] Cloud-init v. 25.1 running 'init-local'\n";
+
+/// The live console of a machine booting, and once its bootstrap reported success.
+pub const BOOTING_CONSOLE: &str = "[    3.1] Cloud-init v. 25.1 running 'init-local'\n";
+pub const READY_CONSOLE: &str = "[    3.1] Cloud-init v. 25.1 running 'init-local'\n[  58.2] cloud-init[901]: labbook-bootstrap: ok\n";
 
 const INTERNAL_ERROR_BODY: &str = "<Response><Errors><Error><Code>InternalError</Code><Message>An internal error has occurred.</Message></Error></Errors><RequestID>x</RequestID></Response>";
 
@@ -42,9 +51,20 @@ struct ProxyState {
     fail_run_instances: u32,
     /// The body of every `RunInstances` call, in order.
     run_bodies: Vec<Vec<u8>>,
-    /// What `GetConsoleOutput` answers, per instance, else `console_default` (else moto's).
+    /// What the live console (`GetConsoleOutput` with `Latest=true`) answers, per instance,
+    /// else `console_default`, else the boot clock's, else moto's.
     console: HashMap<String, String>,
     console_default: Option<String>,
+    /// With a boot clock: every machine launched through the proxy reports success on its live
+    /// console this long after its launch.
+    boot_after: Option<Duration>,
+    /// When each machine was launched through the proxy.
+    launched: HashMap<String, (Instant, chrono::DateTime<chrono::Utc>)>,
+    /// EC2 refuses `Latest=true` (an instance type not on Nitro): the buffered copy is then
+    /// what the live console would say.
+    refuse_latest: bool,
+    /// `GetConsoleOutput` calls answered: (with `Latest=true`, without).
+    console_reads: (u64, u64),
 }
 
 /// An HTTP proxy to the EC2 emulator that throttles like EC2.
@@ -91,6 +111,28 @@ impl ThrottlingProxy {
         state
             .console
             .insert(instance_id.to_owned(), text.to_owned());
+    }
+
+    /// Every machine launched through the proxy reports success on its live console `after`
+    /// its launch (unless its console is scripted).
+    pub fn boot_machines_after(&self, after: Duration) {
+        self.state.lock().unwrap().boot_after = Some(after);
+    }
+
+    /// Answers `Latest=true` with EC2's refusal for an instance type not on Nitro.
+    pub fn refuse_latest_console(&self) {
+        self.state.lock().unwrap().refuse_latest = true;
+    }
+
+    /// `GetConsoleOutput` calls answered: (live, buffered).
+    pub fn console_reads(&self) -> (u64, u64) {
+        self.state.lock().unwrap().console_reads
+    }
+
+    /// When `instance_id` was launched through the proxy.
+    pub fn launched_at(&self, instance_id: &str) -> Option<Instant> {
+        let state = self.state.lock().unwrap();
+        state.launched.get(instance_id).map(|(at, _)| *at)
     }
 
     /// The body of every `RunInstances` call the proxy saw, in order.
@@ -160,30 +202,87 @@ fn admit(state: &Mutex<ProxyState>, action: &str) -> bool {
     admitted
 }
 
-/// EC2's answer to `GetConsoleOutput` with the console text the test set, if it set one.
+const UNSUPPORTED_LATEST_BODY: &str = "<Response><Errors><Error><Code>UnsupportedOperation</Code><Message>The latest console output is only available on Nitro instances.</Message></Error></Errors><RequestID>x</RequestID></Response>";
+
+/// EC2's answer to `GetConsoleOutput` as EC2 documents it: without `Latest=true` the copy
+/// buffered after the machine's start ([`BUFFERED_CONSOLE`]); with it, the live output the test
+/// scripted or the boot clock gives. `None`: nothing scripted, moto answers.
 fn console_answer(state: &Mutex<ProxyState>, body: &[u8]) -> Option<Response> {
-    use base64::Engine;
     let form = String::from_utf8_lossy(body).into_owned();
     let instance = form
         .split('&')
         .find_map(|pair| pair.strip_prefix("InstanceId="))?
         .to_owned();
-    let state = state.lock().unwrap();
-    let text = state
-        .console
-        .get(&instance)
-        .or(state.console_default.as_ref())?;
+    let latest = form.split('&').any(|pair| pair == "Latest=true");
+    let mut state = state.lock().unwrap();
+    let now = chrono::Utc::now();
+    let clock = state.launched.get(&instance).copied();
+    let live = match (
+        state.console.get(&instance),
+        &state.console_default,
+        state.boot_after,
+    ) {
+        (Some(text), _, _) | (None, Some(text), _) => Some((text.clone(), now)),
+        (None, None, Some(after)) => clock.map(|(at, wall)| {
+            if at.elapsed() >= after {
+                let written = wall + chrono::Duration::from_std(after).unwrap();
+                (READY_CONSOLE.to_owned(), written)
+            } else {
+                (BOOTING_CONSOLE.to_owned(), wall)
+            }
+        }),
+        (None, None, None) => None,
+    }?;
+    if latest {
+        state.console_reads.0 += 1;
+    } else {
+        state.console_reads.1 += 1;
+    }
+    let (text, written) = match (latest, state.refuse_latest) {
+        (true, true) => {
+            return Some(
+                Response::builder()
+                    .status(StatusCode::BAD_REQUEST)
+                    .header("content-type", "text/xml;charset=UTF-8")
+                    .body(Body::from(UNSUPPORTED_LATEST_BODY))
+                    .unwrap(),
+            );
+        }
+        (true, false) | (false, true) => live,
+        (false, false) => (
+            BUFFERED_CONSOLE.to_owned(),
+            clock.map_or(now, |(_, wall)| wall),
+        ),
+    };
+    Some(console_xml(&instance, &text, written))
+}
+
+fn console_xml(instance: &str, text: &str, written: chrono::DateTime<chrono::Utc>) -> Response {
+    use base64::Engine;
     let output = base64::engine::general_purpose::STANDARD.encode(text);
+    let timestamp = written.format("%Y-%m-%dT%H:%M:%S%.3fZ");
     let xml = format!(
-        r#"<?xml version="1.0" encoding="UTF-8"?><GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>x</requestId><instanceId>{instance}</instanceId><timestamp>2026-11-26T00:00:00.000Z</timestamp><output>{output}</output></GetConsoleOutputResponse>"#
+        r#"<?xml version="1.0" encoding="UTF-8"?><GetConsoleOutputResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>x</requestId><instanceId>{instance}</instanceId><timestamp>{timestamp}</timestamp><output>{output}</output></GetConsoleOutputResponse>"#
     );
-    Some(
-        Response::builder()
-            .status(StatusCode::OK)
-            .header("content-type", "text/xml;charset=UTF-8")
-            .body(Body::from(xml))
-            .unwrap(),
-    )
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Body::from(xml))
+        .unwrap()
+}
+
+/// Notes when each instance in a `RunInstances` answer was launched (the boot clock).
+fn note_launches(state: &Mutex<ProxyState>, answer: &[u8]) {
+    let text = String::from_utf8_lossy(answer);
+    let mut state = state.lock().unwrap();
+    for piece in text.split("<instanceId>").skip(1) {
+        if let Some((id, _)) = piece.split_once("</instanceId>") {
+            state
+                .launched
+                .entry(id.to_owned())
+                .or_insert((Instant::now(), chrono::Utc::now()));
+        }
+    }
 }
 
 /// The `Action` of an EC2 query-protocol request (`Action=RunInstances&...`).
@@ -211,17 +310,17 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
                 .unwrap();
         }
     }
-    if action == "GetConsoleOutput"
-        && let Some(answer) = console_answer(&state, &body)
-    {
-        return answer;
-    }
     if !admit(&state, &action) {
         return Response::builder()
             .status(StatusCode::SERVICE_UNAVAILABLE)
             .header("content-type", "text/xml;charset=UTF-8")
             .body(Body::from(THROTTLED_BODY))
             .unwrap();
+    }
+    if action == "GetConsoleOutput"
+        && let Some(answer) = console_answer(&state, &body)
+    {
+        return answer;
     }
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).unwrap();
@@ -253,6 +352,9 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
         }
     }
     let bytes = answer.bytes().await.unwrap_or_default();
+    if action == "RunInstances" {
+        note_launches(&state, &bytes);
+    }
     response.body(Body::from(bytes)).unwrap()
 }
 
@@ -272,11 +374,21 @@ async fn spawn_provisioner_replica(
         settings.ec2.clone(),
         settings.ec2.ami_id.clone().unwrap(),
     );
-    let ready = Readiness::default().register("provisioner");
+    let readiness = Readiness::default();
+    let watch = BootWatch::new(provisioner.clone());
+    let (broker, tick, watching) = (
+        settings.broker.clone(),
+        settings.ec2.watch_tick,
+        stop.clone(),
+    );
+    let ready = readiness.register("boot watch");
+    tokio::spawn(async move {
+        run_ticking("boot watch", &watch, &broker, tick, ready, watching).await;
+    });
     tokio::spawn(run_stage(
         Arc::new(ProvisionStage(provisioner)),
         settings.broker.clone(),
-        ready,
+        readiness.register("provisioner"),
         stop,
     ))
 }

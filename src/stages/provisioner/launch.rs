@@ -1,7 +1,5 @@
 //! Launching a booking's machines: plan the slots once, launch or adopt one instance per slot,
-//! wait until every one runs with an address, then ask for the instance-details email.
-
-use std::time::{Duration, Instant};
+//! record it, and leave the rest to the boot watch.
 
 use futures_util::{StreamExt, TryStreamExt};
 
@@ -12,21 +10,19 @@ use crate::domain::{EmailKind, NotifyMessage, Password};
 use crate::ec2::userdata::{self, Account};
 use crate::ec2::{LaunchRequest, intent};
 use crate::store::slots::{self, NewSlot, Slot};
-use crate::store::{BookingRecord, BookingState, StoredCredential, bookings};
+use crate::store::{BookingRecord, BookingState, StoredCredential, bookings, boots};
 
 /// How many lab machines a booking needs.
 pub fn slot_count(users: u32, users_per_instance: u32) -> u32 {
     users.div_ceil(users_per_instance)
 }
 
-/// How many times one attempt follows a booking that changes while it is launched (trainees
-/// added meanwhile) before it leaves the rest to the next message.
-const MAX_ROUNDS: usize = 3;
-
 impl Provisioner {
-    /// Launches what the booking's current revision asks for and waits until it runs; then
-    /// asks for the instance details email. `revision` is the revision of the timer that asked
-    /// (`None` from a message without one): a booking moved since is not provisioned by it.
+    /// Launches what the booking's current revision asks for and records it; the boot watch
+    /// ([`super::watch`]) follows the machines from there to ready and asks for the instance
+    /// details email, so the message is acknowledged as soon as every slot has its machine.
+    /// `revision` is the revision of the timer that asked (`None` from a message without
+    /// one): a booking moved since is not provisioned by it.
     pub(super) async fn provision(
         &self,
         booking: &BookingRecord,
@@ -34,39 +30,41 @@ impl Provisioner {
     ) -> Result<Vec<Outgoing>, StageError> {
         let id = booking.booking_id.as_str();
         let pool = &self.store.pool;
-        for _ in 0..MAX_ROUNDS {
-            let Some(booking) = bookings::start_provisioning(pool, id, revision).await? else {
+        let Some(booking) = bookings::start_provisioning(pool, id, revision).await? else {
+            return self.stopped(id).await;
+        };
+        let slots = self.plan(&booking).await?;
+        let credentials = bookings::credentials(pool, id).await?;
+        self.launch_missing(&booking, slots, &credentials).await?;
+        let slots = slots::for_booking(pool, id).await?;
+        let launched = slots.iter().filter(|s| s.instance_id.is_some()).count();
+        if launched < slots.len() {
+            if !bookings::is_provisioning(pool, id).await? {
+                // Cancelled or moved while it launched: nothing more to launch for it.
                 return self.stopped(id).await;
-            };
-            let slots = self.plan(&booking).await?;
-            let credentials = bookings::credentials(pool, id).await?;
-            self.launch_missing(&booking, slots, &credentials).await?;
-            let Some(ready) = self.wait_until_ready(id).await? else {
-                // It changed while this attempt launched (cancelled, moved, grown).
-                continue;
-            };
-            if self.wait_until_bootstrapped(id).await?.is_none() {
-                continue;
             }
-            if bookings::finish_provisioning(pool, id, booking.revision).await? {
-                tracing::info!(
-                    instances = ready,
-                    revision = booking.revision,
-                    "every machine is running with a public address and ready"
-                );
-                return Ok(vec![NotifyMessage::at_revision(
-                    id,
-                    EmailKind::InstanceDetails,
-                    booking.revision as u32,
-                )]);
-            }
-            tracing::info!(
-                "the booking changed while it was provisioned; following its latest revision"
-            );
+            return Err(StageError::transient(anyhow::anyhow!(
+                "{launched} of {} machines could be launched; the rest on the next attempt",
+                slots.len()
+            )));
         }
-        Err(StageError::transient(anyhow::anyhow!(
-            "the booking kept changing while it was provisioned; trying again"
-        )))
+        // Every machine ready already (a copy of the message, trainees added and removed...):
+        // the watch has nothing to wait for.
+        if let Some(revision) = boots::finish_if_ready(pool, id).await? {
+            return Ok(vec![NotifyMessage::at_revision(
+                id,
+                EmailKind::InstanceDetails,
+                revision as u32,
+            )]);
+        }
+        let booting = slots.iter().filter(|s| s.ready_at.is_none()).count();
+        tracing::info!(
+            machines = slots.len(),
+            booting,
+            revision = booking.revision,
+            "every machine is launched; the boot watch follows them until they are ready"
+        );
+        Ok(Vec::new())
     }
 
     /// The booking is no longer to be provisioned by this attempt: it was cancelled, ended,
@@ -162,7 +160,8 @@ impl Provisioner {
             },
         };
         let key = (slot.slot, slot.generation);
-        if slots::record_instance(&self.store.pool, booking_id, key, &instance_id)
+        let image = Some(self.ami_id.as_str());
+        if slots::record_instance(&self.store.pool, booking_id, key, &instance_id, image)
             .await?
             .is_none()
         {
@@ -264,71 +263,6 @@ impl Provisioner {
         .map_err(StageError::transient)?;
         slots::insert_plan(&self.store.pool, id, &plan).await?;
         Ok(slots::for_booking(&self.store.pool, id).await?)
-    }
-
-    /// Polls with backoff (one `DescribeInstances` per poll for the whole booking) until every
-    /// slot's instance runs with a public address, recording what EC2 says; returns how many.
-    /// `None` as soon as the booking is no longer being provisioned (cancelled or moved while
-    /// its machines launched), so that what was launched is terminated at once.
-    async fn wait_until_ready(&self, booking_id: &str) -> Result<Option<usize>, StageError> {
-        let pool = &self.store.pool;
-        let slots = slots::for_booking(pool, booking_id).await?;
-        let ids: Vec<String> = slots.iter().filter_map(|s| s.instance_id.clone()).collect();
-        if ids.len() < slots.len() {
-            if !bookings::is_provisioning(pool, booking_id).await? {
-                return Ok(None);
-            }
-            return Err(StageError::transient(anyhow::anyhow!(
-                "{} of {} machines could be launched; the rest on the next attempt",
-                ids.len(),
-                slots.len()
-            )));
-        }
-        let started = Instant::now();
-        let mut delays = backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500))
-                .with_max_delay(Duration::from_secs(10))
-                .without_max_times(),
-        );
-        loop {
-            if !bookings::is_provisioning(pool, booking_id).await? {
-                return Ok(None);
-            }
-            let infos = self.ec2.describe(&ids).await?;
-            if let Some(gone) = infos.iter().find(|i| i.is_gone()) {
-                // EC2 took it back before it ran (no capacity, a volume limit): the slot gets a
-                // new launch generation, and the next attempt a replacement.
-                slots::replace_instance(pool, &gone.instance_id, false).await?;
-                return Err(StageError::transient(anyhow::anyhow!(
-                    "instance {} stopped before it was ready ({}); a replacement is launched on the next attempt",
-                    gone.instance_id,
-                    gone.state
-                )));
-            }
-            let ready = infos.iter().filter(|i| i.is_ready()).count();
-            if ready == ids.len() && infos.len() == ids.len() {
-                for i in &infos {
-                    let (dns, ip) = (i.public_dns.as_deref(), i.public_ip.as_deref());
-                    slots::record_state(pool, &i.instance_id, &i.state, dns, ip).await?;
-                }
-                return Ok(Some(ready));
-            }
-            if started.elapsed() >= self.settings.running_timeout {
-                return Err(StageError::transient(anyhow::anyhow!(
-                    "{ready} of {} instances running with a public address after {} s",
-                    ids.len(),
-                    started.elapsed().as_secs()
-                )));
-            }
-            tracing::info!(
-                ready,
-                total = ids.len(),
-                waited_s = started.elapsed().as_secs(),
-                "waiting for instances"
-            );
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(10))).await;
-        }
     }
 }
 

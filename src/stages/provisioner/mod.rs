@@ -1,5 +1,6 @@
 //! Stage 3, `provision-due` and `teardown-due`: launch a booking's lab machines, once
-//! ([`launch`]), terminate them when the booking ends ([`teardown`]), and sweep up machines of
+//! ([`launch`]), follow them to ready without holding a delivery ([`watch`], deciding with
+//! [`ready`]), terminate them when the booking ends ([`teardown`]), and sweep up machines of
 //! bookings that are over ([`sweep`]).
 //!
 //! Idempotency: a booking's slots are planned once (stored); before launching a slot, the
@@ -11,6 +12,7 @@ mod launch;
 mod ready;
 mod sweep;
 mod teardown;
+mod watch;
 
 use std::sync::Arc;
 
@@ -27,6 +29,7 @@ use crate::store::{BookingRecord, BookingState, Store, bookings};
 pub use launch::slot_count;
 pub use ready::{Boot, NOT_READY, boot_outcome};
 pub use sweep::run_sweeper;
+pub use watch::BootWatch;
 
 /// What provisioning, teardown and the sweep share.
 pub struct Provisioner {

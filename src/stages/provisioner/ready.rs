@@ -1,32 +1,37 @@
-//! Readiness before the instance details email: machines that run are not yet machines that
-//! answer. Each machine's bootstrap reports its outcome on the serial console
-//! (`labbook-bootstrap: ok` or `labbook-bootstrap: failed: <step> (exit N)`, see
-//! [`crate::ec2::userdata`]), which EC2's `GetConsoleOutput` returns without any network path to
-//! the machine; with `LABBOOK_READY_PROBE` the machine must also answer (port 22 in SSH mode,
-//! `/hub/health` in JupyterHub mode). A machine whose bootstrap failed or did not report within
-//! `LABBOOK_READY_TIMEOUT_SECONDS` is replaced once (a new launch generation for its slot); if
-//! the replacement does not become ready either, the booking fails.
+//! What makes a machine ready, decided without I/O: what its console says of its bootstrap
+//! ([`boot_outcome`]), and what one look at it means ([`decide`]). Each machine's bootstrap
+//! reports its outcome on the serial console (`labbook-bootstrap: ok`, `labbook-bootstrap: ok
+//! (http only: <why>)` when it could not set up HTTPS, or `labbook-bootstrap: failed: <step>
+//! (exit N)`, see [`crate::ec2::userdata`]), which EC2's `GetConsoleOutput` returns without any
+//! network path to the machine; with `LABBOOK_READY_PROBE` the machine must also answer (port
+//! 22 in SSH mode, `/hub/health` in JupyterHub mode). The boot watch ([`super::watch`]) does
+//! the looking.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Provisioner;
-use crate::broker::StageError;
-use crate::config::{Bootstrap, Probe, Readiness};
+use crate::config::{Bootstrap, Probe};
 use crate::ec2::userdata::{REPORT_FAILED, REPORT_OK};
-use crate::store::bookings;
-use crate::store::slots::{self, Slot};
+use crate::store::slots::Slot;
 
 /// How a failure reason of a machine that never became ready starts; the failure email says so
 /// in plain words.
 pub const NOT_READY: &str = "not ready:";
 
+/// What a report of success adds when the machine serves its lab over plain HTTP.
+const HTTP_ONLY: &str = "(http only:";
+
 /// What a machine's console says of its bootstrap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Boot {
-    Ok,
+    /// It succeeded; `http_only` says why it serves its lab over plain HTTP, if it does.
+    Ok {
+        http_only: Option<String>,
+    },
     Failed(String),
     Pending,
 }
@@ -40,8 +45,12 @@ pub fn boot_outcome(console: &str) -> Boot {
             let line = line.trim();
             // The report may share its line with what was on the console before (a login
             // prompt), so it is looked for anywhere in the line.
-            if line.contains(REPORT_OK) {
-                Some(Boot::Ok)
+            if let Some(at) = line.find(REPORT_OK) {
+                let rest = line[at + REPORT_OK.len()..].trim();
+                let http_only = rest
+                    .strip_prefix(HTTP_ONLY)
+                    .map(|why| why.trim().trim_end_matches(')').trim().to_owned());
+                Some(Boot::Ok { http_only })
             } else {
                 line.find(REPORT_FAILED)
                     .map(|at| Boot::Failed(line[at + REPORT_FAILED.len()..].trim().to_owned()))
@@ -50,79 +59,114 @@ pub fn boot_outcome(console: &str) -> Boot {
         .unwrap_or(Boot::Pending)
 }
 
+/// What one look at a watched machine found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// EC2 does not show it (yet: its reads are eventually consistent), or could not be asked.
+    Unknown,
+    /// EC2 took it back before it was ready (`shutting-down`, `terminated`).
+    Gone(String),
+    /// Not yet running with a public address.
+    Starting,
+    /// Running with a public address as of now: its console is read from when it is expected
+    /// to be ready.
+    Runs,
+    /// Running with a public address; `boot` is what its console says (`None`: running is
+    /// ready, `LABBOOK_READINESS=running`), `answers` whether the probe answered.
+    Running { boot: Option<Boot>, answers: bool },
+}
+
+/// What the boot watch does with a machine after a look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Ready: never looked at again while its booking runs.
+    Ready { http_only: Option<String> },
+    /// Look again then.
+    Later(DateTime<Utc>),
+    /// Retire it and launch its slot anew, at once. `counts`: it started but did not become
+    /// ready (the slot's second such machine fails the booking); a machine EC2 took back
+    /// before it ran does not count.
+    Replace { why: String, counts: bool },
+    /// The slot's second machine that did not become ready: the booking fails.
+    Fail(String),
+}
+
+/// How long the watch waits for what, and how often it looks.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    /// `LABBOOK_RUNNING_TIMEOUT_SECONDS`: launch to running with an address.
+    pub running_timeout: Duration,
+    /// `LABBOOK_READY_TIMEOUT_SECONDS`: launch to the bootstrap's report.
+    pub ready_timeout: Duration,
+    /// The image's expected boot (launch to ready): the first console read comes then.
+    pub expected_boot: Duration,
+}
+
+impl Pace {
+    /// Between looks at a machine still starting: 1 s, growing with its age to 10 s.
+    fn starting_interval(&self, age: Duration) -> Duration {
+        (age / 5).clamp(Duration::from_secs(1), Duration::from_secs(10))
+    }
+
+    /// Between console reads of a machine still booting: a quarter of the expected boot,
+    /// between 1 s and a minute.
+    fn booting_interval(&self) -> Duration {
+        (self.expected_boot / 4).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
+
+/// What to do with `slot`'s machine after a look found `seen` at `now`.
+pub fn decide(slot: &Slot, seen: &Seen, pace: &Pace, now: DateTime<Utc>) -> Step {
+    let launched = slot.launched_at.unwrap_or(now);
+    let age = (now - launched).to_std().unwrap_or_default();
+    let at = |after: Duration| now + chrono::Duration::from_std(after).unwrap_or_default();
+    let deadline = launched + chrono::Duration::from_std(pace.ready_timeout).unwrap_or_default();
+    let not_ready = |why: String| {
+        if slot.ready_failures >= 1 {
+            Step::Fail(format!(
+                "{NOT_READY} the machine of slot {} started but did not become ready, twice ({why})",
+                slot.slot
+            ))
+        } else {
+            Step::Replace { why, counts: true }
+        }
+    };
+    match seen {
+        Seen::Gone(state) => Step::Replace {
+            why: format!("EC2 stopped it before it was ready ({state})"),
+            counts: false,
+        },
+        Seen::Unknown | Seen::Starting if age >= pace.running_timeout => not_ready(format!(
+            "it did not run with a public address within {} s",
+            pace.running_timeout.as_secs()
+        )),
+        Seen::Unknown | Seen::Starting => Step::Later(at(pace.starting_interval(age))),
+        Seen::Running { boot: None, .. } => Step::Ready { http_only: None },
+        Seen::Running {
+            boot: Some(Boot::Ok { http_only }),
+            answers: true,
+        } => Step::Ready {
+            http_only: http_only.clone(),
+        },
+        Seen::Running {
+            boot: Some(Boot::Failed(step)),
+            ..
+        } => not_ready(format!("its bootstrap failed: {step}")),
+        Seen::Running { .. } if now >= deadline => not_ready(format!(
+            "its bootstrap did not report success within {} s",
+            pace.ready_timeout.as_secs()
+        )),
+        Seen::Runs => {
+            let expected = chrono::Duration::from_std(pace.expected_boot).unwrap_or_default();
+            Step::Later((launched + expected).max(now).min(deadline))
+        }
+        Seen::Running { .. } => Step::Later(at(pace.booting_interval()).min(deadline)),
+    }
+}
+
 impl Provisioner {
-    /// Waits until every machine of the booking is ready. `None` when the booking stopped
-    /// being provisioned meanwhile (cancelled, moved).
-    pub(super) async fn wait_until_bootstrapped(
-        &self,
-        booking_id: &str,
-    ) -> Result<Option<()>, StageError> {
-        if self.settings.readiness == Readiness::Running {
-            return Ok(Some(()));
-        }
-        let pool = &self.store.pool;
-        let mut pending: Vec<Slot> = slots::for_booking(pool, booking_id).await?;
-        let started = Instant::now();
-        let mut delays = backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_secs(1))
-                .with_max_delay(Duration::from_secs(15))
-                .without_max_times(),
-        );
-        loop {
-            if !bookings::is_provisioning(pool, booking_id).await? {
-                return Ok(None);
-            }
-            let mut still = Vec::new();
-            for slot in pending {
-                match self.check(&slot).await? {
-                    Boot::Ok => {}
-                    Boot::Pending => still.push(slot),
-                    Boot::Failed(step) => {
-                        return self
-                            .not_ready(&slot, &format!("its bootstrap failed: {step}"))
-                            .await;
-                    }
-                }
-            }
-            pending = still;
-            if pending.is_empty() {
-                tracing::info!(
-                    waited_s = started.elapsed().as_secs(),
-                    "every machine is ready"
-                );
-                return Ok(Some(()));
-            }
-            if started.elapsed() >= self.settings.ready_timeout {
-                let why = format!(
-                    "its bootstrap did not report success within {} s",
-                    self.settings.ready_timeout.as_secs()
-                );
-                return self.not_ready(&pending[0], &why).await;
-            }
-            tracing::info!(
-                waiting = pending.len(),
-                waited_s = started.elapsed().as_secs(),
-                "waiting for the machines' bootstraps"
-            );
-            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(15))).await;
-        }
-    }
-
-    /// The slot's machine's bootstrap outcome, and whether it answers when it reported success.
-    async fn check(&self, slot: &Slot) -> Result<Boot, StageError> {
-        let Some(instance_id) = &slot.instance_id else {
-            return Ok(Boot::Pending);
-        };
-        let boot = boot_outcome(&self.ec2.console_output(instance_id).await?);
-        if boot == Boot::Ok && !self.answers(slot).await {
-            return Ok(Boot::Pending);
-        }
-        Ok(boot)
-    }
-
-    /// Whether the machine answers where trainees reach it (`LABBOOK_READY_PROBE`).
-    async fn answers(&self, slot: &Slot) -> bool {
+    /// Whether the slot's machine answers where trainees reach it (`LABBOOK_READY_PROBE`).
+    pub(super) async fn answers(&self, slot: &Slot) -> bool {
         let port = match self.settings.bootstrap {
             Bootstrap::Ssh => 22,
             Bootstrap::JupyterHub => 80,
@@ -140,34 +184,6 @@ impl Provisioner {
             Bootstrap::JupyterHub => hub_healthy(&target).await,
         };
         answer.unwrap_or(false)
-    }
-
-    /// The slot's machine did not become ready: replaced once, then the booking fails.
-    async fn not_ready(&self, slot: &Slot, why: &str) -> Result<Option<()>, StageError> {
-        let Some(instance_id) = &slot.instance_id else {
-            return Err(StageError::transient(anyhow::anyhow!(
-                "slot {} has no machine",
-                slot.slot
-            )));
-        };
-        if slot.ready_failures >= 1 {
-            return Err(StageError::Permanent(format!(
-                "{NOT_READY} the machine of slot {} started but did not become ready, twice ({why})",
-                slot.slot
-            )));
-        }
-        tracing::warn!(slot = slot.slot, %instance_id, reason = why, "the machine did not become ready; it is replaced");
-        // Retired first, then forgotten by its slot, then terminated: a crash anywhere leaves
-        // it to be terminated (by the next message of the booking, or the sweep), and the
-        // slot's count of machines that did not become ready is kept.
-        let pool = &self.store.pool;
-        slots::retire(pool, &slot.booking_id, instance_id).await?;
-        slots::replace_instance(pool, instance_id, true).await?;
-        self.terminate_retired(Some(&slot.booking_id)).await?;
-        Err(StageError::transient(anyhow::anyhow!(
-            "the machine of slot {} did not become ready ({why}); a replacement is launched on the next attempt",
-            slot.slot
-        )))
     }
 }
 
@@ -208,14 +224,155 @@ mod tests {
     fn the_last_report_on_the_console_counts() {
         assert_eq!(boot_outcome(""), Boot::Pending);
         assert_eq!(boot_outcome("Cloud-init v. 25.1 running\n"), Boot::Pending);
-        let ok = format!("[  42.1] cloud-init[812]: {REPORT_OK}\n");
-        assert_eq!(boot_outcome(&ok), Boot::Ok);
+        let ok = Boot::Ok { http_only: None };
+        let line = format!("[  42.1] cloud-init[812]: {REPORT_OK}\n");
+        assert_eq!(boot_outcome(&line), ok);
         let after_prompt = format!("lab-0 login: {REPORT_OK}\n");
-        assert_eq!(boot_outcome(&after_prompt), Boot::Ok);
+        assert_eq!(boot_outcome(&after_prompt), ok);
+        let http = format!("{REPORT_OK} (http only: the ACME server did not answer)\n");
+        assert_eq!(
+            boot_outcome(&http),
+            Boot::Ok {
+                http_only: Some("the ACME server did not answer".into())
+            }
+        );
         let failed = format!("noise\n[ 61.0] {REPORT_FAILED} install-tljh (exit 22)\n");
         assert_eq!(
             boot_outcome(&failed),
             Boot::Failed("install-tljh (exit 22)".into())
+        );
+    }
+
+    fn slot(launched_s_ago: i64, ready_failures: i32) -> Slot {
+        Slot {
+            booking_id: "b".into(),
+            slot: 0,
+            first_user: 0,
+            user_count: 2,
+            admin_username: "labadmin".into(),
+            admin_password_encrypted: Vec::new(),
+            admin_password_hash: String::new(),
+            instance_id: Some("i-1".into()),
+            instance_state: Some("running".into()),
+            public_dns: None,
+            public_ip: Some("203.0.113.7".into()),
+            launched_at: Some(Utc::now() - chrono::Duration::seconds(launched_s_ago)),
+            generation: 0,
+            ready_failures,
+            next_check_at: None,
+            ready_at: None,
+            console_reads: 0,
+            console_buffered: false,
+            http_only: None,
+            image_id: None,
+        }
+    }
+
+    const PACE: Pace = Pace {
+        running_timeout: Duration::from_secs(600),
+        ready_timeout: Duration::from_secs(900),
+        expected_boot: Duration::from_secs(600),
+    };
+
+    fn later_in(step: &Step, now: DateTime<Utc>) -> i64 {
+        match step {
+            Step::Later(at) => (*at - now).num_seconds(),
+            other => panic!("expected a later look, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_running_machine_is_first_read_when_it_is_expected_to_be_ready() {
+        let now = Utc::now();
+        assert_eq!(
+            later_in(&decide(&slot(30, 0), &Seen::Runs, &PACE, now), now),
+            570
+        );
+        // Past its expected boot already: read at once.
+        assert_eq!(
+            later_in(&decide(&slot(700, 0), &Seen::Runs, &PACE, now), now),
+            0
+        );
+        // Then every quarter of the expected boot, at most a minute, never past the deadline.
+        let pending = Seen::Running {
+            boot: Some(Boot::Pending),
+            answers: true,
+        };
+        assert_eq!(
+            later_in(&decide(&slot(600, 0), &pending, &PACE, now), now),
+            60
+        );
+        assert_eq!(
+            later_in(&decide(&slot(880, 0), &pending, &PACE, now), now),
+            20
+        );
+        let quick = Pace {
+            expected_boot: Duration::from_secs(60),
+            ..PACE
+        };
+        assert_eq!(
+            later_in(&decide(&slot(60, 0), &pending, &quick, now), now),
+            15
+        );
+    }
+
+    #[test]
+    fn a_machine_is_replaced_once_then_the_booking_fails() {
+        let now = Utc::now();
+        let failed = Seen::Running {
+            boot: Some(Boot::Failed("install-tljh (exit 22)".into())),
+            answers: true,
+        };
+        assert!(matches!(
+            decide(&slot(100, 0), &failed, &PACE, now),
+            Step::Replace { counts: true, ref why } if why.contains("install-tljh")
+        ));
+        assert!(matches!(
+            decide(&slot(100, 1), &failed, &PACE, now),
+            Step::Fail(ref why) if why.starts_with(NOT_READY) && why.contains("twice")
+        ));
+        let pending = Seen::Running {
+            boot: Some(Boot::Pending),
+            answers: true,
+        };
+        assert!(matches!(
+            decide(&slot(901, 0), &pending, &PACE, now),
+            Step::Replace { counts: true, ref why } if why.contains("within 900 s")
+        ));
+        // Taken back by EC2 before it ran: replaced without counting against the slot.
+        let gone = Seen::Gone("terminated".into());
+        assert!(matches!(
+            decide(&slot(10, 1), &gone, &PACE, now),
+            Step::Replace { counts: false, .. }
+        ));
+        assert!(matches!(
+            decide(&slot(601, 0), &Seen::Starting, &PACE, now),
+            Step::Replace { counts: true, .. }
+        ));
+    }
+
+    #[test]
+    fn ready_needs_the_report_and_the_probe() {
+        let now = Utc::now();
+        let ok = |answers| Seen::Running {
+            boot: Some(Boot::Ok { http_only: None }),
+            answers,
+        };
+        assert_eq!(
+            decide(&slot(100, 0), &ok(true), &PACE, now),
+            Step::Ready { http_only: None }
+        );
+        assert!(matches!(
+            decide(&slot(100, 0), &ok(false), &PACE, now),
+            Step::Later(_)
+        ));
+        let running = Seen::Running {
+            boot: None,
+            answers: false,
+        };
+        assert_eq!(
+            decide(&slot(1, 0), &running, &PACE, now),
+            Step::Ready { http_only: None }
         );
     }
 }

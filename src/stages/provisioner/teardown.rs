@@ -7,7 +7,7 @@ use super::Provisioner;
 use crate::broker::{Outgoing, StageError};
 use crate::domain::{BookingRef, Event, EventKind};
 use crate::store::schedule::{self, Action};
-use crate::store::{BookingState, bookings, events, slots};
+use crate::store::{BookingState, bookings, events, machines, slots};
 
 /// How early a `teardown-due` may come before the booking's end and still be taken as the
 /// booking's end: the scheduler's and the provisioner's clocks may differ a little.
@@ -64,10 +64,7 @@ impl Provisioner {
             return Ok(0);
         }
         let ids: Vec<String> = retired.into_iter().map(|(_, id)| id).collect();
-        self.ec2.terminate(&ids).await?;
-        for id in &ids {
-            slots::record_state(&self.store.pool, id, "terminated", None, None).await?;
-        }
+        self.terminate(&ids).await?;
         slots::forget_retired(&self.store.pool, &ids).await?;
         tracing::info!(terminated = ids.len(), "retired machines terminated");
         Ok(ids.len())
@@ -90,10 +87,18 @@ impl Provisioner {
                 ids.push(id);
             }
         }
-        self.ec2.terminate(&ids).await?;
-        for id in &ids {
-            slots::record_state(&self.store.pool, id, "terminated", None, None).await?;
-        }
+        self.terminate(&ids).await?;
         Ok(ids.len() + self.terminate_retired(Some(booking_id)).await?)
+    }
+
+    /// Terminates instances and records them terminated (their slots, their running time).
+    async fn terminate(&self, ids: &[String]) -> Result<(), StageError> {
+        self.ec2.terminate(ids).await?;
+        let pool = &self.store.pool;
+        for id in ids {
+            slots::record_state(pool, id, "terminated", None, None).await?;
+        }
+        machines::terminated(pool, ids).await?;
+        Ok(())
     }
 }
