@@ -393,6 +393,10 @@ TRIGGERAUTH_SCHEMA = {
 }
 RABBITMQ_TRIGGER_KEYS = {"protocol", "queueName", "mode", "value", "activationValue",
                          "vhostName", "hostFromEnv", "unsafeSsl"}
+PROMETHEUS_TRIGGER_KEYS = {"serverAddress", "query", "threshold", "activationThreshold",
+                           "namespace", "ignoreNullValues"}
+# The series labbook's workers export that a prometheus trigger may scale on.
+SCALING_SERIES = {"provisioner": {"labbook_readiness_due"}}
 
 
 def check_keda():
@@ -440,6 +444,16 @@ def check_keda():
         queues = []
         for t in spec["triggers"]:
             m = t["metadata"]
+            if t["type"] == "prometheus":
+                # Work that is no message: machines the boot watch is due to look at.
+                require(set(m) <= PROMETHEUS_TRIGGER_KEYS, f"{name}: unknown prometheus keys "
+                        f"{sorted(set(m) - PROMETHEUS_TRIGGER_KEYS)}")
+                series = set(re.findall(r"labbook_[a-z_]+", m.get("query", "")))
+                require(series and series <= SCALING_SERIES.get(worker, set()),
+                        f"{name}: the query names a series the worker exports (got {sorted(series)})")
+                require(re.fullmatch(r"[1-9][0-9]*", m.get("threshold", "")),
+                        f"{name}: threshold a positive whole number (as a string)")
+                continue
             require(t["type"] == "rabbitmq", f"{name}: trigger type rabbitmq")
             require(set(m) <= RABBITMQ_TRIGGER_KEYS, f"{name}: unknown rabbitmq keys "
                     f"{sorted(set(m) - RABBITMQ_TRIGGER_KEYS)}")
