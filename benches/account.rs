@@ -14,6 +14,12 @@
 //!    `tests/api/throttling.rs`), with the default rate limits: the time to the last instance
 //!    details email against the bucket's minimum, and throttled `RunInstances` per accepted.
 //!
+//! 4. Boot mode (`cargo bench --bench account -- boot`, alone): 300 bookings × 2 users due at
+//!    once through the same proxy, which reports each machine ready on its live console 60 s
+//!    after its launch; one provisioner replica. The last instance details email against the
+//!    ideal (the boot after the bucket's launches: 60 + (launches − 5) / 2 s), EC2 calls per
+//!    action per machine, console reads per machine per minute of boot, the provisioner's RSS.
+//!
 //! Each scenario has its own vhost and database, like the tests. Workers' logs are kept in
 //! `$CARGO_TARGET_DIR/account-bench/<scenario>/`. Every address is on 127.0.0.1.
 
@@ -910,8 +916,106 @@ async fn burst(table: &mut Table, n: usize, users: u32) {
     );
 }
 
+async fn boot(table: &mut Table, n: usize, boot_s: u64) {
+    let machines = n; // 2 users per booking, 2 per machine
+    let ideal = boot_s as f64 + (machines as f64 - 5.0) / 2.0;
+    println!(
+        "\n[4] boot mode: {n} bookings × 2 users ({machines} machines), each ready {boot_s} s after its launch, EC2's buckets"
+    );
+    let proxy = ThrottlingProxy::start().await;
+    proxy.boot_machines_after(Duration::from_secs(boot_s));
+    let sink = Sink::start().await;
+    let expected = boot_s.to_string();
+    let mut scenario = Scenario::new(
+        "boot",
+        &[
+            ("SMTP_URL", sink.url.as_str()),
+            ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+            ("LABBOOK_READINESS", "bootstrap"),
+            ("LABBOOK_EXPECTED_BOOT_SECONDS", expected.as_str()),
+        ],
+    )
+    .await;
+    scenario.start_workers().await;
+    let list = bookings(&unique_id("acct-boot"), n, 2);
+    let published = scenario.publish(&list).await;
+    let first = published.values().min().copied().unwrap();
+    let limit = Duration::from_secs_f64(ideal * 3.0 + 120.0);
+    let complete = wait_for_details(&scenario, &sink, n, limit).await;
+    let peak: Vec<(String, f64)> = scenario
+        .workers
+        .iter()
+        .map(|w| (w.name.to_owned(), w.memory_mib("VmHWM:")))
+        .collect();
+    let emails = sink.emails();
+    let dead = scenario.dead_letters().await;
+    scenario.stop_workers();
+    scenario.terminate_instances().await;
+
+    let failures = emails.iter().filter(|e| e.subject == FAILURE).count();
+    let details = latencies(&emails, &published, DETAILS);
+    let last = emails
+        .iter()
+        .filter(|e| e.subject == DETAILS)
+        .map(|e| e.at)
+        .max()
+        .map_or(f64::NAN, |l| l.duration_since(first).as_secs_f64());
+    let (live, buffered) = proxy.console_reads();
+    let per_machine = |calls: u64| calls as f64 / machines as f64;
+    let t = format!("[4] boot {boot_s} s, {n}×2 users ({machines} machines), 1 provisioner");
+    table.row(
+        format!("{t}: to last instance details"),
+        format!(
+            "{last:.1} s vs the ideal {ideal:.1} s = ×{:.2} ({} of {n} emails){}",
+            last / ideal,
+            details.len(),
+            if complete { "" } else { " INCOMPLETE" }
+        ),
+    );
+    let (d50, d99) = percentiles(details);
+    table.row(
+        format!("{t}: publish → instance details"),
+        format!("p50 {d50:.1} s, p99 {d99:.1} s"),
+    );
+    let calls: Vec<String> = proxy
+        .actions()
+        .iter()
+        .map(|a| format!("{a} {:.2}", per_machine(proxy.counts(a).0)))
+        .collect();
+    table.row(format!("{t}: EC2 calls per machine"), calls.join(", "));
+    table.row(
+        format!("{t}: console reads per machine per minute of boot"),
+        format!(
+            "{:.2} (live {live}, buffered {buffered})",
+            per_machine(live + buffered) / (boot_s as f64 / 60.0)
+        ),
+    );
+    table.row(
+        format!("{t}: failures, dead letters"),
+        format!("{failures} failure emails, {dead} dead letters"),
+    );
+    table.row(
+        format!("{t}: peak RSS"),
+        peak.iter()
+            .map(|(w, m)| format!("{w} {m:.1} MiB"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+}
+
 #[tokio::main]
 async fn main() {
+    if std::env::args().any(|a| a == "boot") {
+        let started = Instant::now();
+        let mut table = Table(Vec::new());
+        boot(&mut table, 300, 60).await;
+        table.row(
+            "whole run",
+            format!("{:.0} s", started.elapsed().as_secs_f64()),
+        );
+        table.print();
+        return;
+    }
     let started = Instant::now();
     println!(
         "labbook account benchmark: workers as processes ({} cores)",

@@ -61,11 +61,26 @@ CREATE TABLE stage_outbox (
     queue       TEXT NOT NULL,
     message_id  TEXT NOT NULL,
     body        BYTEA NOT NULL,
+    traceparent TEXT,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );
+
+-- The W3C trace a booking was stored under (its first message's, or a new one): what the timer
+-- and the boot watch publish for it continues that trace.
+ALTER TABLE bookings ADD COLUMN traceparent TEXT;
 
 -- Launch intents of generations before a slot's current one are resolved: their machines were
 -- recorded (and retired when the slot moved on). From here on a launch whose outcome stayed
 -- unknown when its slot moved on is searched for by its generation's tag.
 DELETE FROM launch_intents i USING slots s
 WHERE s.booking_id = i.booking_id AND s.slot = i.slot AND i.generation < s.generation;
+
+-- Offerings (an instance type in a subnet; '' for the default VPC's choice) EC2 just had no
+-- capacity for: every provisioner replica skips them until `blocked_until`.
+CREATE TABLE offering_blocks (
+    instance_type  TEXT NOT NULL,
+    subnet_id      TEXT NOT NULL DEFAULT '',
+    blocked_until  TIMESTAMPTZ NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (instance_type, subnet_id)
+);

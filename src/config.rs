@@ -70,8 +70,16 @@ pub enum Bootstrap {
 #[derive(Debug, Clone)]
 pub struct Ec2Settings {
     pub ami_id: Option<String>,
+    /// The default instance type: the first of [`Ec2Settings::instance_types`].
     pub instance_type: String,
+    /// `LABBOOK_INSTANCE_TYPES` (else `LABBOOK_INSTANCE_TYPE`, else `t3.small`): the types a
+    /// machine is launched as, in order, when EC2 has no capacity for the one before.
+    pub instance_types: Vec<String>,
+    /// The first of [`Ec2Settings::subnet_ids`].
     pub subnet_id: Option<String>,
+    /// `LABBOOK_SUBNET_IDS` (else `LABBOOK_SUBNET_ID`; none: the default VPC's choice): the
+    /// subnets (zones) a machine is launched in, in order.
+    pub subnet_ids: Vec<String>,
     pub security_group_ids: Vec<String>,
     pub key_name: Option<String>,
     pub allowed_cidrs: Vec<String>,
@@ -114,6 +122,8 @@ pub struct Ec2Settings {
     pub watch_tick: Duration,
     /// `LABBOOK_READY_PROBE`: what else must answer before a machine counts as ready.
     pub probe: Probe,
+    /// `LABBOOK_PRICES`: hourly prices per instance type, for cost estimates.
+    pub prices: crate::domain::Prices,
 }
 
 /// What the instance details email waits for (`LABBOOK_READINESS`).
@@ -144,11 +154,39 @@ pub enum Probe {
 const RUNNING_TIMEOUT: &str = "LABBOOK_RUNNING_TIMEOUT_SECONDS";
 
 impl Ec2Settings {
+    /// Where a machine may be launched, in the order to try: each subnet of the first type,
+    /// then each subnet of the next type.
+    pub fn offerings(&self) -> Vec<crate::ec2::Offering> {
+        let subnets: Vec<Option<String>> = if self.subnet_ids.is_empty() {
+            vec![None]
+        } else {
+            self.subnet_ids.iter().cloned().map(Some).collect()
+        };
+        self.instance_types
+            .iter()
+            .flat_map(|t| {
+                subnets.iter().map(move |s| crate::ec2::Offering {
+                    instance_type: t.clone(),
+                    subnet_id: s.clone(),
+                })
+            })
+            .collect()
+    }
+
     fn from_vars(v: &Vars<'_>) -> Result<Self, ConfigError> {
         let admin = v.get("LABBOOK_ADMIN_USERNAME").unwrap_or("labadmin");
         let admin_username =
             Username::parse(admin).map_err(|e| ConfigError::new("LABBOOK_ADMIN_USERNAME", e))?;
         let running_timeout = v.seconds(RUNNING_TIMEOUT, 600, 1, 86_400)?;
+        // The lists win over the single forms; the first of each is the default.
+        let instance_types = Some(v.list("LABBOOK_INSTANCE_TYPES"))
+            .filter(|l| !l.is_empty())
+            .or_else(|| v.string("LABBOOK_INSTANCE_TYPE").map(|t| vec![t]))
+            .unwrap_or_else(|| vec!["t3.small".to_owned()]);
+        let subnet_ids = Some(v.list("LABBOOK_SUBNET_IDS"))
+            .filter(|l| !l.is_empty())
+            .or_else(|| v.string("LABBOOK_SUBNET_ID").map(|s| vec![s]))
+            .unwrap_or_default();
         let readiness = readiness(v)?;
         let bootstrap = v.choice(
             "LABBOOK_BOOTSTRAP",
@@ -160,11 +198,10 @@ impl Ec2Settings {
         )?;
         Ok(Self {
             ami_id: v.string("LABBOOK_AMI_ID"),
-            instance_type: v
-                .get("LABBOOK_INSTANCE_TYPE")
-                .unwrap_or("t3.small")
-                .to_owned(),
-            subnet_id: v.string("LABBOOK_SUBNET_ID"),
+            instance_type: instance_types[0].clone(),
+            instance_types,
+            subnet_id: subnet_ids.first().cloned(),
+            subnet_ids,
             security_group_ids: v.list("LABBOOK_SECURITY_GROUP_IDS"),
             key_name: v.string("LABBOOK_KEY_NAME"),
             allowed_cidrs: Some(v.list("LABBOOK_ALLOWED_CIDRS"))
@@ -197,6 +234,8 @@ impl Ec2Settings {
                 60_000,
             )?),
             probe: probe(v)?,
+            prices: crate::domain::Prices::parse(v.get("LABBOOK_PRICES").unwrap_or(""))
+                .map_err(|e| ConfigError::new("LABBOOK_PRICES", e))?,
         })
     }
 }
@@ -920,6 +959,37 @@ mod tests {
         assert_eq!(s.ec2.ready_timeout, Duration::from_secs(3600));
         error("LABBOOK_RUNNING_TIMEOUT_SECONDS", "0");
         error("LABBOOK_READY_TIMEOUT_SECONDS", "soon");
+    }
+
+    #[test]
+    fn capacity_fallbacks_come_in_order_and_the_lists_win() {
+        let one = with(&[("LABBOOK_INSTANCE_TYPE", "t3.micro")]).unwrap();
+        assert_eq!(one.ec2.instance_types, ["t3.micro"]);
+        let both = [
+            ("LABBOOK_INSTANCE_TYPE", "t3.micro"),
+            ("LABBOOK_INSTANCE_TYPES", "t3.small, t3a.small"),
+            ("LABBOOK_SUBNET_ID", "subnet-x"),
+            ("LABBOOK_SUBNET_IDS", "subnet-a,subnet-b"),
+        ];
+        let s = with(&both).unwrap();
+        assert_eq!(s.ec2.instance_type, "t3.small");
+        assert_eq!(s.ec2.subnet_id.as_deref(), Some("subnet-a"));
+        let order: Vec<String> = s.ec2.offerings().iter().map(|o| o.to_string()).collect();
+        assert_eq!(
+            order,
+            [
+                "t3.small in subnet-a",
+                "t3.small in subnet-b",
+                "t3a.small in subnet-a",
+                "t3a.small in subnet-b"
+            ]
+        );
+        let default = with(&[]).unwrap();
+        assert_eq!(default.ec2.offerings().len(), 1);
+        assert_eq!(default.ec2.offerings()[0].to_string(), "t3.small");
+        let prices = with(&[("LABBOOK_PRICES", "t3.small=0.0208")]).unwrap();
+        assert!(!prices.ec2.prices.is_empty());
+        error("LABBOOK_PRICES", "t3.small:0.0208");
     }
 
     #[test]

@@ -96,7 +96,8 @@ impl Application {
             Worker::Credentials => {
                 let key = settings.require_secret_key()?.clone();
                 let pace = LaunchPace::from_settings(settings);
-                let stage = CredentialsStage::new(store, key, settings.rules, pace);
+                let stage = CredentialsStage::new(store, key, settings.rules, pace)
+                    .with_prices(settings.ec2.prices.clone());
                 self.add_stage("credentials", settings, stage);
             }
             Worker::Scheduler => {

@@ -13,6 +13,7 @@ pub(crate) mod publisher;
 pub(crate) mod runtime;
 pub(crate) mod ticker;
 pub(crate) mod topology;
+pub mod trace;
 
 pub use connection::{
     confirmed_channel, connect, connect_with_retry, reconnect_delays, retry_until_cancelled,

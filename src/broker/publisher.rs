@@ -92,9 +92,11 @@ async fn publish(
 
 /// Properties of a message labbook publishes: JSON, persistent, with an id and a time.
 pub fn json_properties(message_id: &str) -> BasicProperties {
-    BasicProperties::default()
-        .with_content_type("application/json".into())
-        .with_delivery_mode(2)
-        .with_message_id(message_id.into())
-        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
+    super::trace::stamp_outgoing(
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message_id.into())
+            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64),
+    )
 }

@@ -37,6 +37,7 @@ use super::error::StageError;
 use super::headers;
 use super::publisher::{json_properties, publish_confirmed, publish_event_confirmed};
 use super::topology::{EVENTS_EXCHANGE, EXCHANGE, StageQueue, Topology};
+use super::trace::{self, TraceContext};
 use crate::config::BrokerSettings;
 use crate::health::ReadyFlag;
 
@@ -122,6 +123,9 @@ pub struct Outgoing {
     pub route: Route,
     pub message_id: String,
     pub body: Vec<u8>,
+    /// The trace it continues when published outside a delivery (the timer, the boot watch):
+    /// its booking's. `None`: the trace of the delivery being handled.
+    pub trace: Option<TraceContext>,
 }
 
 impl Outgoing {
@@ -130,7 +134,14 @@ impl Outgoing {
             route: Route::Stage(queue),
             message_id: message_id.into(),
             body: serde_json::to_vec(body).expect("labbook's messages serialize"),
+            trace: None,
         }
+    }
+
+    /// The same message, continuing the trace `traceparent` names (a booking's stored one).
+    pub fn traced(mut self, traceparent: Option<&str>) -> Self {
+        self.trace = traceparent.and_then(|tp| TraceContext::parse(tp, None));
+        self
     }
 
     /// An event for the upstream (docs/contract.md §7).
@@ -139,6 +150,7 @@ impl Outgoing {
             route: Route::Event(routing_key),
             message_id,
             body,
+            trace: None,
         }
     }
 
@@ -157,7 +169,10 @@ impl Outgoing {
         channel: &Channel,
         timeout: Duration,
     ) -> Result<(), super::PublishError> {
-        let props = json_properties(&self.message_id);
+        let props = match &self.trace {
+            Some(trace) => trace.child().stamp(json_properties(&self.message_id)),
+            None => json_properties(&self.message_id),
+        };
         match &self.route {
             Route::Stage(queue) => {
                 let route = (EXCHANGE, queue.name());
@@ -462,15 +477,18 @@ async fn consume<S: Stage>(
 async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
     let queue = S::QUEUE;
     let msg = Incoming::new(delivery.data, delivery.properties);
+    // The trace the message carries (an upstream's, or labbook's own), else a new one.
+    let trace = TraceContext::of(&msg.properties).unwrap_or_else(TraceContext::new_root);
     let span = tracing::info_span!(
         "message",
         stage = %queue,
         booking_id = field::Empty,
         attempt = msg.attempt,
         message_id = msg.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or(""),
+        trace_id = trace.trace_id(),
     );
     let acker = delivery.acker;
-    async move {
+    let handling = async move {
         let started = Instant::now();
         let outcome = decide(ctx, &msg).await;
         let label = outcome.label();
@@ -484,7 +502,11 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
                 if let Err(err) = acker.ack(BasicAckOptions::default()).await {
                     tracing::warn!(error = %err, "ack failed; the message will come again");
                 } else {
-                    tracing::info!(outcome = label, elapsed_ms = started.elapsed().as_millis() as u64, "handled");
+                    tracing::info!(
+                        outcome = label,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "handled"
+                    );
                 }
             }
             Err(err) => {
@@ -493,9 +515,8 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
                 ctx.reset.cancel();
             }
         }
-    }
-    .instrument(span)
-    .await
+    };
+    trace.scope(handling.instrument(span)).await
 }
 
 /// What becomes of a delivery.
@@ -547,20 +568,20 @@ impl Outcome {
                 ..
             } => {
                 tracing::warn!(error = %reason, retry_in_ms = delay.as_millis() as u64, attempts, waits, "not done yet; will try again");
-                let props = headers::for_retry(&msg.properties, attempts, waits);
+                let props = trace::keep(headers::for_retry(&msg.properties, attempts, waits));
                 let route = ("", queue_name.as_str());
                 publish_confirmed(&ctx.channel, route, &msg.body, props, ctx.publish_timeout).await
             }
             Outcome::DeadLetter { reason, follow_up } => {
                 tracing::error!(error = %reason, "giving up; dead-lettering the message");
                 publish_all(ctx, &follow_up).await?;
-                let props = headers::for_dead_letter(
+                let props = trace::keep(headers::for_dead_letter(
                     &msg.properties,
                     S::QUEUE.name(),
                     msg.attempt,
                     &reason,
                     chrono::Utc::now(),
-                );
+                ));
                 let dlq = S::QUEUE.dlq();
                 let route = ("", dlq.as_str());
                 publish_confirmed(&ctx.channel, route, &msg.body, props, ctx.publish_timeout).await

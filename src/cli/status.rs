@@ -9,7 +9,7 @@ use crate::config::Settings;
 use crate::store::emails::EmailRecord;
 use crate::store::events::{self, HistoryEntry};
 use crate::store::schedule::Entry;
-use crate::store::{BookingRecord, Store, bookings, emails, schedule, slots};
+use crate::store::{BookingRecord, Store, bookings, emails, machines, schedule, slots};
 
 #[derive(Serialize)]
 struct Status {
@@ -20,6 +20,16 @@ struct Status {
     instances: Vec<Instance>,
     emails: Vec<EmailRecord>,
     history: Vec<HistoryEntry>,
+    cost: Cost,
+}
+
+/// What the booking's machines ran for, and cost where `LABBOOK_PRICES` says.
+#[derive(Serialize)]
+struct Cost {
+    machine_seconds: u64,
+    machine_hours: f64,
+    /// USD; an estimate (see `domain::cost`).
+    estimated_cost: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -30,6 +40,14 @@ struct Instance {
     address: Option<String>,
     usernames: Vec<String>,
     admin_username: String,
+    /// When the boot watch saw it ready (`None`: booting, or not launched).
+    ready_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Launch to ready, in seconds.
+    boot_seconds: Option<i64>,
+    /// The AMI it booted from.
+    image_id: Option<String>,
+    /// Why it serves its lab over plain HTTP, if it does.
+    http_only: Option<String>,
 }
 
 pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::Result<ExitCode> {
@@ -59,11 +77,24 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
                 .map(|c| c.username.clone())
                 .collect(),
             address: s.address().map(str::to_owned),
+            boot_seconds: s
+                .ready_at
+                .zip(s.launched_at)
+                .map(|(ready, launched)| (ready - launched).num_seconds()),
+            ready_at: s.ready_at,
+            image_id: s.image_id,
+            http_only: s.http_only,
             instance_id: s.instance_id,
             state: s.instance_state,
             admin_username: s.admin_username,
         })
         .collect();
+    let usage = machines::usage(pool, booking_id).await?;
+    let cost = Cost {
+        machine_seconds: usage.machine_seconds(),
+        machine_hours: (usage.machine_hours() * 100.0).round() / 100.0,
+        estimated_cost: settings.ec2.prices.estimate(&usage),
+    };
     let status = Status {
         ends_at: crate::format_time(booking.ends_at()),
         usernames: creds.into_iter().map(|c| c.username).collect(),
@@ -72,6 +103,7 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
         history: events::history(pool, booking_id).await?,
         instances,
         booking,
+        cost,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -122,7 +154,25 @@ fn print_text(s: &Status) {
             i.usernames.join(", "),
             i.admin_username
         );
+        let boot = match (i.ready_at, i.boot_seconds) {
+            (Some(at), Some(secs)) => format!("ready {} ({secs} s after its launch)", t(at)),
+            _ if i.instance_id.is_some() => "booting".to_owned(),
+            _ => continue,
+        };
+        let image = i.image_id.as_deref().unwrap_or("-");
+        let http = i
+            .http_only
+            .as_deref()
+            .map(|why| format!("  HTTP only: {why}"))
+            .unwrap_or_default();
+        println!("           {boot}  image {image}{http}");
     }
+    let cost = s
+        .cost
+        .estimated_cost
+        .map(|usd| format!(", about {usd:.2} USD (an estimate from LABBOOK_PRICES)"))
+        .unwrap_or_default();
+    println!("machines   {:.2} machine-hours{cost}", s.cost.machine_hours);
     print_emails_and_history(s);
 }
 

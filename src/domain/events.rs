@@ -64,6 +64,12 @@ pub struct Event {
     pub detail: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<EventInstance>>,
+    /// `ended` and `cancelled`: the running time of the booking's machines, summed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub machine_seconds: Option<u64>,
+    /// With it, where `LABBOOK_PRICES` names every machine's type: their cost in USD.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_cost: Option<f64>,
 }
 
 impl Event {
@@ -76,7 +82,16 @@ impl Event {
             state: None,
             detail: String::new(),
             instances: None,
+            machine_seconds: None,
+            estimated_cost: None,
         }
+    }
+
+    /// What the booking's machines ran for, and cost where the prices say.
+    pub fn cost(mut self, usage: &super::cost::Usage, prices: &super::cost::Prices) -> Self {
+        self.machine_seconds = Some(usage.machine_seconds());
+        self.estimated_cost = prices.estimate(usage);
+        self
     }
 
     pub fn state(mut self, state: impl std::fmt::Display) -> Self {

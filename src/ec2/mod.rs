@@ -53,6 +53,20 @@ pub enum Ec2Error {
         operation: &'static str,
         detail: String,
     },
+    /// EC2 has no capacity for this offering now (the instance type in the subnet's zone): the
+    /// next offering is tried.
+    #[error("EC2 has no capacity for {operation} now: {detail}")]
+    Capacity {
+        operation: &'static str,
+        detail: String,
+    },
+    /// The account's vCPU quota for running On-Demand instances is used up
+    /// (`VcpuLimitExceeded`): machines of earlier bookings must end, or AWS raise the quota.
+    #[error("EC2 refused {operation}: the account's vCPU quota is used up: {detail}")]
+    Quota {
+        operation: &'static str,
+        detail: String,
+    },
     /// EC2 is pushing back or out of reach: the account's request rate is used up
     /// (`RequestLimitExceeded`), EC2 answers 5xx, or the endpoint does not answer in time.
     /// Waited out; never a reason to fail a booking.
@@ -102,8 +116,12 @@ impl From<Ec2Error> for StageError {
     fn from(err: Ec2Error) -> Self {
         match err {
             Ec2Error::Permanent { .. } => StageError::Permanent(err.to_string()),
-            Ec2Error::Transient { .. } => StageError::Transient(err.into()),
-            Ec2Error::Unavailable { .. } => StageError::Unavailable(err.into()),
+            Ec2Error::Transient { .. } | Ec2Error::Capacity { .. } => {
+                StageError::Transient(err.into())
+            }
+            Ec2Error::Unavailable { .. } | Ec2Error::Quota { .. } => {
+                StageError::Unavailable(err.into())
+            }
         }
     }
 }
@@ -120,13 +138,19 @@ const BACKPRESSURE_CODES: &[&str] = &[
     "RequestTimeout",
 ];
 
-/// Error codes that may pass on their own, but count as a failed attempt.
-const TRANSIENT_CODES: &[&str] = &[
+/// Error codes of an offering (an instance type in a zone) that cannot be had now: another
+/// subnet or type may serve. EC2 answers some of them with a 5xx, so they are sorted first.
+const CAPACITY_CODES: &[&str] = &[
     "InsufficientInstanceCapacity",
     "InsufficientCapacity",
     "InsufficientHostCapacity",
     "InsufficientReservedInstanceCapacity",
+    "InsufficientFreeAddressesInSubnet",
+    "Unsupported",
 ];
+
+/// The account's vCPU quota is used up.
+const QUOTA_CODES: &[&str] = &["VcpuLimitExceeded", "InstanceLimitExceeded"];
 
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
     operation: &'static str,
@@ -139,13 +163,15 @@ fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
             let detail = format!("{code}: {}", e.message().unwrap_or(""));
             // A 5xx is EC2 (or a proxy in front of it) failing, whatever its body says.
             let server_error = service.raw().status().is_server_error();
-            if server_error
+            if CAPACITY_CODES.contains(&code.as_str()) {
+                ("capacity", Ec2Error::Capacity { operation, detail })
+            } else if QUOTA_CODES.contains(&code.as_str()) {
+                ("quota", Ec2Error::Quota { operation, detail })
+            } else if server_error
                 || BACKPRESSURE_CODES.contains(&code.as_str())
                 || code.starts_with("Internal")
             {
                 ("throttled", Ec2Error::Unavailable { operation, detail })
-            } else if TRANSIENT_CODES.contains(&code.as_str()) {
-                ("transient", Ec2Error::Transient { operation, detail })
             } else {
                 let message = e.message().unwrap_or("").to_owned();
                 let err = Ec2Error::Permanent {
@@ -175,6 +201,16 @@ pub fn register_metrics() {
         "EC2 API calls, by operation and outcome"
     );
     metrics::describe_counter!(
+        "labbook_machine_seconds_total",
+        "Running time of the machines this installation terminated (launch to termination)"
+    );
+    metrics::counter!("labbook_machine_seconds_total").increment(0);
+    metrics::describe_counter!(
+        "labbook_ec2_quota_exceeded_total",
+        "Launches EC2 refused because the account's vCPU quota was used up"
+    );
+    metrics::counter!("labbook_ec2_quota_exceeded_total").increment(0);
+    metrics::describe_counter!(
         "labbook_ec2_rate_limited_total",
         "EC2 calls that waited for a token of the shared rate limit"
     );
@@ -191,7 +227,15 @@ pub fn register_metrics() {
         metrics::counter!("labbook_ec2_rate_limited_total", "operation" => operation).increment(0);
         metrics::counter!("labbook_ec2_rate_wait_milliseconds_total", "operation" => operation)
             .increment(0);
-        for outcome in ["ok", "throttled", "transient", "permanent", "unreachable"] {
+        for outcome in [
+            "ok",
+            "throttled",
+            "transient",
+            "capacity",
+            "quota",
+            "permanent",
+            "unreachable",
+        ] {
             metrics::counter!("labbook_ec2_calls_total", "operation" => operation, "outcome" => outcome)
                 .increment(0);
         }
@@ -289,6 +333,23 @@ impl Ec2Error {
     }
 }
 
+/// Where a machine is launched: an instance type, in a subnet (its zone) or wherever the
+/// default VPC chooses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offering {
+    pub instance_type: String,
+    pub subnet_id: Option<String>,
+}
+
+impl std::fmt::Display for Offering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.subnet_id {
+            Some(subnet) => write!(f, "{} in {subnet}", self.instance_type),
+            None => f.write_str(&self.instance_type),
+        }
+    }
+}
+
 /// One instance to launch.
 #[derive(Debug, Clone)]
 pub struct LaunchRequest<'a> {
@@ -298,18 +359,32 @@ pub struct LaunchRequest<'a> {
     pub generation: i32,
     /// cloud-init user-data (holds password hashes only).
     pub user_data: &'a str,
+    /// Where: the instance type and subnet.
+    pub offering: &'a Offering,
+    /// The offering's place in the configured order (0: the first), part of the `ClientToken`.
+    pub offering_index: usize,
 }
 
 /// The `ClientToken` for a booking's slot in a launch generation of an installation: EC2
 /// returns the same instance for the same token, so a retried launch never makes a second
 /// machine, a new generation makes a new one, and two installations sharing an account never
 /// get each other's. (The default installation's first generation keeps the tokens of the
-/// machines launched before generations and installations existed.)
-pub fn client_token(installation: &str, booking_id: &str, slot: i32, generation: i32) -> String {
+/// machines launched before generations and installations existed; an offering after the first
+/// adds its place, since a token names one request's parameters.)
+pub fn client_token(
+    installation: &str,
+    booking_id: &str,
+    (slot, generation): (i32, i32),
+    offering_index: usize,
+) -> String {
     let mut seed = match generation {
         0 => format!("{booking_id}/{slot}"),
         g => format!("{booking_id}/{slot}/g{g}"),
     };
+    if offering_index > 0 {
+        // Another offering is another request: EC2 would refuse a token reused with it.
+        seed = format!("{seed}/o{offering_index}");
+    }
     if installation != DEFAULT_INSTALLATION {
         // `|` is in neither an installation name nor a booking id: no two seeds collide.
         seed = format!("{installation}|{seed}");
@@ -597,16 +672,16 @@ impl Ec2 {
             .client
             .run_instances()
             .image_id(ami_id)
-            .instance_type(InstanceType::from(self.settings.instance_type.as_str()))
+            .instance_type(InstanceType::from(req.offering.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
             .client_token(client_token(
                 &self.settings.installation,
                 req.booking_id,
-                req.slot,
-                req.generation,
+                (req.slot, req.generation),
+                req.offering_index,
             ))
-            .set_subnet_id(self.settings.subnet_id.clone())
+            .set_subnet_id(req.offering.subnet_id.clone())
             .set_security_group_ids(Some(security_groups))
             .set_key_name(self.settings.key_name.clone())
             .user_data(base64::engine::general_purpose::STANDARD.encode(req.user_data))
@@ -744,19 +819,20 @@ mod tests {
 
     #[test]
     fn client_tokens_are_stable_short_and_distinct() {
-        let a = client_token("default", "course-42", 0, 0);
-        assert_eq!(a, client_token("default", "course-42", 0, 0));
-        assert_ne!(a, client_token("default", "course-42", 1, 0));
-        assert_ne!(a, client_token("default", "course-42", 0, 1));
-        assert_ne!(a, client_token("staging", "course-42", 0, 0));
+        let a = client_token("default", "course-42", (0, 0), 0);
+        assert_eq!(a, client_token("default", "course-42", (0, 0), 0));
+        assert_ne!(a, client_token("default", "course-42", (1, 0), 0));
+        assert_ne!(a, client_token("default", "course-42", (0, 1), 0));
+        assert_ne!(a, client_token("default", "course-42", (0, 0), 1));
+        assert_ne!(a, client_token("staging", "course-42", (0, 0), 0));
         // A booking id may hold `:`; the default installation's `staging:c1` is not
         // installation `staging`'s `c1`.
         assert_ne!(
-            client_token("default", "staging:c1", 0, 0),
-            client_token("staging", "c1", 0, 0)
+            client_token("default", "staging:c1", (0, 0), 0),
+            client_token("staging", "c1", (0, 0), 0)
         );
         assert!(a.len() <= 64 && a.is_ascii());
-        let longest = client_token(&"s".repeat(32), &"x".repeat(64), 999, 7);
+        let longest = client_token(&"s".repeat(32), &"x".repeat(64), (999, 7), 9);
         assert_eq!(longest.len(), a.len());
     }
 }

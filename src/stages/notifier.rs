@@ -20,15 +20,29 @@ const WHAT_FAILED: &str = "The lab machines for this booking could not be starte
 /// What the failure email says when the machines ran but their bootstrap never succeeded.
 const NOT_READY_TEXT: &str = "The lab machines for this booking started but did not become ready.";
 
-fn what_failed(booking: &BookingRecord) -> &'static str {
-    let not_ready = booking
-        .failure_reason
-        .as_deref()
-        .is_some_and(|r| r.starts_with(crate::stages::provisioner::NOT_READY));
-    if not_ready {
-        NOT_READY_TEXT
+/// What the failure email says when EC2 had no capacity for any configured offering.
+const NO_CAPACITY_TEXT: &str =
+    "The lab machines for this booking could not be started: AWS had no capacity for them";
+
+/// What the failure email says when the AWS account's quota left no room for the machines.
+const QUOTA_TEXT: &str = "The lab machines for this booking could not be started: the AWS account's limit on running machines was reached.";
+
+fn what_failed(booking: &BookingRecord) -> String {
+    use crate::stages::provisioner::{NO_CAPACITY, NOT_READY, QUOTA};
+    let reason = booking.failure_reason.as_deref().unwrap_or_default();
+    if reason.starts_with(NOT_READY) {
+        NOT_READY_TEXT.to_owned()
+    } else if reason.starts_with(QUOTA) {
+        QUOTA_TEXT.to_owned()
+    } else if let Some(rest) = reason.strip_prefix(NO_CAPACITY) {
+        // What was tried: instance types and subnets, nothing internal.
+        let tried = rest.split_once("tried ").map_or("", |(_, t)| t.trim());
+        match tried {
+            "" => format!("{NO_CAPACITY_TEXT}."),
+            tried => format!("{NO_CAPACITY_TEXT} (tried {tried})."),
+        }
     } else {
-        WHAT_FAILED
+        WHAT_FAILED.to_owned()
     }
 }
 
@@ -87,7 +101,7 @@ impl NotifierStage {
                 self.templates
                     .instance_details(id, &time, &ends, &instances, jupyterhub)
             }
-            EmailKind::Failure => self.templates.failure(id, &time, what_failed(booking)),
+            EmailKind::Failure => self.templates.failure(id, &time, &what_failed(booking)),
             EmailKind::Updated => {
                 let users = self.logins(id).await?;
                 let change = self.change(booking).await?;

@@ -205,6 +205,7 @@ async fn publish_due(
         };
         let revision = Some(entry.revision.max(0) as u32);
         BookingRef::at_revision(queue, &entry.booking_id, revision)
+            .traced(entry.traceparent.as_deref())
             .publish(channel, timeout)
             .await?;
         schedule::mark_published(&mut tx, entry).await?;

@@ -76,6 +76,9 @@ pub struct BookingRecord {
     pub schedule_revision: i32,
     /// The revision whose machines the last instance-details email lists.
     pub provisioned_revision: Option<i32>,
+    /// The W3C trace the booking was stored under.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 impl BookingRecord {
@@ -235,4 +238,34 @@ pub async fn is_provisioning(pool: &PgPool, booking_id: &str) -> Result<bool, sq
     .fetch_optional(pool)
     .await?;
     Ok(yes.unwrap_or(false))
+}
+
+/// Remembers the trace the booking was stored under (its first message's): what is published
+/// for it outside a delivery continues it.
+pub async fn remember_trace<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+    traceparent: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE bookings SET traceparent = COALESCE(traceparent, $2) WHERE booking_id = $1",
+    )
+    .bind(booking_id)
+    .bind(traceparent)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The trace the booking was stored under.
+pub async fn trace<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+) -> Result<Option<String>, sqlx::Error> {
+    let trace: Option<Option<String>> =
+        sqlx::query_scalar("SELECT traceparent FROM bookings WHERE booking_id = $1")
+            .bind(booking_id)
+            .fetch_optional(db)
+            .await?;
+    Ok(trace.flatten())
 }

@@ -9,41 +9,75 @@ const RECENT_BOOTS: i64 = 50;
 /// Fewer recorded boots than this say too little: the configured expectation is used instead.
 const ENOUGH_BOOTS: i64 = 5;
 
+/// What a machine was launched as.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Launch<'a> {
+    pub image_id: Option<&'a str>,
+    pub instance_type: Option<&'a str>,
+    pub subnet_id: Option<&'a str>,
+}
+
 /// Records a machine launched (or adopted) for a slot's launch generation; once.
 pub async fn launched<'e>(
     db: impl sqlx::PgExecutor<'e>,
     booking_id: &str,
     (slot, generation): (i32, i32),
     instance_id: &str,
-    image_id: Option<&str>,
+    launch: Launch<'_>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO machines (instance_id, booking_id, slot, generation, image_id)
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+        "INSERT INTO machines (instance_id, booking_id, slot, generation, image_id,
+                               instance_type, subnet_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
     )
     .bind(instance_id)
     .bind(booking_id)
     .bind(slot)
     .bind(generation)
-    .bind(image_id)
+    .bind(launch.image_id)
+    .bind(launch.instance_type)
+    .bind(launch.subnet_id)
     .execute(db)
     .await?;
     Ok(())
 }
 
-/// Records machines as terminated (the first time counts).
+/// Records machines as terminated (the first time counts); returns the running time, in
+/// seconds, of those terminated now.
 pub async fn terminated<'e>(
     db: impl sqlx::PgExecutor<'e>,
     instance_ids: &[String],
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE machines SET terminated_at = now()
-         WHERE instance_id = ANY($1) AND terminated_at IS NULL",
+) -> Result<f64, sqlx::Error> {
+    let seconds: Option<f64> = sqlx::query_scalar(
+        "WITH ended AS (
+             UPDATE machines SET terminated_at = now()
+             WHERE instance_id = ANY($1) AND terminated_at IS NULL
+             RETURNING extract(epoch FROM terminated_at - launched_at)::float8 AS seconds)
+         SELECT sum(seconds) FROM ended",
     )
     .bind(instance_ids)
-    .execute(db)
+    .fetch_one(db)
     .await?;
-    Ok(())
+    Ok(seconds.unwrap_or(0.0).max(0.0))
+}
+
+/// The running time of the booking's machines per instance type: launch to termination, or to
+/// now for a machine still running.
+pub async fn usage<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    booking_id: &str,
+) -> Result<crate::domain::Usage, sqlx::Error> {
+    let rows: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT COALESCE(instance_type, ''),
+                sum(extract(epoch FROM COALESCE(terminated_at, now()) - launched_at))::float8
+         FROM machines WHERE booking_id = $1 GROUP BY 1",
+    )
+    .bind(booking_id)
+    .fetch_all(db)
+    .await?;
+    Ok(crate::domain::Usage {
+        seconds: rows.into_iter().map(|(t, s)| (t, s.max(0.0))).collect(),
+    })
 }
 
 /// How long machines of `image_id` took from launch to ready, from its latest boots: the

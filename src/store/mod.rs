@@ -8,6 +8,7 @@ pub mod emails;
 pub mod events;
 pub mod intake;
 pub mod machines;
+pub mod offerings;
 pub mod outbox;
 pub mod schedule;
 pub mod slots;

@@ -13,11 +13,13 @@ pub async fn put(tx: &mut PgConnection, message: &Outgoing) -> Result<i64, sqlx:
         unreachable!("the stage outbox holds stage messages only");
     };
     sqlx::query_scalar(
-        "INSERT INTO stage_outbox (queue, message_id, body) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO stage_outbox (queue, message_id, body, traceparent) VALUES ($1, $2, $3, $4)
+         RETURNING id",
     )
     .bind(queue.name())
     .bind(&message.message_id)
     .bind(&message.body)
+    .bind(message.trace.as_ref().map(|t| t.traceparent()))
     .fetch_one(tx)
     .await
 }
@@ -38,8 +40,8 @@ pub async fn claim_left(
     seconds: f64,
     limit: i64,
 ) -> Result<Vec<(i64, Outgoing)>, sqlx::Error> {
-    let rows: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
-        "SELECT id, queue, message_id, body FROM stage_outbox
+    let rows: Vec<(i64, String, String, Vec<u8>, Option<String>)> = sqlx::query_as(
+        "SELECT id, queue, message_id, body, traceparent FROM stage_outbox
          WHERE created_at < now() - make_interval(secs => $1)
          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
     )
@@ -49,7 +51,7 @@ pub async fn claim_left(
     .await?;
     Ok(rows
         .into_iter()
-        .filter_map(|(id, queue, message_id, body)| {
+        .filter_map(|(id, queue, message_id, body, traceparent)| {
             let queue = StageQueue::parse(&queue)?;
             Some((
                 id,
@@ -57,7 +59,9 @@ pub async fn claim_left(
                     route: Route::Stage(queue),
                     message_id,
                     body,
-                },
+                    trace: None,
+                }
+                .traced(traceparent.as_deref()),
             ))
         })
         .collect())

@@ -31,6 +31,10 @@ pub struct Entry {
     pub published_at: Option<DateTime<Utc>>,
     /// The booking revision that set this time; carried on the message the timer publishes.
     pub revision: i32,
+    /// The trace the booking was stored under (claimed rows only).
+    #[sqlx(default)]
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 /// Schedules `action` for `booking_id` at `due_at`, once: a second call changes nothing (an
@@ -58,9 +62,10 @@ pub async fn claim_due(
     limit: i64,
 ) -> Result<Vec<Entry>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT booking_id, action, due_at, published_at, revision FROM schedule
-         WHERE published_at IS NULL AND due_at <= now()
-         ORDER BY due_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT s.booking_id, s.action, s.due_at, s.published_at, s.revision, b.traceparent
+         FROM schedule s JOIN bookings b ON b.booking_id = s.booking_id
+         WHERE s.published_at IS NULL AND s.due_at <= now()
+         ORDER BY s.due_at LIMIT $1 FOR UPDATE OF s SKIP LOCKED",
     )
     .bind(limit)
     .fetch_all(&mut **tx)

@@ -109,8 +109,9 @@ pub async fn for_booking(pool: &PgPool, booking_id: &str) -> Result<Vec<Slot>, s
         .await
 }
 
-/// Records the instance launched (or found) for a slot's launch `generation`, booted from
-/// `image_id`, and has the boot watch look at it at once. Never replaces one already recorded.
+/// Records the instance launched (or found) for a slot's launch `generation`, as `launch` says
+/// (its image, type and subnet), and has the boot watch look at it at once. Never replaces one
+/// already recorded.
 /// Returns the slot's instance, or `None` when the slot has moved on to another generation
 /// meanwhile (its booking moved): the instance is then retired instead.
 pub async fn record_instance(
@@ -118,7 +119,7 @@ pub async fn record_instance(
     booking_id: &str,
     (slot, generation): (i32, i32),
     instance_id: &str,
-    image_id: Option<&str>,
+    launch: super::machines::Launch<'_>,
 ) -> Result<Option<String>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     super::machines::launched(
@@ -126,7 +127,7 @@ pub async fn record_instance(
         booking_id,
         (slot, generation),
         instance_id,
-        image_id,
+        launch,
     )
     .await?;
     let recorded: Option<String> = sqlx::query_scalar(
@@ -141,7 +142,7 @@ pub async fn record_instance(
     .bind(slot)
     .bind(generation)
     .bind(instance_id)
-    .bind(image_id)
+    .bind(launch.image_id)
     .fetch_optional(&mut *tx)
     .await?;
     if recorded.is_none() {

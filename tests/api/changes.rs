@@ -556,8 +556,9 @@ async fn a_booking_moved_after_provisioning_is_terminated_and_provisioned_again(
 
 #[tokio::test]
 async fn a_cancellation_that_lands_while_machines_launch_leaves_none_running() {
-    // One RunInstances a second: the booking's five machines take seconds to launch.
-    let mut c = Changes::new(&[("LABBOOK_EC2_RATE_RUN_INSTANCES", "1/1")]).await;
+    // One RunInstances every three seconds: the booking's five machines take twelve seconds to
+    // launch (the emulator's tag search that sees the first one can itself take seconds).
+    let mut c = Changes::new(&[("LABBOOK_EC2_RATE_RUN_INSTANCES", "1/0.33")]).await;
     c.env.spawn(&Worker::ALL).await;
     let id = unique_id("race");
     c.publish(booking(

@@ -750,3 +750,11 @@ async fn smtp_session(
         }
     }
 }
+
+/// The offering a test's machines launch as by default (`t3.small`, the default VPC).
+pub fn default_offering() -> labbook::ec2::Offering {
+    labbook::ec2::Offering {
+        instance_type: "t3.small".into(),
+        subnet_id: None,
+    }
+}

@@ -4,6 +4,7 @@
 // The console tests await the whole pipeline (drain) and the console in one future.
 #![recursion_limit = "256"]
 
+mod capacity;
 mod changes;
 mod console;
 mod emails;
@@ -17,4 +18,5 @@ mod readiness;
 mod runtime;
 mod shutdown;
 mod throttling;
+mod trace_context;
 mod userdata;

@@ -129,6 +129,8 @@ async fn scheduled_with_orphan(env: &mut TestEnv, prefix: &str, slot: i32) -> (S
         slot,
         generation: 0,
         user_data: "#cloud-config\n{}",
+        offering: &crate::helpers::default_offering(),
+        offering_index: 0,
     };
     let store = env.store().await;
     labbook::ec2::intent::record(&store.pool, &id, slot, 0)
@@ -349,6 +351,8 @@ async fn the_sweep_terminates_machines_of_bookings_that_are_over_and_only_those(
             slot: 0,
             generation: 0,
             user_data: "#cloud-config\n{}",
+            offering: &crate::helpers::default_offering(),
+            offering_index: 0,
         };
         ec2.launch(&request, "ami-03cf127a").await.unwrap();
     }
@@ -403,6 +407,8 @@ async fn installations_sharing_an_account_touch_only_their_own_machines() {
             slot: 0,
             generation: 0,
             user_data: "#cloud-config\n{}",
+            offering: &crate::helpers::default_offering(),
+            offering_index: 0,
         };
         env.ec2()
             .await
@@ -492,6 +498,8 @@ async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_re
         slot: 0,
         generation: 0,
         user_data: "#cloud-config\n{}",
+        offering: &crate::helpers::default_offering(),
+        offering_index: 0,
     };
     let ec2 = env.ec2().await;
     let name = ec2.group_name();
@@ -583,6 +591,8 @@ async fn a_machine_taken_back_before_it_ran_is_replaced() {
         slot: 0,
         generation: 0,
         user_data: "#cloud-config\n{}",
+        offering: &crate::helpers::default_offering(),
+        offering_index: 0,
     };
     let lost = env
         .ec2()
@@ -590,7 +600,7 @@ async fn a_machine_taken_back_before_it_ran_is_replaced() {
         .launch(&request, "ami-03cf127a")
         .await
         .unwrap();
-    slots::record_instance(&store.pool, &id, (0, 0), &lost, None)
+    slots::record_instance(&store.pool, &id, (0, 0), &lost, Default::default())
         .await
         .unwrap();
     crate::helpers::raw_ec2()
@@ -618,5 +628,51 @@ async fn a_machine_taken_back_before_it_ran_is_replaced() {
         .filter(|i| state_of(i) == "running")
         .collect();
     assert_eq!(running.len(), 1);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_launch_whose_answer_was_lost_is_found_and_terminated_when_the_booking_moves() {
+    // EC2 launches the machine but labbook never learns of it (the answer is lost on every
+    // try); then the booking moves to another day before a retry finds it.
+    let proxy = crate::throttling::ThrottlingProxy::start().await;
+    proxy.lose_next_run_instances_answers(3);
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_RETRY_DELAYS_MS", "60000"),
+    ])
+    .await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("lost-answer");
+    let now = chrono::Utc::now();
+    let mut booking: serde_json::Value =
+        serde_json::from_str(&crate::helpers::booking_at(&id, 2, now, 120)).unwrap();
+    env.publish_booking(&booking.to_string()).await;
+    let lost = eventually(Duration::from_secs(30), "the lost launches", || async {
+        let launched = instances_for(&id).await;
+        (launched.len() == 3).then_some(launched)
+    })
+    .await;
+    assert!(lost.iter().all(|i| state_of(i) != "terminated"));
+    let store = env.store().await;
+    let slot = &labbook::store::slots::for_booking(&store.pool, &id)
+        .await
+        .unwrap()[0];
+    assert!(slot.instance_id.is_none(), "labbook never saw them");
+    // The move: provisioning starts again in two days, at generation 1.
+    booking["revision"] = 1.into();
+    booking["booking_time"] = (now + chrono::Duration::days(2)).to_rfc3339().into();
+    env.publish_booking(&booking.to_string()).await;
+    eventually(
+        Duration::from_secs(30),
+        "the lost machines terminated",
+        || async { all_terminated(&instances_for(&id).await).then_some(()) },
+    )
+    .await;
+    env.wait_state(&id, "scheduled").await;
+    let slot = &labbook::store::slots::for_booking(&store.pool, &id)
+        .await
+        .unwrap()[0];
+    assert_eq!((slot.generation, slot.instance_id.as_deref()), (1, None));
     env.stop().await;
 }

@@ -49,6 +49,11 @@ struct ProxyState {
     counts: HashMap<String, (u64, u64)>,
     /// How many of the next `RunInstances` calls get a 500 (EC2 failing, not throttling).
     fail_run_instances: u32,
+    /// How many of the next `RunInstances` calls launch their machine but lose the answer
+    /// (labbook sees a 500).
+    lose_run_answers: u32,
+    /// `RunInstances` of these (instance type, subnet or any) answered with (HTTP status, code).
+    refusals: Vec<(String, Option<String>, u16, String)>,
     /// The body of every `RunInstances` call, in order.
     run_bodies: Vec<Vec<u8>>,
     /// What the live console (`GetConsoleOutput` with `Latest=true`) answers, per instance,
@@ -98,6 +103,29 @@ impl ThrottlingProxy {
     /// Answers the next `n` `RunInstances` calls with EC2's `500 InternalError`.
     pub fn fail_next_run_instances(&self, n: u32) {
         self.state.lock().unwrap().fail_run_instances = n;
+    }
+
+    /// The next `n` `RunInstances` calls launch their machine, and labbook gets a 500 instead
+    /// of the answer: a launch whose outcome it cannot know.
+    pub fn lose_next_run_instances_answers(&self, n: u32) {
+        self.state.lock().unwrap().lose_run_answers = n;
+    }
+
+    /// Answers `RunInstances` of `instance_type` (in `subnet`, or in any) with EC2's error
+    /// `code` and HTTP `status` (`InsufficientInstanceCapacity` comes as a 500).
+    pub fn refuse_run_instances(
+        &self,
+        instance_type: &str,
+        subnet: Option<&str>,
+        status: u16,
+        code: &str,
+    ) {
+        self.state.lock().unwrap().refusals.push((
+            instance_type.to_owned(),
+            subnet.map(str::to_owned),
+            status,
+            code.to_owned(),
+        ));
     }
 
     /// `GetConsoleOutput` of every instance answers `text` (unless set per instance).
@@ -271,6 +299,32 @@ fn console_xml(instance: &str, text: &str, written: chrono::DateTime<chrono::Utc
         .unwrap()
 }
 
+/// The error a scripted refusal answers a `RunInstances` call with, if one matches.
+fn refusal(state: &Mutex<ProxyState>, body: &[u8]) -> Option<Response> {
+    let form = String::from_utf8_lossy(body).into_owned();
+    let field = |name: &str| {
+        form.split('&')
+            .find_map(|pair| pair.strip_prefix(name))
+            .map(str::to_owned)
+    };
+    let (kind, subnet) = (field("InstanceType=")?, field("SubnetId="));
+    let state = state.lock().unwrap();
+    let (_, _, status, code) = state
+        .refusals
+        .iter()
+        .find(|(t, s, _, _)| *t == kind && (s.is_none() || *s == subnet))?;
+    let xml = format!(
+        "<Response><Errors><Error><Code>{code}</Code><Message>We currently do not have sufficient {kind} capacity in the Availability Zone you requested.</Message></Error></Errors><RequestID>x</RequestID></Response>"
+    );
+    Some(
+        Response::builder()
+            .status(*status)
+            .header("content-type", "text/xml;charset=UTF-8")
+            .body(Body::from(xml))
+            .unwrap(),
+    )
+}
+
 /// Notes when each instance in a `RunInstances` answer was launched (the boot clock).
 fn note_launches(state: &Mutex<ProxyState>, answer: &[u8]) {
     let text = String::from_utf8_lossy(answer);
@@ -298,6 +352,11 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
     let action = action_of(&body);
+    if action == "RunInstances"
+        && let Some(refusal) = refusal(&state, &body)
+    {
+        return refusal;
+    }
     if action == "RunInstances" {
         let mut state = state.lock().unwrap();
         state.run_bodies.push(body.to_vec());
@@ -354,6 +413,15 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
     let bytes = answer.bytes().await.unwrap_or_default();
     if action == "RunInstances" {
         note_launches(&state, &bytes);
+        let mut state = state.lock().unwrap();
+        if state.lose_run_answers > 0 {
+            state.lose_run_answers -= 1;
+            return Response::builder()
+                .status(StatusCode::INTERNAL_SERVER_ERROR)
+                .header("content-type", "text/xml;charset=UTF-8")
+                .body(Body::from(INTERNAL_ERROR_BODY))
+                .unwrap();
+        }
     }
     response.body(Body::from(bytes)).unwrap()
 }

@@ -226,6 +226,7 @@ mod tests {
             cancelled,
             schedule_revision: b.revision as i32,
             provisioned_revision: None,
+            traceparent: None,
         }
     }
 

@@ -14,12 +14,12 @@ use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodab
 use crate::crypto::{SecretKey, password_context};
 use crate::domain::{
     Booking, BookingMessage, BookingRef, BookingRules, Credential, EmailKind, Event, EventKind,
-    NotifyMessage, parse_message, peek,
+    NotifyMessage, Prices, parse_message, peek,
 };
 use crate::stages::scheduler::LaunchPace;
 use crate::store::schedule::Action;
 use crate::store::{
-    BookingRecord, BookingState, Store, StoredCredential, bookings, events, intake,
+    BookingRecord, BookingState, Store, StoredCredential, bookings, events, intake, machines,
 };
 use decide::{Decision, Update, decide};
 
@@ -29,6 +29,8 @@ pub struct CredentialsStage {
     rules: BookingRules,
     /// When a moved booking's provisioning is due.
     pace: LaunchPace,
+    /// `LABBOOK_PRICES`, for what a cancelled booking's machines cost.
+    prices: Prices,
 }
 
 impl CredentialsStage {
@@ -38,7 +40,14 @@ impl CredentialsStage {
             key,
             rules,
             pace,
+            prices: Prices::default(),
         }
+    }
+
+    /// Estimates what a cancelled booking's machines cost with these prices.
+    pub fn with_prices(mut self, prices: Prices) -> Self {
+        self.prices = prices;
+        self
     }
 }
 
@@ -215,6 +224,8 @@ impl CredentialsStage {
             .seal(b.id.as_str(), 0..b.number_of_users.get() as i32)
             .await?;
         intake::insert(tx, b, &credentials).await?;
+        let trace = crate::broker::trace::current().map(|t| t.traceparent());
+        bookings::remember_trace(&mut *tx, b.id.as_str(), trace.as_deref()).await?;
         tracing::info!(
             users = b.number_of_users.get(),
             revision = b.revision,
@@ -316,9 +327,14 @@ impl CredentialsStage {
     ) -> Result<Vec<Outgoing>, StageError> {
         let id = msg.id().as_str();
         let revision = msg.revision();
-        let event = Event::new(id, effects.event, revision)
+        let mut event = Event::new(id, effects.event, revision)
             .detail(effects.detail)
             .state(effects.state);
+        if effects.event == EventKind::Cancelled {
+            // What its machines ran for until now (they are terminated within a minute).
+            let usage = machines::usage(&self.store.pool, id).await?;
+            event = event.cost(&usage, &self.prices);
+        }
         let mut out = vec![events::record(&self.store.pool, &event).await?];
         if effects.schedule {
             out.push(BookingRef::outgoing(StageQueue::CredentialsReady, id));

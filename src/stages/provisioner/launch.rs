@@ -8,9 +8,36 @@ use crate::broker::{Outgoing, StageError};
 use crate::crypto::admin_context;
 use crate::domain::{EmailKind, NotifyMessage, Password};
 use crate::ec2::userdata::{self, Account};
-use crate::ec2::{LaunchRequest, intent};
+use crate::ec2::{Ec2Error, LaunchRequest, Offering, intent};
 use crate::store::slots::{self, NewSlot, Slot};
-use crate::store::{BookingRecord, BookingState, StoredCredential, bookings, boots};
+use crate::store::{
+    BookingRecord, BookingState, StoredCredential, bookings, boots, machines, offerings,
+};
+
+/// How a failure reason of a booking no offering had capacity for starts; the failure email
+/// says so in plain words, with what was tried.
+pub const NO_CAPACITY: &str = "no capacity:";
+
+/// How a failure reason of a booking the account's vCPU quota could not take starts.
+pub const QUOTA: &str = "quota:";
+
+/// How long every replica skips an offering EC2 had no capacity for, in seconds.
+const OFFERING_SKIPPED_FOR: f64 = 180.0;
+
+/// The account's vCPU quota is used up: the booking waits (its attempts untouched) while
+/// machines of earlier bookings end and free it, and fails once its start has passed, with a
+/// reason the operator can act on.
+fn quota_used_up(booking: &BookingRecord, detail: &str) -> StageError {
+    metrics::counter!("labbook_ec2_quota_exceeded_total").increment(1);
+    let why = format!(
+        "{QUOTA} the AWS account's vCPU quota for running On-Demand instances (Service Quotas L-1216C47A) is used up ({detail}); ask AWS to raise it, or end other machines"
+    );
+    if booking.booking_time <= chrono::Utc::now() {
+        return StageError::Permanent(why);
+    }
+    tracing::error!(booking_id = %booking.booking_id, reason = %why, "the booking waits for vCPUs to free up before its start");
+    StageError::Unavailable(anyhow::anyhow!(why))
+}
 
 /// How many lab machines a booking needs.
 pub fn slot_count(users: u32, users_per_instance: u32) -> u32 {
@@ -123,7 +150,7 @@ impl Provisioner {
             .map(|slot| {
                 let found = tagged
                     .iter()
-                    .find(|i| i.slot == Some(slot.slot))
+                    .find(|i| i.slot == Some(slot.slot) && i.generation == slot.generation)
                     .map(|i| i.instance_id.clone());
                 (slot, found)
             })
@@ -146,13 +173,13 @@ impl Provisioner {
         credentials: &[StoredCredential],
     ) -> Result<(), StageError> {
         let booking_id = booking.booking_id.as_str();
-        let instance_id = match found {
+        let (instance_id, offering) = match found {
             Some(existing) => {
                 tracing::info!(slot = slot.slot, instance_id = %existing, "found an instance launched earlier");
-                existing
+                (existing, None)
             }
             None => match self.launch(booking, &slot, credentials).await? {
-                Some(launched) => launched,
+                Some((launched, offering)) => (launched, Some(offering)),
                 None => {
                     tracing::info!(slot = slot.slot, "the booking changed; not launching");
                     return Ok(());
@@ -160,8 +187,12 @@ impl Provisioner {
             },
         };
         let key = (slot.slot, slot.generation);
-        let image = Some(self.ami_id.as_str());
-        if slots::record_instance(&self.store.pool, booking_id, key, &instance_id, image)
+        let launch = machines::Launch {
+            image_id: Some(&self.ami_id),
+            instance_type: offering.as_ref().map(|o| o.instance_type.as_str()),
+            subnet_id: offering.as_ref().and_then(|o| o.subnet_id.as_deref()),
+        };
+        if slots::record_instance(&self.store.pool, booking_id, key, &instance_id, launch)
             .await?
             .is_none()
         {
@@ -174,12 +205,15 @@ impl Provisioner {
     /// Launches the slot's machine with user-data that creates its admin and its trainees,
     /// unless the booking is no longer being provisioned when its turn to launch comes. Its
     /// turn comes after the launches of bookings due earlier (the booking's time is its rank).
+    /// Where EC2 has no capacity for an offering, the next is tried (subnets, then types),
+    /// and the offering is skipped by every replica for a few minutes; when none has any,
+    /// the booking fails saying what was tried.
     async fn launch(
         &self,
         booking: &BookingRecord,
         slot: &Slot,
         credentials: &[StoredCredential],
-    ) -> Result<Option<String>, StageError> {
+    ) -> Result<Option<(String, Offering)>, StageError> {
         let booking_id = booking.booking_id.as_str();
         let users: Vec<Account<'_>> = credentials
             .iter()
@@ -195,12 +229,6 @@ impl Provisioner {
         };
         let user_data = userdata::render(self.settings.bootstrap, &admin, &users)
             .map_err(StageError::Permanent)?;
-        let req = LaunchRequest {
-            booking_id,
-            slot: slot.slot,
-            generation: slot.generation,
-            user_data: &user_data,
-        };
         intent::record(&self.store.pool, booking_id, slot.slot, slot.generation).await?;
         let pool = &self.store.pool;
         let still_wanted = || async {
@@ -211,14 +239,50 @@ impl Provisioner {
                 .unwrap_or(true)
         };
         let rank = Some(booking.booking_time);
-        let launched = self
-            .ec2
-            .launch_if(&req, &self.ami_id, rank, still_wanted)
-            .await?;
-        if let Some(id) = &launched {
-            tracing::info!(slot = slot.slot, instance_id = %id, users = users.len(), "launched");
+        let offerings = self.settings.offerings();
+        let mut blocked = offerings::blocked(pool).await?;
+        if offerings.iter().all(|o| blocked.contains(o)) {
+            // Every offering refused a moment ago: ask again rather than fail unasked.
+            blocked.clear();
         }
-        Ok(launched)
+        let mut tried = Vec::new();
+        for (index, offering) in offerings.iter().enumerate() {
+            if blocked.contains(offering) {
+                tried.push(format!("{offering} (skipped: no capacity a moment ago)"));
+                continue;
+            }
+            let req = LaunchRequest {
+                booking_id,
+                slot: slot.slot,
+                generation: slot.generation,
+                user_data: &user_data,
+                offering,
+                offering_index: index,
+            };
+            match self
+                .ec2
+                .launch_if(&req, &self.ami_id, rank, still_wanted)
+                .await
+            {
+                Ok(Some(id)) => {
+                    tracing::info!(slot = slot.slot, instance_id = %id, users = users.len(), %offering, "launched");
+                    return Ok(Some((id, offering.clone())));
+                }
+                Ok(None) => return Ok(None),
+                Err(Ec2Error::Capacity { detail, .. }) => {
+                    let code = detail.split(':').next().unwrap_or_default().to_owned();
+                    tracing::warn!(slot = slot.slot, %offering, error = %detail, "EC2 has no capacity for this offering; trying the next");
+                    offerings::block(pool, offering, OFFERING_SKIPPED_FOR, &code).await?;
+                    tried.push(format!("{offering} ({code})"));
+                }
+                Err(Ec2Error::Quota { detail, .. }) => return Err(quota_used_up(booking, &detail)),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Err(StageError::Permanent(format!(
+            "{NO_CAPACITY} EC2 had no capacity for any configured instance type and subnet; tried {}",
+            tried.join(", ")
+        )))
     }
 
     /// The booking's slots: planned (and stored) on the first attempt, and extended with slots

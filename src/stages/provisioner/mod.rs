@@ -26,7 +26,7 @@ use crate::ec2::Ec2;
 use crate::store::schedule::{self, Action};
 use crate::store::{BookingRecord, BookingState, Store, bookings};
 
-pub use launch::slot_count;
+pub use launch::{NO_CAPACITY, QUOTA, slot_count};
 pub use ready::{Boot, NOT_READY, boot_outcome};
 pub use sweep::run_sweeper;
 pub use watch::BootWatch;
@@ -92,6 +92,7 @@ impl Stage for ProvisionStage {
         let id = booking.booking_id.as_str();
         // Machines of an earlier time of a booking that moved go first, whatever comes next.
         p.terminate_retired(Some(id)).await?;
+        p.resolve_lost_launches(Some(id)).await?;
         if r.revision.is_some() && !p.is_due(&booking).await? {
             tracing::info!(
                 "the booking's provisioning is not due at its current time; nothing to launch now"

@@ -13,11 +13,13 @@ use crate::store::bookings;
 impl Provisioner {
     /// Terminates the machines of bookings that are over (ended, failed, cancelled, or past
     /// their end by more than `grace`) which are still running: launched by an attempt that
-    /// raced the teardown or a cancellation, or left by a teardown that could not finish; and
-    /// the retired machines of bookings that moved. Only bookings this database
+    /// raced the teardown or a cancellation, or left by a teardown that could not finish; the
+    /// retired machines of bookings that moved; and machines of launches whose outcome was
+    /// never known when their slot moved on. Only bookings this database
     /// knows are touched, so several labbook installations may share an AWS account.
     pub async fn sweep(&self, grace: chrono::Duration) -> Result<usize, StageError> {
-        let mut terminated = self.terminate_retired(None).await?;
+        let mut terminated = self.resolve_lost_launches(None).await?;
+        terminated += self.terminate_retired(None).await?;
         let running = self.ec2.find_managed(None).await?;
         let mut booking_ids: Vec<&str> = running
             .iter()

@@ -6,8 +6,13 @@ use chrono::Utc;
 use super::Provisioner;
 use crate::broker::{Outgoing, StageError};
 use crate::domain::{BookingRef, Event, EventKind};
+use crate::ec2::intent;
 use crate::store::schedule::{self, Action};
 use crate::store::{BookingState, bookings, events, machines, slots};
+
+/// How long after a launch was asked for EC2's tag search must show its machine: EC2's reads
+/// are eventually consistent, within seconds.
+const LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How early a `teardown-due` may come before the booking's end and still be taken as the
 /// booking's end: the scheduler's and the provisioner's clocks may differ a little.
@@ -47,9 +52,14 @@ impl Provisioner {
         let terminated = self.terminate_all(booking_id).await?;
         bookings::transition(&self.store.pool, booking_id, BookingState::Ended, None).await?;
         tracing::info!(terminated, "booking ended: instances terminated");
+        let usage = machines::usage(&self.store.pool, booking_id).await?;
         let event = Event::new(booking_id, EventKind::Ended, booking.revision.max(0) as u32)
             .state(BookingState::Ended)
-            .detail(format!("{terminated} machines terminated"));
+            .detail(format!(
+                "{terminated} machines terminated; {:.2} machine-hours",
+                usage.machine_hours()
+            ))
+            .cost(&usage, &self.settings.prices);
         Ok(vec![events::record(&self.store.pool, &event).await?])
     }
 
@@ -68,6 +78,54 @@ impl Provisioner {
         slots::forget_retired(&self.store.pool, &ids).await?;
         tracing::info!(terminated = ids.len(), "retired machines terminated");
         Ok(ids.len())
+    }
+
+    /// Finds the machines of launches whose outcome is unknown and whose slot has moved on
+    /// (the booking moved, or the machine was replaced, before EC2's answer was recorded), by
+    /// the booking's tags, and retires them: the booking's, or every booking's. A launch EC2
+    /// still shows nothing of after [`LOST_AFTER`] is taken as never made.
+    pub(super) async fn resolve_lost_launches(
+        &self,
+        booking_id: Option<&str>,
+    ) -> Result<usize, StageError> {
+        let pool = &self.store.pool;
+        let lost = intent::unresolved(pool, booking_id).await?;
+        let mut bookings: Vec<&str> = lost.iter().map(|u| u.booking_id.as_str()).collect();
+        bookings.sort_unstable();
+        bookings.dedup();
+        let mut found = 0;
+        for id in bookings {
+            let tagged = self.ec2.find_for_booking(id).await?;
+            for u in lost.iter().filter(|u| u.booking_id == id) {
+                let launched: Vec<&str> = tagged
+                    .iter()
+                    .filter(|i| i.slot == Some(u.slot) && i.generation == u.generation)
+                    .map(|i| i.instance_id.as_str())
+                    .collect();
+                if launched.is_empty() && u.age_s < LOST_AFTER.as_secs_f64() {
+                    continue;
+                }
+                for instance_id in launched {
+                    let key = (u.slot, u.generation);
+                    let launch = machines::Launch::default();
+                    machines::launched(pool, id, key, instance_id, launch).await?;
+                    slots::retire(pool, id, instance_id).await?;
+                    tracing::warn!(
+                        booking_id = id,
+                        slot = u.slot,
+                        generation = u.generation,
+                        instance_id,
+                        "found a machine whose launch was never recorded; it is terminated"
+                    );
+                    found += 1;
+                }
+                intent::resolved(pool, u).await?;
+            }
+        }
+        if found > 0 {
+            self.terminate_retired(booking_id).await?;
+        }
+        Ok(found)
     }
 
     /// Terminates every instance of the booking: recorded, or found by tag.
@@ -98,7 +156,8 @@ impl Provisioner {
         for id in ids {
             slots::record_state(pool, id, "terminated", None, None).await?;
         }
-        machines::terminated(pool, ids).await?;
+        let seconds = machines::terminated(pool, ids).await?;
+        metrics::counter!("labbook_machine_seconds_total").increment(seconds.round() as u64);
         Ok(())
     }
 }

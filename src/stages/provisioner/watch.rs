@@ -331,40 +331,34 @@ struct FollowUps {
 }
 
 impl FollowUps {
-    /// The messages to publish before the claim commits.
+    /// The messages to publish once the claim commits, each continuing the trace its booking
+    /// was stored under.
     async fn messages(&self, tx: &mut PgConnection) -> Result<Vec<Outgoing>, sqlx::Error> {
         let mut out = Vec::new();
         for id in &self.failed {
             slots::retire_all(&mut *tx, id).await?;
-            let revision = bookings::find(&mut *tx, id)
-                .await?
-                .map_or(0, |b| b.schedule_revision);
-            out.push(NotifyMessage::at_revision(
-                id,
-                EmailKind::Failure,
-                revision.max(0) as u32,
-            ));
+            let Some(b) = bookings::find(&mut *tx, id).await? else {
+                continue;
+            };
+            let revision = b.schedule_revision.max(0) as u32;
+            let failure = NotifyMessage::at_revision(id, EmailKind::Failure, revision);
+            out.push(failure.traced(b.traceparent.as_deref()));
         }
         for id in self.relaunch.difference(&self.failed) {
             let Some(b) = bookings::find(&mut *tx, id).await? else {
                 continue;
             };
             let revision = Some(b.schedule_revision.max(0) as u32);
-            out.push(BookingRef::at_revision(
-                StageQueue::ProvisionDue,
-                id,
-                revision,
-            ));
+            let relaunch = BookingRef::at_revision(StageQueue::ProvisionDue, id, revision);
+            out.push(relaunch.traced(b.traceparent.as_deref()));
         }
         for id in self.finish.difference(&self.failed) {
             if let Some(revision) = boots::finish_if_ready(&mut *tx, id).await? {
                 tracing::info!(booking_id = %id, revision, "every machine of the booking is ready");
                 let revision = revision.max(0) as u32;
-                out.push(NotifyMessage::at_revision(
-                    id,
-                    EmailKind::InstanceDetails,
-                    revision,
-                ));
+                let trace = bookings::trace(&mut *tx, id).await?;
+                let details = NotifyMessage::at_revision(id, EmailKind::InstanceDetails, revision);
+                out.push(details.traced(trace.as_deref()));
             }
         }
         Ok(out)

@@ -1,0 +1,203 @@
+//! The account's capacity and the booking's cost: a machine EC2 has no capacity for is tried
+//! on the next subnet, then the next instance type (a proxy in front of the emulator answers
+//! `RunInstances` for a chosen type and subnet with EC2's capacity error); a booking no
+//! offering serves fails once, saying what was tried; the `ended` event gives the machines'
+//! running time and, with prices, their cost.
+
+use std::time::Duration;
+
+use labbook::startup::Worker;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+
+use crate::helpers::{
+    TestEnv, booking_json, emails_to, eventually, instances_for, raw_ec2, unique_id, wait_emails,
+};
+use crate::throttling::ThrottlingProxy;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Two of the emulator's default subnets, in two zones.
+async fn two_subnets() -> (String, String) {
+    let ec2 = raw_ec2().await;
+    let out = ec2.describe_subnets().send().await.unwrap();
+    let mut subnets: Vec<(String, String)> = out
+        .subnets()
+        .iter()
+        .filter(|s| s.default_for_az() == Some(true))
+        .filter_map(|s| Some((s.availability_zone()?.to_owned(), s.subnet_id()?.to_owned())))
+        .collect();
+    subnets.sort();
+    subnets.dedup_by(|a, b| a.0 == b.0);
+    assert!(
+        subnets.len() >= 2,
+        "the emulator's default VPC has a subnet per zone"
+    );
+    (subnets[0].1.clone(), subnets[1].1.clone())
+}
+
+#[tokio::test]
+async fn a_type_without_capacity_in_the_first_zone_launches_on_the_next_offering() {
+    let proxy = ThrottlingProxy::start().await;
+    let (first, second) = two_subnets().await;
+    proxy.refuse_run_instances(
+        "t3.micro",
+        Some(&first),
+        500,
+        "InsufficientInstanceCapacity",
+    );
+    let subnets = format!("{first},{second}");
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_INSTANCE_TYPES", "t3.micro,t3.small"),
+        ("LABBOOK_SUBNET_IDS", subnets.as_str()),
+    ])
+    .await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("capacity");
+    env.publish_booking(&booking_json(&id, 4, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    let machines = instances_for(&id).await;
+    assert_eq!(machines.len(), 2, "one machine per slot");
+    for m in &machines {
+        assert_eq!(m.instance_type().map(|t| t.as_str()), Some("t3.micro"));
+        assert_eq!(m.subnet_id(), Some(second.as_str()), "the next subnet");
+    }
+    let store = env.store().await;
+    let types: Vec<(String, String)> =
+        sqlx::query_as("SELECT instance_type, subnet_id FROM machines WHERE booking_id = $1")
+            .bind(&id)
+            .fetch_all(&store.pool)
+            .await
+            .unwrap();
+    assert!(
+        types.iter().all(|(t, s)| t == "t3.micro" && *s == second),
+        "{types:?}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_booking_no_offering_serves_fails_once_saying_what_was_tried() {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.refuse_run_instances("t3.micro", None, 500, "InsufficientInstanceCapacity");
+    proxy.refuse_run_instances("t3.small", None, 400, "Unsupported");
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_INSTANCE_TYPES", "t3.micro,t3.small"),
+    ])
+    .await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("no-capacity");
+    let to = format!("{id}@example.org");
+    let mut booking: serde_json::Value = serde_json::from_str(&booking_json(&id, 2, -1)).unwrap();
+    booking["email"] = to.clone().into();
+    env.publish_booking(&booking.to_string()).await;
+    env.wait_state(&id, "failed").await;
+    let sent = wait_emails(&to, 2).await;
+    let failure = sent
+        .iter()
+        .find(|e| e["subject"] == "Booking Failed")
+        .expect("the failure email");
+    let text = failure["text"].as_str().unwrap();
+    assert!(text.contains("no capacity"), "{text}");
+    assert!(
+        text.contains("t3.micro") && text.contains("t3.small"),
+        "what was tried: {text}"
+    );
+    assert!(instances_for(&id).await.is_empty(), "nothing launched");
+    env.stop().await;
+    env.drain().await;
+    let failures = emails_to(&to)
+        .await
+        .iter()
+        .filter(|e| e["subject"] == "Booking Failed")
+        .count();
+    assert_eq!(failures, 1, "failed once");
+}
+
+#[tokio::test]
+async fn the_ended_event_gives_the_machines_running_time_and_cost() {
+    let mut env = TestEnv::with(&[("LABBOOK_PRICES", "t3.small=3.6")]).await;
+    let (conn, channel) = env.channel().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare("cost-events".into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    let bind = QueueBindOptions::default();
+    let (events, key) = ("labbook.events".into(), "booking.ended".into());
+    channel
+        .queue_bind(
+            "cost-events".into(),
+            events,
+            key,
+            bind,
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    conn.close(200, "done".into()).await.ok();
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("cost");
+    env.publish_booking(&booking_json(&id, 4, -1)).await;
+    env.wait_state(&id, "provisioned").await;
+    // The machines ran two hours; the booking is over now.
+    let store = env.store().await;
+    sqlx::query(
+        "UPDATE machines SET launched_at = launched_at - interval '2 hours' WHERE booking_id = $1",
+    )
+    .bind(&id)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE bookings SET booking_time = now() - interval '4 hours' WHERE booking_id = $1",
+    )
+    .bind(&id)
+    .execute(&store.pool)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE schedule SET due_at = now(), published_at = NULL WHERE booking_id = $1 AND action = 'teardown'")
+        .bind(&id)
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    env.wait_state(&id, "ended").await;
+    let ended = eventually(WAIT, "the ended event", || async {
+        env.take("cost-events", 1, Duration::from_secs(1))
+            .await
+            .pop()
+    })
+    .await;
+    let body: serde_json::Value = serde_json::from_slice(&ended.data).unwrap();
+    let lifetimes: f64 = sqlx::query_scalar(
+        "SELECT sum(extract(epoch FROM terminated_at - launched_at))::float8 FROM machines WHERE booking_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    let seconds = body["machine_seconds"].as_u64().expect("machine_seconds");
+    assert!(
+        (seconds as f64 - lifetimes).abs() <= 1.0,
+        "{seconds} vs {lifetimes}"
+    );
+    assert!(
+        seconds >= 2 * 7200,
+        "two machines, two hours each: {seconds}"
+    );
+    let cost = body["estimated_cost"].as_f64().expect("estimated_cost");
+    let expected = lifetimes * 3.6 / 3600.0;
+    assert!((cost - expected).abs() < 0.01, "{cost} vs {expected}");
+    let remaining: Vec<_> = instances_for(&id)
+        .await
+        .into_iter()
+        .filter(|i| crate::helpers::state_of(i) == "running")
+        .collect();
+    assert!(remaining.is_empty());
+    env.stop().await;
+}
