@@ -194,8 +194,13 @@ impl Provisioner {
             username: &slot.admin_username,
             password_hash: &slot.admin_password_hash,
         };
-        let user_data = userdata::render(self.settings.bootstrap, &admin, &users)
-            .map_err(StageError::Permanent)?;
+        let user_data = userdata::render(
+            self.settings.bootstrap,
+            &self.settings.https,
+            &admin,
+            &users,
+        )
+        .map_err(StageError::Permanent)?;
         let req = LaunchRequest {
             booking_id,
             slot: slot.slot,
