@@ -106,7 +106,11 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
     let slots = slots::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(slots.len(), 3);
     for slot in &slots {
-        let url_line = format!("Instance URL: http://{}", slot.address().unwrap());
+        // JupyterHub mode with HTTPS (the default): the certificate is for the public IP.
+        let url_line = format!(
+            "Instance URL: https://{}",
+            slot.public_ip.as_deref().unwrap()
+        );
         let start = lines
             .iter()
             .position(|l| *l == url_line)
