@@ -397,7 +397,7 @@ fn an_https_bootstrap_gives_tljh_a_certificate_for_its_public_address() {
     );
     assert!(
         run.console
-            .contains(&format!("labbook-https: certificate for 203.0.113.7 in ")),
+            .contains("labbook-https: certificate for 203.0.113.7 in "),
         "{}",
         run.console
     );
