@@ -124,6 +124,9 @@ pub struct Ec2Settings {
     pub probe: Probe,
     /// `LABBOOK_PRICES`: hourly prices per instance type, for cost estimates.
     pub prices: crate::domain::Prices,
+    /// `LABBOOK_HTTPS`, `LABBOOK_ACME_DIRECTORY`, `LABBOOK_ACME_EMAIL`: how JupyterHub machines
+    /// serve their login page (SSH mode ignores it).
+    pub https: Https,
 }
 
 /// What the instance details email waits for (`LABBOOK_READINESS`).
@@ -146,6 +149,70 @@ pub enum Probe {
     Machine,
     /// This `host:port` instead of each machine's address (tests point it at loopback).
     Target(String),
+}
+
+/// How a JupyterHub machine serves its login page (`LABBOOK_HTTPS`, docs/contract.md §1 item 10).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Https {
+    /// Plain HTTP on port 80 (`off`: a closed network, or a proxy in front that terminates TLS).
+    Off,
+    /// HTTPS with a certificate for the machine's public IPv4 address, obtained on the machine
+    /// from an ACME server (`letsencrypt`, the default).
+    Acme(AcmeSettings),
+}
+
+impl Https {
+    /// The ACME settings when HTTPS is on.
+    pub fn acme(&self) -> Option<&AcmeSettings> {
+        match self {
+            Https::Off => None,
+            Https::Acme(acme) => Some(acme),
+        }
+    }
+}
+
+/// Where a machine asks for its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// `LABBOOK_ACME_DIRECTORY`: an RFC 8555 directory URL (`https://` only).
+    pub directory: String,
+    /// `LABBOOK_ACME_EMAIL`: the ACME account's contact, if any.
+    pub email: Option<EmailAddress>,
+}
+
+/// Let's Encrypt's production directory, the default of `LABBOOK_ACME_DIRECTORY`.
+pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `LABBOOK_HTTPS` (`letsencrypt` or `off`), with the directory and contact it uses. The two
+/// ACME variables are checked even when HTTPS is off, so a typo shows before it matters.
+fn https(v: &Vars<'_>) -> Result<Https, ConfigError> {
+    let on = v.choice(
+        "LABBOOK_HTTPS",
+        "letsencrypt",
+        [("letsencrypt", true), ("off", false)],
+    )?;
+    let raw = v
+        .get("LABBOOK_ACME_DIRECTORY")
+        .unwrap_or(LETS_ENCRYPT_DIRECTORY);
+    let directory = match url::Url::parse(raw) {
+        Ok(url) if url.scheme() == "https" && url.host().is_some() => url.to_string(),
+        _ => {
+            return Err(ConfigError::new(
+                "LABBOOK_ACME_DIRECTORY",
+                format!("must be an https:// URL of an ACME directory (got {raw:?})"),
+            ));
+        }
+    };
+    let email = v
+        .get("LABBOOK_ACME_EMAIL")
+        .map(EmailAddress::parse)
+        .transpose()
+        .map_err(|e| ConfigError::new("LABBOOK_ACME_EMAIL", e))?;
+    Ok(if on {
+        Https::Acme(AcmeSettings { directory, email })
+    } else {
+        Https::Off
+    })
 }
 
 /// `LABBOOK_RUNNING_TIMEOUT_SECONDS`: how long a launched machine may take to run with a public
@@ -236,6 +303,7 @@ impl Ec2Settings {
             probe: probe(v)?,
             prices: crate::domain::Prices::parse(v.get("LABBOOK_PRICES").unwrap_or(""))
                 .map_err(|e| ConfigError::new("LABBOOK_PRICES", e))?,
+            https: https(v)?,
         })
     }
 }
@@ -880,6 +948,10 @@ mod tests {
             ("AMQP_URL", "amqp://host:notaport/"),
             ("LABBOOK_RETRY_DELAYS_MS", "1,x"),
             ("LABBOOK_ADMIN_USERNAME", "Root"),
+            ("LABBOOK_HTTPS", "on"),
+            ("LABBOOK_ACME_DIRECTORY", "http://acme.example/directory"),
+            ("LABBOOK_ACME_DIRECTORY", "not a url"),
+            ("LABBOOK_ACME_EMAIL", "nobody"),
         ];
         for (var, value) in cases {
             let err = with(&[(var, value)]).unwrap_err();
@@ -889,6 +961,27 @@ mod tests {
                     .starts_with(&format!("configuration error: {var}: "))
             );
         }
+    }
+
+    #[test]
+    fn https_defaults_to_lets_encrypt_and_can_be_turned_off() {
+        let s = with(&[]).unwrap();
+        let acme = s.ec2.https.acme().expect("HTTPS is on by default");
+        assert_eq!(acme.directory, LETS_ENCRYPT_DIRECTORY);
+        assert_eq!(acme.email, None);
+        let staging = "https://acme-staging-v02.api.letsencrypt.org/directory";
+        let s = with(&[
+            ("LABBOOK_ACME_DIRECTORY", staging),
+            ("LABBOOK_ACME_EMAIL", "ops@example.org"),
+        ])
+        .unwrap();
+        let acme = s.ec2.https.acme().unwrap();
+        assert_eq!(acme.directory, staging);
+        assert_eq!(acme.email.as_ref().unwrap().as_str(), "ops@example.org");
+        let off = with(&[("LABBOOK_HTTPS", "off")]).unwrap();
+        assert_eq!(off.ec2.https, Https::Off);
+        let err = error("LABBOOK_HTTPS", "yes").to_string();
+        assert!(err.contains("letsencrypt or off"), "{err}");
     }
 
     fn error(var: &str, value: &str) -> ConfigError {

@@ -134,7 +134,8 @@ impl Application {
                 let mailer = Mailer::new(smtp, &settings.mail_from)?;
                 crate::mail::register_metrics();
                 let (bootstrap, from) = (settings.ec2.bootstrap, &settings.mail_from);
-                let stage = NotifierStage::new(store, key, mailer, bootstrap, from);
+                let stage = NotifierStage::new(store, key, mailer, bootstrap, from)
+                    .with_https(&settings.ec2.https);
                 self.add_stage("notifier", settings, stage);
             }
         }

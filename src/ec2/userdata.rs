@@ -7,10 +7,18 @@
 //! time, and the outcome written as one line to the serial console, which EC2's
 //! `GetConsoleOutput` returns without any network path to the machine:
 //! `labbook-bootstrap: ok`, or `labbook-bootstrap: failed: <step> (exit <code>)`.
+//!
+//! With HTTPS on (JupyterHub mode, `LABBOOK_HTTPS=letsencrypt`), the script first gets a
+//! certificate for the machine's public IPv4 address (read from IMDSv2) with a pinned certbot,
+//! before anything listens on port 80 (certbot's standalone `http-01` challenge), then gives it
+//! to The Littlest JupyterHub, whose proxy then serves 443 and redirects 80 there. The ACME
+//! account key is made on the machine; the user-data holds only the directory URL and the
+//! optional contact address. A machine that cannot get a certificate still serves its lab over
+//! HTTP and says why in its report: `labbook-bootstrap: ok (http only: <why>)`.
 
 use serde::Serialize;
 
-use crate::config::Bootstrap;
+use crate::config::{AcmeSettings, Bootstrap, Https};
 
 /// EC2 refuses user-data above 16 KiB.
 pub const MAX_USER_DATA_BYTES: usize = 16 * 1024;
@@ -48,6 +56,18 @@ pub const BOOTSTRAP_PATH: &str = "/usr/local/sbin/labbook-bootstrap";
 /// The marker lines the bootstrap writes to the serial console.
 pub const REPORT_OK: &str = "labbook-bootstrap: ok";
 pub const REPORT_FAILED: &str = "labbook-bootstrap: failed: ";
+/// What follows [`REPORT_OK`] on a machine that serves its lab over HTTP because it could not
+/// get a certificate: `labbook-bootstrap: ok (http only: <why>)`.
+pub const REPORT_HTTP_ONLY: &str = " (http only: ";
+
+/// The certbot release the HTTPS bootstrap installs (IP identifiers and ACME profiles came in
+/// certbot 5.3); every wheel is pinned by its hash in `certbot-requirements.txt`.
+pub const CERTBOT_VERSION: &str = "5.8.0";
+const CERTBOT_REQUIREMENTS: &str = include_str!("certbot-requirements.txt");
+
+/// Where the bootstrap leaves the machine's certificate and key for TLJH's proxy.
+pub const TLS_CERT_PATH: &str = "/etc/labbook/tls/fullchain.pem";
+pub const TLS_KEY_PATH: &str = "/etc/labbook/tls/privkey.pem";
 
 /// The part of the bootstrap every mode runs: strict mode, the report, the trap that reports
 /// the failing step. `LABBOOK_CONSOLE` exists for tests of the script; on an instance it is
@@ -58,40 +78,149 @@ const SCRIPT_HEAD: &str = r#"#!/bin/bash
 set -eu -o pipefail -o errtrace
 console=${LABBOOK_CONSOLE:-/dev/console}
 log=${LABBOOK_BOOTSTRAP_LOG:-/var/log/labbook-bootstrap.log}
-report() { printf '\nlabbook-bootstrap: %s\n' "$1" | tee -a "$log" >"$console" 2>/dev/null || true; }
+report() { printf '\nlabbook-bootstrap: %s\n' "$1" | tee -a "$log" >>"$console" 2>/dev/null || true; }
 step="start"
 trap 'code=$?; report "failed: $step (exit $code)"; exit $code' ERR
 mode=$1 admin=$2
 shift 2
+https=off http_only="" tls_ready=""
+"#;
+
+/// The HTTPS part's functions (rendered after the settings they read: `acme_directory`,
+/// `acme_email`, `certbot_version`). Nothing here fails the bootstrap: a step that cannot be
+/// done sets `http_only` to why, and the lab is served over HTTP. `LABBOOK_IMDS_URL`,
+/// `LABBOOK_ACME_HOME`, `LABBOOK_ACME_STATE`, `LABBOOK_TLS_DIR` and `LABBOOK_CA_BUNDLE` exist
+/// for tests of the script.
+const SCRIPT_HTTPS: &str = r#"imds=${LABBOOK_IMDS_URL:-http://169.254.169.254}
+acme_home=${LABBOOK_ACME_HOME:-/opt/labbook/certbot}
+acme_state=${LABBOOK_ACME_STATE:-/etc/labbook/acme}
+tls_dir=${LABBOOK_TLS_DIR:-/etc/labbook/tls}
+# certbot trusts the machine's own CA store (as curl does), not the copy pip installs.
+ca_bundle=${LABBOOK_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+note() { printf '%s %s\n' "$(date -u +%FT%TZ)" "$1" >>"$log"; }
+# IMDSv2: a session token, then the address EC2 maps to this machine.
+public_ipv4() {
+  local token ip
+  token=$(curl -fsS --connect-timeout 5 --max-time 10 -X PUT \
+    -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$imds/latest/api/token") || return 1
+  ip=$(curl -fsS --connect-timeout 5 --max-time 10 -H "X-aws-ec2-metadata-token: $token" \
+    "$imds/latest/meta-data/public-ipv4") || return 1
+  [[ $ip =~ ^[0-9]{1,3}(\.[0-9]{1,3}){3}$ ]] || return 1
+  printf '%s\n' "$ip"
+}
+# certbot in a virtual environment of its own, every wheel checked against its pinned hash;
+# kept when a baked image has this version already.
+install_certbot() {
+  if [ "$(cat "$acme_home/labbook-version" 2>/dev/null)" = "$certbot_version" ]; then return 0; fi
+  rm -rf "$acme_home"
+  python3 -m venv "$acme_home" >>"$log" 2>&1 || return 1
+  printf '%s\n' "$certbot_requirements" >"$acme_home/requirements.txt"
+  "$acme_home/bin/pip" install --quiet --disable-pip-version-check --no-deps --require-hashes \
+    --only-binary :all: --timeout 30 --retries 5 -r "$acme_home/requirements.txt" >>"$log" 2>&1 ||
+    return 1
+  printf '%s\n' "$certbot_version" >"$acme_home/labbook-version"
+}
+# The certificate certbot saved, if it names this address and outlives any booking (24 h).
+certificate_fits() {
+  local cert=$acme_state/live/labbook/cert.pem
+  openssl x509 -in "$cert" -noout -checkend 86400 >/dev/null 2>&1 &&
+    openssl x509 -in "$cert" -noout -ext subjectAltName 2>/dev/null | tr ',' '\n' |
+    sed 's/^[[:space:]]*//' | grep -Fqx "IP Address:$1"
+}
+# One order for the address, under the shortlived profile where the server has it (Let's
+# Encrypt issues IP certificates under it only). certbot's exit code is not the verdict: some
+# servers put the address in the subject too, which certbot trips on after saving the
+# certificate; the certificate itself is checked instead. Sets why when there is none.
+request_certificate() {
+  local ip=$1 out=$acme_state/certbot.out contact=(--register-unsafely-without-email)
+  if [ -n "$acme_email" ]; then contact=(--email "$acme_email"); fi
+  mkdir -p "$acme_state"
+  REQUESTS_CA_BUNDLE=$ca_bundle "$acme_home/bin/certbot" certonly --standalone --non-interactive \
+    --agree-tos "${contact[@]}" --server "$acme_directory" --ip-address "$ip" \
+    --preferred-profile shortlived --cert-name labbook --config-dir "$acme_state" \
+    --work-dir "$acme_state/work" --logs-dir "$acme_state/logs" >"$out" 2>&1 || true
+  cat "$out" >>"$log"
+  certificate_fits "$ip" && return 0
+  if grep -q 'rateLimited' "$out"; then
+    why="rate limited by the ACME server"
+  elif grep -qiE 'connection|timed? ?out|resolve|unreachable' "$out"; then
+    why="the ACME server could not be reached"
+  else
+    why="the ACME server issued no certificate"
+  fi
+  return 1
+}
+# A certificate for this machine's address, tried three times while the server cannot be
+# reached; on success tls_ready is set, else http_only says why.
+obtain_certificate() {
+  local ip try t0=$SECONDS why="" pause=${LABBOOK_RETRY_SECONDS:-10}
+  step="read the public IPv4 address (IMDSv2)"
+  if ! ip=$(public_ipv4); then http_only="no public IPv4 address in the instance metadata"; return 0; fi
+  step="install the ACME client (certbot $certbot_version)"
+  if ! install_certbot; then http_only="the ACME client could not be installed"; return 0; fi
+  step="get a certificate for $ip"
+  for try in 1 2 3; do
+    if request_certificate "$ip"; then break; fi
+    if [ "$why" != "the ACME server could not be reached" ] || [ "$try" -eq 3 ]; then
+      http_only=$why
+      note "labbook-https: no certificate for $ip: $why"
+      return 0
+    fi
+    sleep $((pause * try))
+  done
+  install -d -m 0755 "$tls_dir"
+  install -m 0644 "$acme_state/live/labbook/fullchain.pem" "$tls_dir/fullchain.pem"
+  install -m 0600 "$acme_state/live/labbook/privkey.pem" "$tls_dir/privkey.pem"
+  tls_ready=1
+  printf 'labbook-https: certificate for %s in %s s: %s\n' "$ip" $((SECONDS - t0)) \
+    "$tls_dir/fullchain.pem" | tee -a "$log" >>"$console" 2>/dev/null || true
+}
+# TLJH's proxy serves the certificate on 443 and redirects 80 there; a proxy that does not take
+# it is put back on plain HTTP.
+serve_https() {
+  step="serve JupyterHub over HTTPS"
+  if tljh-config set https.enabled true && tljh-config set https.tls.cert "$tls_dir/fullchain.pem" &&
+    tljh-config set https.tls.key "$tls_dir/privkey.pem" && tljh-config reload proxy; then
+    return 0
+  fi
+  http_only="JupyterHub's proxy did not take the certificate"
+  tljh-config set https.enabled false
+  tljh-config reload proxy
+}
 "#;
 
 /// The JupyterHub part: download TLJH's installer with retries and backoff, install it within
-/// 25 minutes, allow exactly the slot's logins. `LABBOOK_TLJH_URL` and
-/// `LABBOOK_RETRY_SECONDS` exist for tests of the script.
+/// 25 minutes, allow exactly the slot's logins, then serve HTTPS if a certificate was had.
+/// `LABBOOK_TLJH_URL`, `LABBOOK_TLJH_INSTALLER` and `LABBOOK_RETRY_SECONDS` exist for tests
+/// of the script.
 const SCRIPT_JUPYTERHUB: &str = r#"if [ "$mode" = jupyterhub ]; then
+  # Before TLJH's proxy listens on port 80, which the ACME challenge needs.
+  if [ "$https" = on ]; then obtain_certificate; fi
   step="download The Littlest JupyterHub's installer"
   url=${LABBOOK_TLJH_URL:-https://tljh.jupyter.org/bootstrap.py}
+  installer=${LABBOOK_TLJH_INSTALLER:-/root/tljh-bootstrap.py}
   pause=${LABBOOK_RETRY_SECONDS:-10}
   for try in 1 2 3 4 5 6; do
     got=0
-    curl -fsSL --connect-timeout 20 --max-time 300 -o /root/tljh-bootstrap.py "$url" || got=$?
+    curl -fsSL --connect-timeout 20 --max-time 300 -o "$installer" "$url" || got=$?
     if [ "$got" -eq 0 ]; then break; fi
     # The last try fails the step with curl's own exit code.
     if [ "$try" -eq 6 ]; then (exit "$got"); fi
     sleep $((pause * try))
   done
   step="install The Littlest JupyterHub"
-  timeout 1500 python3 /root/tljh-bootstrap.py --admin "$admin" --user-requirements-txt-url ''
+  timeout 1500 python3 "$installer" --admin "$admin" --user-requirements-txt-url ''
   step="allow the booking's logins"
   tljh-config set auth.type jupyterhub.auth.PAMAuthenticator
   for name in "$admin" "$@"; do tljh-config add-item users.allowed "$name"; done
   tljh-config add-item users.admin "$admin"
   tljh-config reload
+  if [ -n "$tls_ready" ]; then serve_https; fi
 fi
 "#;
 
 const SCRIPT_TAIL: &str = r#"step="finish"
-report ok
+if [ -n "$http_only" ]; then report "ok (http only: $http_only)"; else report ok; fi
 "#;
 
 #[derive(Serialize)]
@@ -111,9 +240,10 @@ enum User<'a> {
     },
 }
 
-/// Renders the `#cloud-config` user-data for one slot.
+/// Renders the `#cloud-config` user-data for one slot. `https` matters in JupyterHub mode only.
 pub fn render(
     bootstrap: Bootstrap,
+    https: &Https,
     admin: &Account<'_>,
     users: &[Account<'_>],
 ) -> Result<String, String> {
@@ -124,7 +254,12 @@ pub fn render(
         Bootstrap::JupyterHub => "jupyterhub",
         Bootstrap::Ssh => "ssh",
     };
+    let acme = https.acme().filter(|_| bootstrap == Bootstrap::JupyterHub);
     let mut script = String::from(SCRIPT_HEAD);
+    if let Some(acme) = acme {
+        script.push_str(&https_settings(acme));
+        script.push_str(SCRIPT_HTTPS);
+    }
     if bootstrap == Bootstrap::JupyterHub {
         script.push_str(SCRIPT_JUPYTERHUB);
     }
@@ -154,7 +289,19 @@ pub fn render(
             users: accounts,
             ssh_pwauth: false,
             package_update: Some(true),
-            packages: vec!["curl", "python3", "python3-dev", "git"],
+            packages: if acme.is_some() {
+                // certbot's virtual environment, and the check of its certificate.
+                vec![
+                    "curl",
+                    "python3",
+                    "python3-dev",
+                    "git",
+                    "python3-venv",
+                    "openssl",
+                ]
+            } else {
+                vec!["curl", "python3", "python3-dev", "git"]
+            },
             write_files,
             runcmd: vec![run],
         },
@@ -170,6 +317,27 @@ pub fn render(
         ));
     }
     Ok(out)
+}
+
+/// The HTTPS settings as shell assignments, each value single-quoted.
+fn https_settings(acme: &AcmeSettings) -> String {
+    let email = acme.email.as_ref().map_or("", |e| e.as_str());
+    let requirements: Vec<&str> = CERTBOT_REQUIREMENTS
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect();
+    format!(
+        "https=on\nacme_directory={}\nacme_email={}\ncertbot_version={}\ncertbot_requirements={}\n",
+        shell_quote(&acme.directory),
+        shell_quote(email),
+        shell_quote(CERTBOT_VERSION),
+        shell_quote(&requirements.join("\n")),
+    )
+}
+
+/// `value` as one single-quoted shell word.
+fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', r"'\''"))
 }
 
 fn account<'a>(a: &Account<'a>, is_admin: bool) -> User<'a> {
@@ -211,7 +379,7 @@ mod tests {
                 password_hash: HASH,
             },
         ];
-        let out = render(Bootstrap::JupyterHub, &admin, &users).unwrap();
+        let out = render(Bootstrap::JupyterHub, &Https::Off, &admin, &users).unwrap();
         assert!(out.starts_with("#cloud-config\n"));
         let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
         let names: Vec<&str> = v["users"]
@@ -245,10 +413,103 @@ mod tests {
             username: "labadmin",
             password_hash: HASH,
         };
-        let out = render(Bootstrap::Ssh, &admin, &[]).unwrap();
+        let out = render(Bootstrap::Ssh, &lets_encrypt(), &admin, &[]).unwrap();
         let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
         assert_eq!(v["ssh_pwauth"].as_bool(), Some(true));
         assert!(!out.contains("tljh"));
+        // SSH is encrypted already: no certificate is asked for in SSH mode.
+        assert!(!out.contains("certbot"));
+    }
+
+    fn lets_encrypt() -> Https {
+        Https::Acme(AcmeSettings {
+            directory: crate::config::LETS_ENCRYPT_DIRECTORY.into(),
+            email: None,
+        })
+    }
+
+    fn script_of(out: &str) -> String {
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(out).unwrap();
+        v["write_files"][0]["content"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn https_gives_tljh_the_certificate_for_the_public_address() {
+        let admin = Account {
+            username: "labadmin",
+            password_hash: HASH,
+        };
+        let https = Https::Acme(AcmeSettings {
+            directory: "https://acme.example/dir?it's=1".into(),
+            email: Some(crate::domain::EmailAddress::parse("ops@example.org").unwrap()),
+        });
+        let out = render(Bootstrap::JupyterHub, &https, &admin, &[]).unwrap();
+        let script = script_of(&out);
+        let lines: Vec<&str> = script.lines().map(str::trim).collect();
+        let at = |needle: &str| {
+            lines
+                .iter()
+                .position(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("{needle:?} in the script"))
+        };
+        // The settings, quoted for the shell; no secret among them.
+        assert!(lines.contains(&r"acme_directory='https://acme.example/dir?it'\''s=1'"));
+        assert!(lines.contains(&"acme_email='ops@example.org'"));
+        assert!(lines.contains(&"certbot_version='5.8.0'"));
+        // The address from IMDSv2, then certbot's order for it, before TLJH is installed (its
+        // proxy would hold port 80).
+        assert!(script.contains("X-aws-ec2-metadata-token-ttl-seconds"));
+        assert!(script.contains("latest/meta-data/public-ipv4"));
+        assert!(script.contains("--ip-address \"$ip\""));
+        assert!(script.contains("--preferred-profile shortlived"));
+        assert!(script.contains("--server \"$acme_directory\""));
+        assert!(script.contains("--require-hashes"));
+        assert!(at("then obtain_certificate; fi") < at("python3 \"$installer\""));
+        // TLJH's settings: HTTPS on, the certificate and key where the bootstrap put them,
+        // the proxy reloaded; after the logins are set up.
+        assert!(script.contains("tljh-config set https.enabled true"));
+        assert!(script.contains("tljh-config set https.tls.cert \"$tls_dir/fullchain.pem\""));
+        assert!(script.contains("tljh-config set https.tls.key \"$tls_dir/privkey.pem\""));
+        assert!(script.contains("tljh-config reload proxy"));
+        assert!(script.contains("tls_dir=${LABBOOK_TLS_DIR:-/etc/labbook/tls}"));
+        assert_eq!(
+            (TLS_CERT_PATH, TLS_KEY_PATH),
+            (
+                "/etc/labbook/tls/fullchain.pem",
+                "/etc/labbook/tls/privkey.pem"
+            )
+        );
+        assert!(at("users.admin") < at("then serve_https; fi"));
+        assert!(script.contains(r#"report "ok (http only: $http_only)""#));
+        // Every pinned wheel has its hash; the file's comments stay out of the user-data.
+        for line in CERTBOT_REQUIREMENTS.lines().filter(|l| !l.starts_with('#')) {
+            assert!(
+                line.contains("==") && line.contains("--hash=sha256:"),
+                "{line}"
+            );
+        }
+        assert!(!script.contains("To update:"));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+        let packages: Vec<&str> = v["packages"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_str())
+            .collect();
+        assert!(packages.contains(&"python3-venv"), "{packages:?}");
+    }
+
+    #[test]
+    fn https_off_asks_for_no_certificate() {
+        let admin = Account {
+            username: "labadmin",
+            password_hash: HASH,
+        };
+        let out = render(Bootstrap::JupyterHub, &Https::Off, &admin, &[]).unwrap();
+        let script = script_of(&out);
+        assert!(!script.contains("certbot"));
+        assert!(!script.contains("https.enabled"));
+        assert!(script.contains("tljh-config reload"));
     }
 
     #[test]
@@ -267,7 +528,7 @@ mod tests {
             })
             .collect();
         assert!(
-            render(Bootstrap::Ssh, &admin, &users)
+            render(Bootstrap::Ssh, &Https::Off, &admin, &users)
                 .unwrap_err()
                 .contains("LABBOOK_USERS_PER_INSTANCE")
         );

@@ -25,12 +25,29 @@ pub struct UserLine {
 /// One lab machine as the instance-details email shows it.
 #[derive(Debug, Serialize)]
 pub struct InstanceBlock {
+    /// `https://<public IP>`, or `http://<public DNS, or IP>` (HTTPS off, SSH mode, or a
+    /// machine that could not get a certificate): see [`instance_url`].
     pub url: String,
+    /// The machine serves HTTP only because it could not get a certificate (HTTPS was on).
+    pub http_only: bool,
     /// The machine's public DNS name or IP, for `ssh user@host`.
     pub host: String,
     pub usernames: Vec<String>,
     pub admin_username: String,
     pub admin_password: String,
+}
+
+/// What the instance block says of a machine that could not get a certificate.
+pub const HTTP_ONLY_LINE: &str =
+    "HTTPS could not be set up on this machine: its lab is served over plain HTTP.";
+
+/// A machine's URL in the email and the `provisioned` event: `https://<public IP>` when it
+/// serves HTTPS (its certificate is for the address), else `http://<public DNS, or IP>`.
+pub fn instance_url(host: &str, public_ip: Option<&str>, serves_https: bool) -> String {
+    match public_ip.filter(|ip| serves_https && !ip.is_empty()) {
+        Some(ip) => format!("https://{ip}"),
+        None => format!("http://{host}"),
+    }
 }
 
 /// The templates, parsed once.
@@ -130,7 +147,8 @@ impl Templates {
         self.render(
             EmailKind::InstanceDetails,
             subject,
-            context! { booking_id, booking_time, ends_at, instances, jupyterhub },
+            context! { booking_id, booking_time, ends_at, instances, jupyterhub,
+            http_only_line => HTTP_ONLY_LINE },
         )
     }
 
@@ -238,6 +256,7 @@ mod tests {
     fn instance_blocks_come_in_order() {
         let instances = [InstanceBlock {
             url: "http://ec2-1.example".into(),
+            http_only: false,
             host: "ec2-1.example".into(),
             usernames: vec!["ua".into(), "ub".into()],
             admin_username: "labadmin".into(),
@@ -277,6 +296,50 @@ mod tests {
             "JupyterHub mode has no ssh lines"
         );
         assert!(ssh.html.contains("<code>ssh ua@ec2-1.example</code>"));
+    }
+
+    #[test]
+    fn urls_follow_https() {
+        let dns = "ec2-203-0-113-7.compute-1.amazonaws.com";
+        let ip = Some("203.0.113.7");
+        assert_eq!(instance_url(dns, ip, true), "https://203.0.113.7");
+        assert_eq!(instance_url(dns, ip, false), format!("http://{dns}"));
+        // Without a public IP there is no certificate to name it.
+        assert_eq!(instance_url(dns, None, true), format!("http://{dns}"));
+        assert_eq!(instance_url("203.0.113.7", ip, false), "http://203.0.113.7");
+    }
+
+    #[test]
+    fn a_machine_without_a_certificate_gets_its_http_url_and_one_line_saying_so() {
+        let block = |url: &str, http_only| InstanceBlock {
+            url: url.into(),
+            http_only,
+            host: "ec2-1.example".into(),
+            usernames: vec!["ua".into()],
+            admin_username: "labadmin".into(),
+            admin_password: "Secret1".into(),
+        };
+        let instances = [
+            block("https://203.0.113.7", false),
+            block("http://ec2-2.example", true),
+        ];
+        let r = Templates::default()
+            .instance_details("b", "t", "e", &instances, true)
+            .unwrap();
+        let lines: Vec<&str> = r.text.lines().collect();
+        let at = |needle: &str| lines.iter().position(|l| *l == needle);
+        let https = at("Instance URL: https://203.0.113.7").expect("the HTTPS block");
+        let http = at("Instance URL: http://ec2-2.example").expect("the HTTP block");
+        let notice = at(HTTP_ONLY_LINE).expect("the HTTP-only line");
+        assert_eq!(notice, http + 1, "right under the machine's URL: {lines:?}");
+        assert_eq!(lines.iter().filter(|l| **l == HTTP_ONLY_LINE).count(), 1);
+        assert!(https < http);
+        // The contract's order stays: URL, users, admin login.
+        let second = &lines[http..];
+        let in_second = |needle: &str| second.iter().position(|l| *l == needle).unwrap();
+        assert!(in_second("- ua") < in_second("Username: labadmin"));
+        assert!(r.html.contains("203.0.113.7"));
+        assert_eq!(r.html.matches(HTTP_ONLY_LINE).count(), 1);
     }
 
     #[test]

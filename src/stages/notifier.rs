@@ -5,10 +5,10 @@
 //! Passwords are decrypted here only, only to render the email.
 
 use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodable};
-use crate::config::Bootstrap;
+use crate::config::{Bootstrap, Https};
 use crate::crypto::{SecretKey, admin_context, password_context};
 use crate::domain::{EmailAddress, EmailKind, Event, EventInstance, EventKind, NotifyMessage};
-use crate::mail::render::{InstanceBlock, UserLine, message_id};
+use crate::mail::render::{InstanceBlock, UserLine, instance_url, message_id};
 use crate::mail::{Mailer, Rendered, Templates};
 use crate::store::emails::Claim;
 use crate::store::slots::Slot;
@@ -56,6 +56,8 @@ pub struct NotifierStage {
     mailer: Mailer,
     templates: Templates,
     bootstrap: Bootstrap,
+    /// `LABBOOK_HTTPS` is on (the default): JupyterHub machines are given as `https://<IP>`.
+    https: bool,
     domain: String,
 }
 
@@ -78,8 +80,20 @@ impl NotifierStage {
             mailer,
             templates: Templates::default(),
             bootstrap,
+            https: true,
             domain,
         }
+    }
+
+    /// How JupyterHub machines serve their login page (`LABBOOK_HTTPS`; on unless said).
+    pub fn with_https(mut self, https: &Https) -> Self {
+        self.https = https.acme().is_some();
+        self
+    }
+
+    /// Whether this booking's machines were asked to get a certificate.
+    fn asks_for_https(&self) -> bool {
+        self.https && self.bootstrap == Bootstrap::JupyterHub
     }
 
     async fn render(
@@ -171,7 +185,7 @@ impl NotifierStage {
                     .await?
                     .into_iter()
                     .map(|m| EventInstance {
-                        url: m.url(),
+                        url: m.url,
                         usernames: m.usernames,
                     })
                     .collect();
@@ -224,7 +238,12 @@ impl NotifierStage {
                 .filter(|c| slot.user_positions().contains(&c.position))
                 .map(|c| c.username.clone())
                 .collect();
+            // A machine whose bootstrap reported "http only" serves HTTP (its `http_only`).
+            let https = self.asks_for_https();
+            let serves_https = https && slot.http_only.is_none();
             machines.push(Machine {
+                url: instance_url(&host, slot.public_ip.as_deref(), serves_https),
+                http_only: https && slot.http_only.is_some(),
                 slot,
                 host,
                 usernames,
@@ -248,7 +267,8 @@ impl NotifierStage {
                 .key
                 .decrypt(&m.slot.admin_password_encrypted, &context)?;
             instances.push(InstanceBlock {
-                url: m.url(),
+                url: m.url,
+                http_only: m.http_only,
                 admin_username: m.slot.admin_username,
                 admin_password: admin.expose().to_owned(),
                 host: m.host,
@@ -263,13 +283,11 @@ impl NotifierStage {
 struct Machine {
     slot: Slot,
     host: String,
+    /// `https://<IP>` or `http://<host>` ([`instance_url`]).
+    url: String,
+    /// HTTPS was asked for and the machine could not get a certificate.
+    http_only: bool,
     usernames: Vec<String>,
-}
-
-impl Machine {
-    fn url(&self) -> String {
-        format!("http://{}", self.host)
-    }
 }
 
 impl Stage for NotifierStage {

@@ -642,7 +642,13 @@ async fn the_events_of_a_booking_from_its_intake_to_its_end() {
     assert_eq!(provisioned["state"], "provisioned");
     let instances = provisioned["instances"].as_array().unwrap();
     assert_eq!(instances.len(), 2);
-    assert!(instances[0]["url"].as_str().unwrap().starts_with("http://"));
+    // The email's URL: https://<public IP> in JupyterHub mode with HTTPS (the default).
+    assert!(
+        instances[0]["url"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://")
+    );
     assert_eq!(instances[0]["usernames"].as_array().unwrap().len(), 2);
     // No password in any event.
     let emails = c.emails().await;

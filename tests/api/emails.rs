@@ -106,7 +106,11 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
     let slots = slots::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(slots.len(), 3);
     for slot in &slots {
-        let url_line = format!("Instance URL: http://{}", slot.address().unwrap());
+        // JupyterHub mode with HTTPS (the default): the certificate is for the public IP.
+        let url_line = format!(
+            "Instance URL: https://{}",
+            slot.public_ip.as_deref().unwrap()
+        );
         let start = lines
             .iter()
             .position(|l| *l == url_line)
@@ -339,4 +343,82 @@ async fn a_relay_that_refuses_the_email_dead_letters_it_and_marks_the_booking() 
     assert!(log[0].last_error.as_deref().unwrap().contains("550"));
     relay.abort();
     env.stop().await;
+}
+
+/// The instance URLs of an instance details email, in order.
+fn instance_urls(email: &serde_json::Value) -> Vec<String> {
+    text_lines(email)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("Instance URL: ").map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn with_https_off_the_email_gives_plain_http_urls() {
+    let mut env = TestEnv::with(&[("LABBOOK_HTTPS", "off")]).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("http");
+    let to = format!("{id}@example.org");
+    env.publish_booking(&booking_for(&id, &to, 2, Utc::now(), 60))
+        .await;
+    let all = wait_emails(&to, 2).await;
+    let details = by_subject(&all, "JupyterHub Access Information");
+    let slots = slots::for_booking(&env.store().await.pool, &id)
+        .await
+        .unwrap();
+    let want: Vec<String> = slots
+        .iter()
+        .map(|s| format!("http://{}", s.address().unwrap()))
+        .collect();
+    assert_eq!(instance_urls(details), want);
+    let user_data = user_data_of(slots[0].instance_id.as_deref().unwrap()).await;
+    assert!(
+        !user_data.contains("certbot"),
+        "no certificate is asked for"
+    );
+}
+
+#[tokio::test]
+async fn a_machine_that_got_no_certificate_is_given_over_http_with_a_line_saying_so() {
+    let mut env = TestEnv::new().await;
+    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+        .await;
+    let id = unique_id("httponly");
+    let to = format!("{id}@example.org");
+    env.publish_booking(&booking_for(&id, &to, 4, Utc::now(), 60))
+        .await;
+    env.wait_state(&id, "provisioned").await;
+    // What the readiness loop stores for a machine whose bootstrap reported
+    // "labbook-bootstrap: ok (http only: ...)"; the email is rendered after it.
+    let store = env.store().await;
+    sqlx::query("UPDATE slots SET http_only = $2 WHERE booking_id = $1 AND slot = 1")
+        .bind(&id)
+        .bind("rate limited by the ACME server")
+        .execute(&store.pool)
+        .await
+        .unwrap();
+    env.spawn(&[Worker::Notifier]).await;
+    let all = wait_emails(&to, 2).await;
+    let details = by_subject(&all, "JupyterHub Access Information");
+    let slots = slots::for_booking(&store.pool, &id).await.unwrap();
+    assert_eq!(
+        instance_urls(details),
+        [
+            format!("https://{}", slots[0].public_ip.as_deref().unwrap()),
+            format!("http://{}", slots[1].address().unwrap()),
+        ]
+    );
+    let lines = text_lines(details);
+    let http = lines
+        .iter()
+        .position(|l| l.starts_with("Instance URL: http://"))
+        .unwrap();
+    assert_eq!(lines[http + 1], labbook::mail::render::HTTP_ONLY_LINE);
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| *l == labbook::mail::render::HTTP_ONLY_LINE)
+            .count(),
+        1
+    );
 }

@@ -311,13 +311,10 @@ impl TestEnv {
         let smtp = settings.smtp_url.expose_secret();
         let mailer = labbook::mail::Mailer::new(smtp, &settings.mail_from).unwrap();
         let bootstrap = settings.ec2.bootstrap;
-        let notifier = Arc::new(NotifierStage::new(
-            store,
-            key,
-            mailer,
-            bootstrap,
-            &settings.mail_from,
-        ));
+        let notifier = Arc::new(
+            NotifierStage::new(store, key, mailer, bootstrap, &settings.mail_from)
+                .with_https(&settings.ec2.https),
+        );
         let mut total = 0;
         loop {
             let pass = run_until_empty(credentials.clone(), broker).await.unwrap()

@@ -9,7 +9,7 @@
 
 use std::sync::LazyLock;
 
-use labbook::config::Bootstrap;
+use labbook::config::{AcmeSettings, Bootstrap, Https};
 use labbook::domain::Credential;
 use labbook::ec2::userdata::{Account, render};
 
@@ -50,6 +50,10 @@ fn schema_check(user_data: &str) {
 }
 
 fn render_sample(bootstrap: Bootstrap) -> String {
+    render_sample_with(bootstrap, &Https::Off)
+}
+
+fn render_sample_with(bootstrap: Bootstrap, https: &Https) -> String {
     let hash = "$6$saltsalt$abcdefghijklmnopqrstuvwxyz";
     let admin = Account {
         username: "labadmin",
@@ -59,7 +63,7 @@ fn render_sample(bootstrap: Bootstrap) -> String {
         username: "ualice",
         password_hash: hash,
     }];
-    render(bootstrap, &admin, &users).unwrap()
+    render(bootstrap, https, &admin, &users).unwrap()
 }
 
 #[test]
@@ -79,8 +83,13 @@ fn both_bootstraps_pass_the_cloud_init_schema() {
         username: "labadmin",
         password_hash: &admin_hash,
     };
-    for bootstrap in [Bootstrap::JupyterHub, Bootstrap::Ssh] {
-        let data = render(bootstrap, &admin, &users).unwrap();
+    let https = lets_encrypt();
+    for (bootstrap, https) in [
+        (Bootstrap::JupyterHub, &https),
+        (Bootstrap::JupyterHub, &Https::Off),
+        (Bootstrap::Ssh, &https),
+    ] {
+        let data = render(bootstrap, https, &admin, &users).unwrap();
         schema_check(&data);
         for c in &creds {
             assert!(!data.contains(c.password.expose()));
@@ -177,4 +186,275 @@ fn an_ssh_bootstrap_reports_success_on_the_console() {
     let (code, console) = run_bootstrap(Bootstrap::Ssh, "http://127.0.0.1:9/unused");
     assert_eq!(code, Some(0));
     assert_eq!(console.trim(), labbook::ec2::userdata::REPORT_OK);
+}
+
+fn lets_encrypt() -> Https {
+    Https::Acme(AcmeSettings {
+        directory: labbook::config::LETS_ENCRYPT_DIRECTORY.into(),
+        email: None,
+    })
+}
+
+/// What the stubbed certbot does when the HTTPS bootstrap asks it for a certificate.
+#[derive(Clone, Copy)]
+enum Acme {
+    /// Saves a certificate for the address it was asked for (made with openssl).
+    Issues,
+    /// Answers as Let's Encrypt does past its limits.
+    RateLimited,
+    /// Cannot connect to the directory.
+    Unreachable,
+}
+
+/// The HTTPS bootstrap as cloud-init runs it, every outside tool stubbed: IMDS is a directory
+/// (`file://`), certbot a script, TLJH's installer and `tljh-config` scripts that log their
+/// arguments. Nothing leaves this machine.
+struct HttpsRun {
+    code: Option<i32>,
+    console: String,
+    certbot_calls: Vec<String>,
+    tljh_calls: Vec<String>,
+    installer_ran: bool,
+    tls_dir: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for HttpsRun {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const CERTBOT_STUB: &str = r#"#!/bin/bash
+printf '%s\n' "$*" >>"$STUB_LOG/certbot"
+while [ $# -gt 0 ]; do
+  case $1 in
+  --config-dir) state=$2 ;;
+  --ip-address) ip=$2 ;;
+  esac
+  shift
+done
+case $STUB_ACME in
+rate-limited) echo 'An unexpected error occurred: urn:ietf:params:acme:error:rateLimited :: too many certificates'; exit 1 ;;
+unreachable) echo 'Failed to establish a new connection: [Errno 111] Connection refused'; exit 1 ;;
+esac
+live=$state/live/labbook
+mkdir -p "$live"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj / \
+  -addext "subjectAltName=IP:$ip" -keyout "$live/privkey.pem" -out "$live/cert.pem" 2>/dev/null
+cp "$live/cert.pem" "$live/fullchain.pem"
+"#;
+
+fn run_https_bootstrap(acme: Acme, public_ip: Option<&str>, certbot_installed: bool) -> HttpsRun {
+    let user_data = render_sample_with(Bootstrap::JupyterHub, &lets_encrypt());
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&user_data).unwrap();
+    let script = config["write_files"][0]["content"].as_str().unwrap();
+    let args: Vec<&str> = config["runcmd"][0]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let dir = std::env::temp_dir().join(format!("labbook-https-{}", uuid::Uuid::new_v4()));
+    let (bin, logs, imds) = (dir.join("bin"), dir.join("logs"), dir.join("imds"));
+    let acme_home = dir.join("certbot");
+    for d in [
+        &bin,
+        &logs,
+        &imds.join("latest/meta-data"),
+        &acme_home.join("bin"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(imds.join("latest/api/token"), "token").unwrap_or_else(|_| {
+        std::fs::create_dir_all(imds.join("latest/api")).unwrap();
+        std::fs::write(imds.join("latest/api/token"), "token").unwrap();
+    });
+    if let Some(ip) = public_ip {
+        std::fs::write(imds.join("latest/meta-data/public-ipv4"), ip).unwrap();
+    }
+    let stub = |path: std::path::PathBuf, body: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(&path, body).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    if certbot_installed {
+        // As a baked image leaves it: the pinned version, already there.
+        std::fs::write(
+            acme_home.join("labbook-version"),
+            format!("{}\n", labbook::ec2::userdata::CERTBOT_VERSION),
+        )
+        .unwrap();
+        stub(acme_home.join("bin/certbot"), CERTBOT_STUB);
+    }
+    let log_args =
+        |name: &str| format!("#!/bin/bash\nprintf '%s\\n' \"$*\" >>\"$STUB_LOG/{name}\"\n");
+    stub(bin.join("tljh-config"), &log_args("tljh-config"));
+    // `python3 -m venv` fails (no venv here); the installer only says it ran.
+    stub(
+        bin.join("python3"),
+        &format!("{}[ \"$1\" != -m ] || exit 1\n", log_args("python3")),
+    );
+    std::fs::write(dir.join("installer.py"), "# TLJH's installer, stubbed\n").unwrap();
+    std::fs::write(dir.join("bootstrap"), script).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let status = std::process::Command::new("bash")
+        .arg(dir.join("bootstrap"))
+        .args(&args[1..])
+        .env("PATH", path)
+        .env("STUB_LOG", &logs)
+        .env(
+            "STUB_ACME",
+            match acme {
+                Acme::Issues => "issues",
+                Acme::RateLimited => "rate-limited",
+                Acme::Unreachable => "unreachable",
+            },
+        )
+        .env("LABBOOK_CONSOLE", dir.join("console"))
+        .env("LABBOOK_BOOTSTRAP_LOG", dir.join("log"))
+        .env(
+            "LABBOOK_TLJH_URL",
+            format!("file://{}", dir.join("installer.py").display()),
+        )
+        .env("LABBOOK_TLJH_INSTALLER", dir.join("tljh-bootstrap.py"))
+        .env("LABBOOK_IMDS_URL", format!("file://{}", imds.display()))
+        .env("LABBOOK_ACME_HOME", &acme_home)
+        .env("LABBOOK_ACME_STATE", dir.join("acme"))
+        .env("LABBOOK_TLS_DIR", dir.join("tls"))
+        .env("LABBOOK_RETRY_SECONDS", "0")
+        .status()
+        .unwrap();
+    let read_lines = |name: &str| -> Vec<String> {
+        std::fs::read_to_string(logs.join(name))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    };
+    let python = read_lines("python3");
+    HttpsRun {
+        code: status.code(),
+        console: std::fs::read_to_string(dir.join("console")).unwrap_or_default(),
+        certbot_calls: read_lines("certbot"),
+        tljh_calls: read_lines("tljh-config"),
+        installer_ran: python.iter().any(|l| l.contains("tljh-bootstrap.py")),
+        tls_dir: dir.join("tls"),
+        dir,
+    }
+}
+
+impl HttpsRun {
+    /// The console's last line: the bootstrap's report.
+    fn report(&self) -> &str {
+        self.console.trim().lines().last().unwrap_or_default()
+    }
+
+    fn https_settings(&self) -> Vec<&String> {
+        self.tljh_calls
+            .iter()
+            .filter(|c| c.contains("https"))
+            .collect()
+    }
+}
+
+#[test]
+fn an_https_bootstrap_gives_tljh_a_certificate_for_its_public_address() {
+    let run = run_https_bootstrap(Acme::Issues, Some("203.0.113.7"), true);
+    assert_eq!(run.code, Some(0), "{}", run.console);
+    assert_eq!(run.report(), labbook::ec2::userdata::REPORT_OK);
+    assert_eq!(run.certbot_calls.len(), 1);
+    let call = &run.certbot_calls[0];
+    for arg in [
+        "certonly --standalone --non-interactive --agree-tos --register-unsafely-without-email",
+        "--server https://acme-v02.api.letsencrypt.org/directory",
+        "--ip-address 203.0.113.7 --preferred-profile shortlived",
+    ] {
+        assert!(call.contains(arg), "{arg:?} in {call}");
+    }
+    assert!(run.installer_ran, "TLJH is installed after the certificate");
+    let cert = run.tls_dir.join("fullchain.pem");
+    let key = run.tls_dir.join("privkey.pem");
+    assert_eq!(
+        run.https_settings(),
+        [
+            "set https.enabled true",
+            &format!("set https.tls.cert {}", cert.display()),
+            &format!("set https.tls.key {}", key.display()),
+        ]
+    );
+    // The proxy is reloaded with them, after the logins are allowed.
+    let at = |call: &str| run.tljh_calls.iter().position(|c| c == call).unwrap();
+    assert!(at("add-item users.admin labadmin") < at("set https.enabled true"));
+    assert_eq!(run.tljh_calls.last().unwrap(), "reload proxy");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the key is root's only");
+    assert!(
+        std::fs::read_to_string(&cert)
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    assert!(
+        run.console
+            .contains("labbook-https: certificate for 203.0.113.7 in "),
+        "{}",
+        run.console
+    );
+}
+
+#[test]
+fn a_machine_without_a_certificate_serves_its_lab_over_http_and_says_why() {
+    let cases = [
+        (
+            Acme::RateLimited,
+            Some("203.0.113.7"),
+            true,
+            "rate limited by the ACME server",
+            1,
+        ),
+        (
+            Acme::Unreachable,
+            Some("203.0.113.7"),
+            true,
+            "the ACME server could not be reached",
+            3,
+        ),
+        (
+            Acme::Issues,
+            None,
+            true,
+            "no public IPv4 address in the instance metadata",
+            0,
+        ),
+        (
+            Acme::Issues,
+            Some("203.0.113.7"),
+            false,
+            "the ACME client could not be installed",
+            0,
+        ),
+    ];
+    for (acme, ip, installed, why, orders) in cases {
+        let run = run_https_bootstrap(acme, ip, installed);
+        assert_eq!(run.code, Some(0), "{why}: {}", run.console);
+        assert_eq!(
+            run.report(),
+            format!("labbook-bootstrap: ok (http only: {why})")
+        );
+        assert!(
+            run.report().starts_with(labbook::ec2::userdata::REPORT_OK)
+                && run
+                    .report()
+                    .contains(labbook::ec2::userdata::REPORT_HTTP_ONLY)
+        );
+        assert_eq!(run.certbot_calls.len(), orders, "{why}: certbot's runs");
+        assert!(
+            run.installer_ran,
+            "{why}: the lab is installed all the same"
+        );
+        assert!(run.https_settings().is_empty(), "{why}: TLJH stays on HTTP");
+        assert!(run.tljh_calls.iter().any(|c| c == "reload"));
+        assert!(!run.tls_dir.exists(), "{why}: no certificate is installed");
+    }
 }

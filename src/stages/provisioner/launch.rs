@@ -227,8 +227,13 @@ impl Provisioner {
             username: &slot.admin_username,
             password_hash: &slot.admin_password_hash,
         };
-        let user_data = userdata::render(self.settings.bootstrap, &admin, &users)
-            .map_err(StageError::Permanent)?;
+        let user_data = userdata::render(
+            self.settings.bootstrap,
+            &self.settings.https,
+            &admin,
+            &users,
+        )
+        .map_err(StageError::Permanent)?;
         intent::record(&self.store.pool, booking_id, slot.slot, slot.generation).await?;
         let pool = &self.store.pool;
         let still_wanted = || async {
