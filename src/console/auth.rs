@@ -230,9 +230,54 @@ pub fn urlencode(s: &str) -> String {
 }
 
 /// Where to go after logging in: a path of this site, never another site.
+///
+/// `next` must be a relative path as the browser will read it: one leading `/` not followed
+/// by another or by a backslash, no scheme or authority, no control character, space or
+/// backslash anywhere, and none of those hidden behind percent-encoding either (browsers strip
+/// tabs and newlines from a `Location` and treat `\` as `/`, so `/%09/evil.example` or
+/// `/\evil` would leave the site). Anything else goes to `/`.
 pub fn safe_next(next: Option<&str>) -> &str {
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
-        .unwrap_or("/")
+    next.filter(|n| is_own_path(n)).unwrap_or("/")
+}
+
+fn is_own_path(next: &str) -> bool {
+    let path_like = |bytes: &[u8]| {
+        bytes.first() == Some(&b'/')
+            && !matches!(bytes.get(1), Some(b'/' | b'\\'))
+            && !bytes.iter().any(|b| b.is_ascii_control() || *b == b'\\')
+    };
+    // As sent, only printable ASCII (a browser percent-encodes the rest of a URL it sends);
+    // once and twice percent-decoded, still a path of this site: a proxy or a browser may
+    // decode before it follows.
+    let once = percent_decode(next.as_bytes());
+    let twice = percent_decode(&once);
+    next.len() <= 2048
+        && next.bytes().all(|b| b.is_ascii_graphic())
+        && path_like(next.as_bytes())
+        && path_like(&once)
+        && path_like(&twice)
+}
+
+/// `%XX` decoded once (anything else kept as it is), as a browser or proxy might.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
 }
 
 /// Checks a login form: the CSRF token, then the console token.
@@ -288,8 +333,35 @@ mod tests {
             safe_next(Some("/bookings?state=failed")),
             "/bookings?state=failed"
         );
-        assert_eq!(safe_next(Some("//evil.example")), "/");
-        assert_eq!(safe_next(Some("https://evil.example")), "/");
+        assert_eq!(safe_next(Some("/bookings/b-1")), "/bookings/b-1");
+        assert_eq!(safe_next(Some("/bookings?q=a%20b")), "/bookings?q=a%20b");
+        for bypass in [
+            "//evil.example",
+            "https://evil.example",
+            "evil.example",
+            "/\t/evil.example",
+            "/%09/evil.example",
+            "/\n/evil.example",
+            "/%0a/evil.example",
+            "/\\evil.example",
+            "/%5Cevil.example",
+            "/%5cevil.example",
+            "%2F%2Fevil.example",
+            "/%2F/evil.example",
+            "/%252F/evil.example",
+            "\\\\evil.example",
+            "/\u{3000}/evil.example",
+            " //evil.example",
+            "",
+            "javascript:alert(1)",
+            "/\0/evil.example",
+        ] {
+            assert_eq!(
+                safe_next(Some(bypass)),
+                "/",
+                "{bypass:?} must not be followed"
+            );
+        }
         assert_eq!(safe_next(None), "/");
     }
 }
