@@ -5,6 +5,7 @@
 pub mod bookings;
 pub mod emails;
 pub mod events;
+pub mod heartbeat;
 pub mod intake;
 pub mod schedule;
 pub mod slots;
