@@ -66,24 +66,25 @@ impl Auth {
             .into()
     }
 
-    /// A fresh session cookie, valid for [`SESSION_HOURS`].
-    pub fn session_cookie(&self) -> Cookie<'static> {
+    /// A fresh session cookie for `operator`, valid for [`SESSION_HOURS`].
+    pub fn session_cookie(&self, operator: &Operator) -> Cookie<'static> {
         let expiry = chrono::Utc::now().timestamp() + SESSION_HOURS * 3600;
-        let value = format!("{expiry}.{}", nonce());
+        let value = format!("{expiry}.{}.{}", nonce(), hex(operator.0.as_bytes()));
         let signed = format!("{value}.{}", self.mac("session", &value));
         self.cookie(SESSION_COOKIE, signed)
     }
 
-    fn session_valid(&self, jar: &CookieJar) -> bool {
-        let Some(cookie) = jar.get(SESSION_COOKIE) else {
-            return false;
-        };
-        let Some((value, mac)) = cookie.value().rsplit_once('.') else {
-            return false;
-        };
-        let expiry = value.split('.').next().and_then(|e| e.parse::<i64>().ok());
-        self.mac_matches("session", value, mac)
-            && expiry.is_some_and(|e| e > chrono::Utc::now().timestamp())
+    /// The operator a valid, unexpired session cookie names.
+    fn session(&self, jar: &CookieJar) -> Option<Operator> {
+        let cookie = jar.get(SESSION_COOKIE)?;
+        let (value, mac) = cookie.value().rsplit_once('.')?;
+        if !self.mac_matches("session", value, mac) {
+            return None;
+        }
+        let mut parts = value.split('.');
+        let expiry = parts.next()?.parse::<i64>().ok()?;
+        let name = unhex(parts.nth(1)?)?;
+        (expiry > chrono::Utc::now().timestamp()).then_some(Operator(name))
     }
 
     fn bearer_valid(&self, headers: &HeaderMap) -> bool {
@@ -130,6 +131,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unhex(text: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Who is acting: the name given at the console's login (kept in the signed session), or for
+/// a bearer-token request the `X-Forwarded-User` an ingress with single sign-on adds (else
+/// "API token"). Recorded with every action in the booking's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator(pub String);
+
+impl Operator {
+    /// The most characters a login name may have.
+    pub const MAX_CHARS: usize = 64;
+
+    /// A login name: 1 to [`Self::MAX_CHARS`] characters, no control characters, trimmed.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err("Say who you are: your name is recorded with what you do here.");
+        }
+        if name.chars().count() > Self::MAX_CHARS || name.chars().any(char::is_control) {
+            return Err("A name is at most 64 characters, without control characters.");
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    fn from_headers(headers: &HeaderMap) -> Self {
+        headers
+            .get("x-forwarded-user")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Self::parse(v).ok())
+            .unwrap_or_else(|| Self("API token".into()))
+    }
+}
+
 /// The CSRF token of this request's pages (the CSRF cookie's nonce, set by [`pages`]).
 #[derive(Clone)]
 pub struct CsrfToken(pub String);
@@ -143,14 +183,19 @@ pub async fn pages(
     next: Next,
 ) -> Response {
     let auth = &state.auth;
-    if !(auth.session_valid(&jar) || auth.bearer_valid(req.headers())) {
+    let operator = auth.session(&jar).or_else(|| {
+        auth.bearer_valid(req.headers())
+            .then(|| Operator::from_headers(req.headers()))
+    });
+    let Some(operator) = operator else {
         if req.method() == Method::GET {
             let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let to = format!("/login?next={}", urlencode(next));
             return Redirect::to(&to).into_response();
         }
         return refused(StatusCode::UNAUTHORIZED, "log in first");
-    }
+    };
+    req.extensions_mut().insert(operator);
     if req.method() == Method::POST {
         match check_form_csrf(auth, &jar, req).await {
             Ok(checked) => req = checked,
@@ -199,8 +244,10 @@ async fn check_form_csrf(auth: &Auth, jar: &CookieJar, req: Request) -> Result<R
 }
 
 /// The API: `Authorization: Bearer <token>`, else 401 with a JSON reason.
-pub async fn api(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn api(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if state.auth.bearer_valid(req.headers()) {
+        let operator = Operator::from_headers(req.headers());
+        req.extensions_mut().insert(operator);
         return next.run(req).await;
     }
     let body = serde_json::json!({
@@ -280,15 +327,20 @@ fn percent_decode(bytes: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Checks a login form: the CSRF token, then the console token.
-pub fn login_ok(auth: &Auth, jar: &CookieJar, csrf: &str, token: &str) -> Result<(), &'static str> {
+/// Checks a login form: the CSRF token, the console token, then the operator's name.
+pub fn login_ok(
+    auth: &Auth,
+    jar: &CookieJar,
+    csrf: &str,
+    (token, name): (&str, &str),
+) -> Result<Operator, &'static str> {
     if !auth.csrf_valid(jar, Some(csrf)) {
         return Err("This form has expired: try again.");
     }
     if !auth.token_matches(token.trim()) {
         return Err("That is not the console token.");
     }
-    Ok(())
+    Operator::parse(name)
 }
 
 #[cfg(test)]
@@ -310,15 +362,27 @@ mod tests {
     #[test]
     fn sessions_and_csrf_tokens_are_signed_by_the_token() {
         let a = auth();
-        let cookie = a.session_cookie();
+        let alice = Operator::parse(" Alice Ops. ").unwrap();
+        let cookie = a.session_cookie(&alice);
         assert!(cookie.http_only().unwrap_or(false));
         assert_eq!(cookie.same_site(), Some(SameSite::Strict));
         let jar = CookieJar::new().add(cookie.clone());
-        assert!(a.session_valid(&jar));
+        assert_eq!(a.session(&jar), Some(Operator("Alice Ops.".into())));
         let other = Auth::new("another-token-of-enough-length!!".to_owned().into(), false);
-        assert!(!other.session_valid(&jar), "a new token ends old sessions");
+        assert_eq!(other.session(&jar), None, "a new token ends old sessions");
         let forged = format!("{}0", cookie.value());
-        assert!(!a.session_valid(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, forged))));
+        assert_eq!(
+            a.session(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, forged))),
+            None
+        );
+        let (value, _) = cookie.value().rsplit_once('.').unwrap();
+        let renamed = value.replace(&hex(b"Alice Ops."), &hex(b"mallory"));
+        let renamed = format!("{renamed}.{}", a.mac("session", value));
+        assert_eq!(
+            a.session(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, renamed))),
+            None
+        );
+        assert!(Operator::parse("  ").is_err() && Operator::parse("a\nb").is_err());
 
         let jar = CookieJar::new().add(Cookie::new(CSRF_COOKIE, "n1"));
         assert!(a.csrf_valid(&jar, Some(&a.csrf_token("n1"))));

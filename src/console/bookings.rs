@@ -134,8 +134,6 @@ pub struct Summary {
     pub machines: i64,
     pub failure_reason: Option<String>,
     pub email_failures: i64,
-    /// Dead letters naming the booking; `None` when the broker could not be read.
-    pub dead_letters: Option<usize>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -153,7 +151,6 @@ impl From<SummaryRow> for Summary {
             machines: r.machines,
             failure_reason: r.failure_reason,
             email_failures: r.email_failures,
-            dead_letters: None,
             created_at: format_time(r.created_at),
             updated_at: format_time(r.updated_at),
         }
@@ -266,6 +263,8 @@ pub struct ScheduleRow {
 #[derive(Debug, Clone, FromRow)]
 pub struct EmailRow {
     pub kind: String,
+    /// 0: the email the pipeline sends; n: an operator's n-th resend.
+    pub copy: i32,
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -281,6 +280,8 @@ pub struct Stored {
     pub emails: Vec<EmailRow>,
     /// Its events as published to the upstream (changes, cancellation, rejections).
     pub history: Vec<crate::store::events::HistoryEntry>,
+    /// What operators did to it from the console.
+    pub actions: Vec<super::actions::ActionRow>,
 }
 
 /// The booking `booking_id` and what belongs to it; `None` if it was never stored.
@@ -317,13 +318,14 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
     .fetch_all(pool)
     .await?;
     let emails = sqlx::query_as(
-        "SELECT kind, sent_at, last_error FROM emails WHERE booking_id = $1
-          ORDER BY sent_at NULLS LAST, kind",
+        "SELECT kind, copy, sent_at, last_error FROM emails WHERE booking_id = $1
+          ORDER BY sent_at NULLS LAST, kind, copy",
     )
     .bind(booking_id)
     .fetch_all(pool)
     .await?;
     let history = crate::store::events::history(pool, booking_id).await?;
+    let actions = super::actions::history(pool, booking_id).await?;
     Ok(Some(Stored {
         booking,
         usernames,
@@ -331,6 +333,7 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
         schedule,
         emails,
         history,
+        actions,
     }))
 }
 
