@@ -40,7 +40,8 @@ impl Filter {
     /// Builds a filter from the raw query values; the error says which value is wrong.
     pub fn parse(raw: &RawFilter) -> Result<Self, String> {
         let text = trimmed;
-        let state = text(&raw.state).map(str::to_owned);
+        // Empty is "any state" (the page's select sends it); anything else must be a state.
+        let state = raw.state.clone().filter(|s| !s.is_empty());
         if let Some(s) = &state
             && !STATES.contains(&s.as_str())
         {
@@ -62,6 +63,13 @@ impl Filter {
         let search = text(&raw.q).map(str::to_owned);
         if search.as_ref().is_some_and(|q| q.chars().count() > 200) {
             return Err("q is at most 200 characters".into());
+        }
+        // PostgreSQL text cannot hold a NUL; no id, address or email holds a control character.
+        if search
+            .as_ref()
+            .is_some_and(|q| q.chars().any(char::is_control))
+        {
+            return Err("q must not contain control characters".into());
         }
         Ok(Self {
             state,
@@ -366,6 +374,14 @@ mod tests {
             },
             RawFilter {
                 limit: Some(0),
+                ..Default::default()
+            },
+            RawFilter {
+                q: Some("a\0b".into()),
+                ..Default::default()
+            },
+            RawFilter {
+                state: Some(" failed".into()),
                 ..Default::default()
             },
         ] {
