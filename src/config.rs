@@ -544,6 +544,10 @@ pub struct ConsoleSettings {
     /// `LABBOOK_CONSOLE_SECURE_COOKIE` (`true` or `false`); unset: the session cookie is
     /// `Secure` unless the console listens on a loopback address.
     pub secure_cookie: Option<bool>,
+    /// `LABBOOK_CONSOLE_WORKERS`: comma-separated `http://HOST:PORT` of the workers' metrics
+    /// endpoints (`LABBOOK_METRICS_ADDR`), whose `/readyz` the health page shows; checked by
+    /// the console when it starts.
+    pub workers: Vec<String>,
 }
 
 /// The shortest `LABBOOK_CONSOLE_TOKEN` the console accepts.
@@ -570,6 +574,7 @@ impl ConsoleSettings {
                     )
                 })
                 .transpose()?,
+            workers: v.list("LABBOOK_CONSOLE_WORKERS"),
         })
     }
 

@@ -21,6 +21,12 @@ const BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
+/// Buckets (seconds) for `labbook_instance_email_seconds`: a booking's lead time is minutes to
+/// days, so a minute to a week. (A full-name matcher is chosen before the suffix one.)
+const LEAD_TIME_BUCKETS: &[f64] = &[
+    10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 259200.0, 604800.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use.
 pub fn prometheus() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -28,6 +34,11 @@ pub fn prometheus() -> PrometheusHandle {
         .get_or_init(|| {
             PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+                .expect("valid buckets")
+                .set_buckets_for_metric(
+                    Matcher::Full("labbook_instance_email_seconds".into()),
+                    LEAD_TIME_BUCKETS,
+                )
                 .expect("valid buckets")
                 .install_recorder()
                 .expect("the only metrics recorder")

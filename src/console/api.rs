@@ -4,6 +4,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::Extension;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -12,6 +13,8 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
+use super::actions::{self, ActionError};
+use super::auth::Operator;
 use super::bookings::{self, Filter, RawFilter, Stored, Summary};
 use super::dead_letters::{self, LetterRow, SelectionInput};
 use super::timeline::{Event, timeline};
@@ -27,6 +30,12 @@ pub fn routes() -> Router<AppState> {
         .route("/openapi.json", get(openapi))
         .route("/bookings", get(list_bookings).post(create_booking))
         .route("/bookings/{id}", get(get_booking))
+        .route("/bookings/{id}/cancel", post(cancel_booking))
+        .route("/bookings/{id}/duration", post(change_duration))
+        .route(
+            "/bookings/{id}/resend-instance-details",
+            post(resend_instance_details),
+        )
         .route("/dead-letters", get(dead_letter_counts))
         .route("/dead-letters/{queue}", get(list_dead_letters))
         .route("/dead-letters/{queue}/replay", post(replay))
@@ -60,6 +69,24 @@ impl ApiError {
 
     fn bad_request(reason: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", reason)
+    }
+
+    /// The database failed: said in plain words (what to set or run), answered as 503.
+    fn database(err: &sqlx::Error) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            super::errors::database(err),
+        )
+    }
+
+    /// The broker failed: said in plain words, answered as 503.
+    fn broker(err: &anyhow::Error) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            super::errors::broker(err),
+        )
     }
 
     /// A dependency failed: logged with its cause, answered as 503.
@@ -107,27 +134,18 @@ pub struct BookingList {
     pub offset: i64,
 }
 
-/// The bookings list, with each booking's dead letters counted when the broker answers.
-pub async fn booking_list(state: &AppState, filter: &Filter) -> ApiResult<(BookingList, bool)> {
-    let (mut rows, total) = bookings::list(&state.store.pool, filter)
+/// The bookings list. Dead letters are not counted here (that would read every dead-letter
+/// queue on each view): a booking's page shows its own.
+pub async fn booking_list(state: &AppState, filter: &Filter) -> ApiResult<BookingList> {
+    let (rows, total) = bookings::list(&state.store.pool, filter)
         .await
-        .map_err(|e| ApiError::unavailable("cannot read the bookings", e))?;
-    let counts = dead_letters::per_booking(&state.broker).await;
-    if let Err(e) = &counts {
-        tracing::warn!(error = %e, "console: dead letters not counted");
-    }
-    if let Ok(counts) = &counts {
-        for r in &mut rows {
-            r.dead_letters = Some(counts.get(&r.booking_id).copied().unwrap_or(0));
-        }
-    }
-    let list = BookingList {
+        .map_err(|e| ApiError::database(&e))?;
+    Ok(BookingList {
         bookings: rows,
         total,
         limit: filter.limit,
         offset: filter.offset,
-    };
-    Ok((list, counts.is_ok()))
+    })
 }
 
 async fn list_bookings(
@@ -136,7 +154,7 @@ async fn list_bookings(
 ) -> ApiResult<Json<BookingList>> {
     let Query(raw) = query?;
     let filter = Filter::parse(&raw).map_err(ApiError::bad_request)?;
-    Ok(Json(booking_list(&state, &filter).await?.0))
+    Ok(Json(booking_list(&state, &filter).await?))
 }
 
 /// A booking as stored, without anything secret.
@@ -177,6 +195,8 @@ pub struct ScheduleItem {
 #[derive(Serialize)]
 pub struct EmailItem {
     pub kind: String,
+    /// 0: the email the pipeline sends; n: an operator's n-th resend.
+    pub copy: i32,
     pub sent_at: Option<String>,
     pub last_error: Option<String>,
 }
@@ -199,7 +219,7 @@ pub struct BookingDetail {
 pub async fn booking_detail(state: &AppState, id: &str) -> ApiResult<Option<BookingDetail>> {
     let stored = bookings::find(&state.store.pool, id)
         .await
-        .map_err(|e| ApiError::unavailable("cannot read the booking", e))?;
+        .map_err(|e| ApiError::database(&e))?;
     let Some(stored) = stored else {
         return Ok(None);
     };
@@ -208,8 +228,11 @@ pub async fn booking_detail(state: &AppState, id: &str) -> ApiResult<Option<Book
     let (dead_letters, dead_letters_error) = match letters {
         Ok(l) => (Some(l), None),
         Err(e) => {
-            tracing::warn!(error = %e, "console: dead letters not read");
-            (None, Some(format!("cannot read the dead letters: {e:#}")))
+            let why = super::errors::broker(&e);
+            (
+                None,
+                Some(format!("Its dead letters could not be read. {why}")),
+            )
         }
     };
     Ok(Some(BookingDetail {
@@ -274,6 +297,7 @@ fn schedule_item(s: &bookings::ScheduleRow) -> ScheduleItem {
 fn email_item(e: &bookings::EmailRow) -> EmailItem {
     EmailItem {
         kind: e.kind.clone(),
+        copy: e.copy,
         sent_at: e.sent_at.map(format_time),
         last_error: e.last_error.clone(),
     }
@@ -349,6 +373,116 @@ async fn create_booking(
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
+impl From<ActionError> for ApiError {
+    fn from(e: ActionError) -> Self {
+        match e {
+            ActionError::NotFound(why) => Self::new(StatusCode::NOT_FOUND, "not_found", why),
+            ActionError::Refused(why) => Self::new(StatusCode::CONFLICT, "refused", why),
+            ActionError::Unavailable(why) => {
+                tracing::warn!(error = %why, "console API: an action was not done");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", why)
+            }
+        }
+    }
+}
+
+/// A booking action's request: `dry_run` says what would happen and does nothing.
+#[derive(Deserialize, Default)]
+struct ActionInput {
+    #[serde(default)]
+    dry_run: bool,
+    /// For `/duration`: the booking's new length in minutes (its start stays).
+    duration_minutes: Option<u32>,
+}
+
+/// What a booking action did (or, with `dry_run`, would do).
+#[derive(Serialize)]
+struct ActionDone {
+    booking_id: String,
+    dry_run: bool,
+    /// The revision published (cancel, duration) or whose email is resent.
+    revision: Option<i32>,
+    what_happens: String,
+}
+
+fn action_input(body: Bytes) -> ApiResult<ActionInput> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(ActionInput::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("the body: {e}")))
+}
+
+async fn change_action(
+    state: &AppState,
+    id: &str,
+    change: crate::ops::change::Change,
+    (dry_run, operator): (bool, &Operator),
+) -> ApiResult<Json<ActionDone>> {
+    let planned = actions::plan(state, id, change).await?;
+    let what_happens = if dry_run {
+        planned.what_happens()
+    } else {
+        actions::apply(state, id, change, operator).await?
+    };
+    Ok(Json(ActionDone {
+        booking_id: id.to_owned(),
+        dry_run,
+        revision: Some(planned.revision),
+        what_happens,
+    }))
+}
+
+/// `POST /api/bookings/{id}/cancel`: publishes the cancellation as `labbook cancel` does.
+async fn cancel_booking(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ActionDone>> {
+    let input = action_input(body)?;
+    let change = crate::ops::change::Change::Cancel;
+    change_action(&state, &id, change, (input.dry_run, &operator)).await
+}
+
+/// `POST /api/bookings/{id}/duration`: publishes the booking with a new length.
+async fn change_duration(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ActionDone>> {
+    let input = action_input(body)?;
+    let minutes = input
+        .duration_minutes
+        .ok_or_else(|| ApiError::bad_request("duration_minutes is required"))?;
+    let change = crate::ops::change::Change::Duration(minutes);
+    change_action(&state, &id, change, (input.dry_run, &operator)).await
+}
+
+/// `POST /api/bookings/{id}/resend-instance-details`: one more copy of the email, sent once.
+async fn resend_instance_details(
+    State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<ActionDone>> {
+    let input = action_input(body)?;
+    let revision = actions::resendable(&state.store.pool, &id).await?;
+    let what_happens = if input.dry_run {
+        format!(
+            "the instance details email of revision {revision} is sent again to the booker, with a Message-ID of its own"
+        )
+    } else {
+        actions::resend(&state, &id, &operator).await?
+    };
+    Ok(Json(ActionDone {
+        booking_id: id,
+        dry_run: input.dry_run,
+        revision: Some(revision),
+        what_happens,
+    }))
+}
+
 fn stage(queue: &str) -> ApiResult<StageQueue> {
     StageQueue::parse(queue).ok_or_else(|| {
         ApiError::new(
@@ -363,9 +497,7 @@ async fn dead_letter_counts(
     State(state): State<AppState>,
 ) -> ApiResult<Json<Vec<dead_letters::QueueCount>>> {
     let counts = dead_letters::counts(&state.broker).await;
-    Ok(Json(counts.map_err(|e| {
-        ApiError::unavailable("cannot read the broker", format!("{e:#}"))
-    })?))
+    Ok(Json(counts.map_err(|e| ApiError::broker(&e))?))
 }
 
 #[derive(Deserialize)]
@@ -396,7 +528,7 @@ async fn list_dead_letters(
     let selection = input.selection().map_err(ApiError::bad_request)?;
     let (rows, total) = dead_letters::list(&state.broker, stage, &selection)
         .await
-        .map_err(|e| ApiError::unavailable("cannot read the broker", format!("{e:#}")))?;
+        .map_err(|e| ApiError::broker(&e))?;
     Ok(Json(LetterList {
         queue: stage.dlq(),
         total,
@@ -411,7 +543,7 @@ async fn get_dead_letter(
     let stage = stage(&queue)?;
     let found = dead_letters::find(&state.broker, stage, &id)
         .await
-        .map_err(|e| ApiError::unavailable("cannot read the broker", format!("{e:#}")))?;
+        .map_err(|e| ApiError::broker(&e))?;
     found.map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -445,6 +577,7 @@ struct DryRun {
 
 async fn replay(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Path(queue): Path<String>,
     body: Result<Json<Verb>, JsonRejection>,
 ) -> ApiResult<Response> {
@@ -452,8 +585,7 @@ async fn replay(
     let Json(verb) = body?;
     let selection = verb.selection.selection().map_err(ApiError::bad_request)?;
     let link = &state.broker;
-    let broker_err =
-        |e: anyhow::Error| ApiError::unavailable("cannot reach the broker", format!("{e:#}"));
+    let broker_err = |e: anyhow::Error| ApiError::broker(&e);
     if verb.dry_run {
         let rows = dead_letters::preview(link, stage, &selection)
             .await
@@ -469,7 +601,7 @@ async fn replay(
         })
         .into_response());
     }
-    let done = dead_letters::replay(link, stage, &selection)
+    let done = actions::replay(&state, stage, &selection, &operator)
         .await
         .map_err(broker_err)?;
     Ok(Json(done).into_response())
@@ -483,6 +615,7 @@ struct Purged {
 
 async fn purge(
     State(state): State<AppState>,
+    Extension(operator): Extension<Operator>,
     Path(queue): Path<String>,
     body: Result<Json<Verb>, JsonRejection>,
 ) -> ApiResult<Response> {
@@ -493,8 +626,7 @@ async fn purge(
         return Err(ApiError::bad_request("limit applies to replay only"));
     }
     let link = &state.broker;
-    let broker_err =
-        |e: anyhow::Error| ApiError::unavailable("cannot reach the broker", format!("{e:#}"));
+    let broker_err = |e: anyhow::Error| ApiError::broker(&e);
     if verb.dry_run {
         let (rows, _) = dead_letters::list(link, stage, &selection)
             .await
@@ -515,7 +647,7 @@ async fn purge(
             "a purge deletes for good: send \"confirm\": true (or \"dry_run\": true to see what it would delete)",
         ));
     }
-    let purged = dead_letters::purge(link, stage, &selection)
+    let purged = actions::purge(&state, stage, &selection, &operator)
         .await
         .map_err(broker_err)?;
     Ok(Json(Purged {
@@ -526,5 +658,6 @@ async fn purge(
 }
 
 async fn health(State(state): State<AppState>) -> Json<super::health::Health> {
-    Json(super::health::check(&state.broker, &state.topology, &state.store.pool).await)
+    let h = &state;
+    Json(super::health::check(&h.broker, &h.topology, &h.store.pool, &h.workers).await)
 }

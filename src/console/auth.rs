@@ -66,24 +66,25 @@ impl Auth {
             .into()
     }
 
-    /// A fresh session cookie, valid for [`SESSION_HOURS`].
-    pub fn session_cookie(&self) -> Cookie<'static> {
+    /// A fresh session cookie for `operator`, valid for [`SESSION_HOURS`].
+    pub fn session_cookie(&self, operator: &Operator) -> Cookie<'static> {
         let expiry = chrono::Utc::now().timestamp() + SESSION_HOURS * 3600;
-        let value = format!("{expiry}.{}", nonce());
+        let value = format!("{expiry}.{}.{}", nonce(), hex(operator.0.as_bytes()));
         let signed = format!("{value}.{}", self.mac("session", &value));
         self.cookie(SESSION_COOKIE, signed)
     }
 
-    fn session_valid(&self, jar: &CookieJar) -> bool {
-        let Some(cookie) = jar.get(SESSION_COOKIE) else {
-            return false;
-        };
-        let Some((value, mac)) = cookie.value().rsplit_once('.') else {
-            return false;
-        };
-        let expiry = value.split('.').next().and_then(|e| e.parse::<i64>().ok());
-        self.mac_matches("session", value, mac)
-            && expiry.is_some_and(|e| e > chrono::Utc::now().timestamp())
+    /// The operator a valid, unexpired session cookie names.
+    fn session(&self, jar: &CookieJar) -> Option<Operator> {
+        let cookie = jar.get(SESSION_COOKIE)?;
+        let (value, mac) = cookie.value().rsplit_once('.')?;
+        if !self.mac_matches("session", value, mac) {
+            return None;
+        }
+        let mut parts = value.split('.');
+        let expiry = parts.next()?.parse::<i64>().ok()?;
+        let name = unhex(parts.nth(1)?)?;
+        (expiry > chrono::Utc::now().timestamp()).then_some(Operator(name))
     }
 
     fn bearer_valid(&self, headers: &HeaderMap) -> bool {
@@ -130,6 +131,45 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unhex(text: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// Who is acting: the name given at the console's login (kept in the signed session), or for
+/// a bearer-token request the `X-Forwarded-User` an ingress with single sign-on adds (else
+/// "API token"). Recorded with every action in the booking's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator(pub String);
+
+impl Operator {
+    /// The most characters a login name may have.
+    pub const MAX_CHARS: usize = 64;
+
+    /// A login name: 1 to [`Self::MAX_CHARS`] characters, no control characters, trimmed.
+    pub fn parse(raw: &str) -> Result<Self, &'static str> {
+        let name = raw.trim();
+        if name.is_empty() {
+            return Err("Say who you are: your name is recorded with what you do here.");
+        }
+        if name.chars().count() > Self::MAX_CHARS || name.chars().any(char::is_control) {
+            return Err("A name is at most 64 characters, without control characters.");
+        }
+        Ok(Self(name.to_owned()))
+    }
+
+    fn from_headers(headers: &HeaderMap) -> Self {
+        headers
+            .get("x-forwarded-user")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Self::parse(v).ok())
+            .unwrap_or_else(|| Self("API token".into()))
+    }
+}
+
 /// The CSRF token of this request's pages (the CSRF cookie's nonce, set by [`pages`]).
 #[derive(Clone)]
 pub struct CsrfToken(pub String);
@@ -143,14 +183,19 @@ pub async fn pages(
     next: Next,
 ) -> Response {
     let auth = &state.auth;
-    if !(auth.session_valid(&jar) || auth.bearer_valid(req.headers())) {
+    let operator = auth.session(&jar).or_else(|| {
+        auth.bearer_valid(req.headers())
+            .then(|| Operator::from_headers(req.headers()))
+    });
+    let Some(operator) = operator else {
         if req.method() == Method::GET {
             let next = req.uri().path_and_query().map_or("/", |p| p.as_str());
             let to = format!("/login?next={}", urlencode(next));
             return Redirect::to(&to).into_response();
         }
         return refused(StatusCode::UNAUTHORIZED, "log in first");
-    }
+    };
+    req.extensions_mut().insert(operator);
     if req.method() == Method::POST {
         match check_form_csrf(auth, &jar, req).await {
             Ok(checked) => req = checked,
@@ -199,8 +244,10 @@ async fn check_form_csrf(auth: &Auth, jar: &CookieJar, req: Request) -> Result<R
 }
 
 /// The API: `Authorization: Bearer <token>`, else 401 with a JSON reason.
-pub async fn api(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn api(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     if state.auth.bearer_valid(req.headers()) {
+        let operator = Operator::from_headers(req.headers());
+        req.extensions_mut().insert(operator);
         return next.run(req).await;
     }
     let body = serde_json::json!({
@@ -230,20 +277,70 @@ pub fn urlencode(s: &str) -> String {
 }
 
 /// Where to go after logging in: a path of this site, never another site.
+///
+/// `next` must be a relative path as the browser will read it: one leading `/` not followed
+/// by another or by a backslash, no scheme or authority, no control character, space or
+/// backslash anywhere, and none of those hidden behind percent-encoding either (browsers strip
+/// tabs and newlines from a `Location` and treat `\` as `/`, so `/%09/evil.example` or
+/// `/\evil` would leave the site). Anything else goes to `/`.
 pub fn safe_next(next: Option<&str>) -> &str {
-    next.filter(|n| n.starts_with('/') && !n.starts_with("//") && !n.contains('\\'))
-        .unwrap_or("/")
+    next.filter(|n| is_own_path(n)).unwrap_or("/")
 }
 
-/// Checks a login form: the CSRF token, then the console token.
-pub fn login_ok(auth: &Auth, jar: &CookieJar, csrf: &str, token: &str) -> Result<(), &'static str> {
+fn is_own_path(next: &str) -> bool {
+    let path_like = |bytes: &[u8]| {
+        bytes.first() == Some(&b'/')
+            && !matches!(bytes.get(1), Some(b'/' | b'\\'))
+            && !bytes.iter().any(|b| b.is_ascii_control() || *b == b'\\')
+    };
+    // As sent, only printable ASCII (a browser percent-encodes the rest of a URL it sends);
+    // once and twice percent-decoded, still a path of this site: a proxy or a browser may
+    // decode before it follows.
+    let once = percent_decode(next.as_bytes());
+    let twice = percent_decode(&once);
+    next.len() <= 2048
+        && next.bytes().all(|b| b.is_ascii_graphic())
+        && path_like(next.as_bytes())
+        && path_like(&once)
+        && path_like(&twice)
+}
+
+/// `%XX` decoded once (anything else kept as it is), as a browser or proxy might.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                bytes.get(i + 1).copied().and_then(hex),
+                bytes.get(i + 2).copied().and_then(hex),
+            )
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Checks a login form: the CSRF token, the console token, then the operator's name.
+pub fn login_ok(
+    auth: &Auth,
+    jar: &CookieJar,
+    csrf: &str,
+    (token, name): (&str, &str),
+) -> Result<Operator, &'static str> {
     if !auth.csrf_valid(jar, Some(csrf)) {
         return Err("This form has expired: try again.");
     }
     if !auth.token_matches(token.trim()) {
         return Err("That is not the console token.");
     }
-    Ok(())
+    Operator::parse(name)
 }
 
 #[cfg(test)]
@@ -265,15 +362,27 @@ mod tests {
     #[test]
     fn sessions_and_csrf_tokens_are_signed_by_the_token() {
         let a = auth();
-        let cookie = a.session_cookie();
+        let alice = Operator::parse(" Alice Ops. ").unwrap();
+        let cookie = a.session_cookie(&alice);
         assert!(cookie.http_only().unwrap_or(false));
         assert_eq!(cookie.same_site(), Some(SameSite::Strict));
         let jar = CookieJar::new().add(cookie.clone());
-        assert!(a.session_valid(&jar));
+        assert_eq!(a.session(&jar), Some(Operator("Alice Ops.".into())));
         let other = Auth::new("another-token-of-enough-length!!".to_owned().into(), false);
-        assert!(!other.session_valid(&jar), "a new token ends old sessions");
+        assert_eq!(other.session(&jar), None, "a new token ends old sessions");
         let forged = format!("{}0", cookie.value());
-        assert!(!a.session_valid(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, forged))));
+        assert_eq!(
+            a.session(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, forged))),
+            None
+        );
+        let (value, _) = cookie.value().rsplit_once('.').unwrap();
+        let renamed = value.replace(&hex(b"Alice Ops."), &hex(b"mallory"));
+        let renamed = format!("{renamed}.{}", a.mac("session", value));
+        assert_eq!(
+            a.session(&CookieJar::new().add(Cookie::new(SESSION_COOKIE, renamed))),
+            None
+        );
+        assert!(Operator::parse("  ").is_err() && Operator::parse("a\nb").is_err());
 
         let jar = CookieJar::new().add(Cookie::new(CSRF_COOKIE, "n1"));
         assert!(a.csrf_valid(&jar, Some(&a.csrf_token("n1"))));
@@ -288,8 +397,35 @@ mod tests {
             safe_next(Some("/bookings?state=failed")),
             "/bookings?state=failed"
         );
-        assert_eq!(safe_next(Some("//evil.example")), "/");
-        assert_eq!(safe_next(Some("https://evil.example")), "/");
+        assert_eq!(safe_next(Some("/bookings/b-1")), "/bookings/b-1");
+        assert_eq!(safe_next(Some("/bookings?q=a%20b")), "/bookings?q=a%20b");
+        for bypass in [
+            "//evil.example",
+            "https://evil.example",
+            "evil.example",
+            "/\t/evil.example",
+            "/%09/evil.example",
+            "/\n/evil.example",
+            "/%0a/evil.example",
+            "/\\evil.example",
+            "/%5Cevil.example",
+            "/%5cevil.example",
+            "%2F%2Fevil.example",
+            "/%2F/evil.example",
+            "/%252F/evil.example",
+            "\\\\evil.example",
+            "/\u{3000}/evil.example",
+            " //evil.example",
+            "",
+            "javascript:alert(1)",
+            "/\0/evil.example",
+        ] {
+            assert_eq!(
+                safe_next(Some(bypass)),
+                "/",
+                "{bypass:?} must not be followed"
+            );
+        }
         assert_eq!(safe_next(None), "/");
     }
 }

@@ -40,7 +40,8 @@ impl Filter {
     /// Builds a filter from the raw query values; the error says which value is wrong.
     pub fn parse(raw: &RawFilter) -> Result<Self, String> {
         let text = trimmed;
-        let state = text(&raw.state).map(str::to_owned);
+        // Empty is "any state" (the page's select sends it); anything else must be a state.
+        let state = raw.state.clone().filter(|s| !s.is_empty());
         if let Some(s) = &state
             && !STATES.contains(&s.as_str())
         {
@@ -62,6 +63,13 @@ impl Filter {
         let search = text(&raw.q).map(str::to_owned);
         if search.as_ref().is_some_and(|q| q.chars().count() > 200) {
             return Err("q is at most 200 characters".into());
+        }
+        // PostgreSQL text cannot hold a NUL; no id, address or email holds a control character.
+        if search
+            .as_ref()
+            .is_some_and(|q| q.chars().any(char::is_control))
+        {
+            return Err("q must not contain control characters".into());
         }
         Ok(Self {
             state,
@@ -134,8 +142,6 @@ pub struct Summary {
     pub machines: i64,
     pub failure_reason: Option<String>,
     pub email_failures: i64,
-    /// Dead letters naming the booking; `None` when the broker could not be read.
-    pub dead_letters: Option<usize>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -153,7 +159,6 @@ impl From<SummaryRow> for Summary {
             machines: r.machines,
             failure_reason: r.failure_reason,
             email_failures: r.email_failures,
-            dead_letters: None,
             created_at: format_time(r.created_at),
             updated_at: format_time(r.updated_at),
         }
@@ -266,6 +271,8 @@ pub struct ScheduleRow {
 #[derive(Debug, Clone, FromRow)]
 pub struct EmailRow {
     pub kind: String,
+    /// 0: the email the pipeline sends; n: an operator's n-th resend.
+    pub copy: i32,
     pub sent_at: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -281,6 +288,8 @@ pub struct Stored {
     pub emails: Vec<EmailRow>,
     /// Its events as published to the upstream (changes, cancellation, rejections).
     pub history: Vec<crate::store::events::HistoryEntry>,
+    /// What operators did to it from the console.
+    pub actions: Vec<super::actions::ActionRow>,
 }
 
 /// The booking `booking_id` and what belongs to it; `None` if it was never stored.
@@ -317,13 +326,14 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
     .fetch_all(pool)
     .await?;
     let emails = sqlx::query_as(
-        "SELECT kind, sent_at, last_error FROM emails WHERE booking_id = $1
-          ORDER BY sent_at NULLS LAST, kind",
+        "SELECT kind, copy, sent_at, last_error FROM emails WHERE booking_id = $1
+          ORDER BY sent_at NULLS LAST, kind, copy",
     )
     .bind(booking_id)
     .fetch_all(pool)
     .await?;
     let history = crate::store::events::history(pool, booking_id).await?;
+    let actions = super::actions::history(pool, booking_id).await?;
     Ok(Some(Stored {
         booking,
         usernames,
@@ -331,6 +341,7 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
         schedule,
         emails,
         history,
+        actions,
     }))
 }
 
@@ -363,6 +374,14 @@ mod tests {
             },
             RawFilter {
                 limit: Some(0),
+                ..Default::default()
+            },
+            RawFilter {
+                q: Some("a\0b".into()),
+                ..Default::default()
+            },
+            RawFilter {
+                state: Some(" failed".into()),
                 ..Default::default()
             },
         ] {

@@ -79,6 +79,28 @@ impl BrokerLink {
         })
     }
 
+    /// Publishes an operator's change of a booking (see [`crate::ops::change`]) and waits for
+    /// the broker's confirm.
+    pub async fn publish_change(
+        &self,
+        planned: &crate::ops::change::Planned,
+    ) -> anyhow::Result<()> {
+        let conn = self.connection().await?;
+        let channel = confirmed_channel(&conn, &self.topology).await?;
+        let sent = planned.publish(&channel, self.publish_timeout).await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(sent?)
+    }
+
+    /// Publishes a message to a stage queue, as the stages do, and waits for the confirm.
+    pub async fn publish_outgoing(&self, message: &crate::broker::Outgoing) -> anyhow::Result<()> {
+        let conn = self.connection().await?;
+        let channel = confirmed_channel(&conn, &self.topology).await?;
+        let sent = message.publish(&channel, self.publish_timeout).await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(sent?)
+    }
+
     /// Publishes a booking to `booking-created` through the `labbook` exchange, as an upstream
     /// would, and waits for the broker's confirm.
     pub async fn publish_booking(&self, body: &[u8], message_id: &str) -> anyhow::Result<()> {

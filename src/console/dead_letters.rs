@@ -1,10 +1,11 @@
 //! Dead letters as the console shows them, read and moved with the same code as
 //! `labbook dlq` ([`crate::ops::dlq`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use chrono::{DateTime, Utc};
+use lapin::types::AMQPValue;
 use serde::{Deserialize, Serialize};
 
 use super::broker::BrokerLink;
@@ -56,11 +57,79 @@ impl LetterRow {
     }
 }
 
-/// One header of a dead letter.
+/// One header of a dead letter: its value as a value (`4`, not `LongLongInt(4)`) and, for the
+/// headers labbook or the broker set, what it means.
 #[derive(Debug, Clone, Serialize)]
 pub struct Header {
     pub name: String,
     pub value: String,
+    pub meaning: Option<&'static str>,
+}
+
+/// What the headers a dead letter carries mean. `x-labbook-attempts` and `x-delivery-count`
+/// count different things and are told apart here.
+fn meaning(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "x-labbook-attempts" => {
+            "labbook's own count: how many times a stage tried the work (each retry goes through a delay queue and counts one)"
+        }
+        "x-delivery-count" => {
+            "the broker's count: how many times it handed this copy to a worker that did not acknowledge it (a worker stopped or lost its connection); labbook's retries do not raise it"
+        }
+        "x-labbook-error" => "why labbook gave up on it",
+        "x-labbook-stage" => "the stage that gave up",
+        "x-labbook-failed-at" => "when it was dead-lettered (UTC)",
+        "x-labbook-waits" => {
+            "times it waited for a dependency that was down (these never spend attempts)"
+        }
+        "x-labbook-replayed-at" => "when an operator last replayed it",
+        "traceparent" => "the booking's trace (W3C Trace Context)",
+        "x-death" => "the broker's record of each time the message was dead-lettered or expired",
+        "x-first-death-queue" | "x-last-death-queue" => "the queue it was dead-lettered from",
+        "x-first-death-reason" | "x-last-death-reason" => {
+            "the broker's reason (rejected: labbook sent it here; expired: a delay ended)"
+        }
+        "x-first-death-exchange" | "x-last-death-exchange" => {
+            "the exchange it had been published to"
+        }
+        _ => return None,
+    })
+}
+
+/// An AMQP header value as an operator reads it.
+pub fn header_value(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(v) => v.to_string(),
+        AMQPValue::ShortShortUInt(v) => v.to_string(),
+        AMQPValue::ShortInt(v) => v.to_string(),
+        AMQPValue::ShortUInt(v) => v.to_string(),
+        AMQPValue::LongInt(v) => v.to_string(),
+        AMQPValue::LongUInt(v) => v.to_string(),
+        AMQPValue::LongLongInt(v) => v.to_string(),
+        AMQPValue::Float(v) => v.to_string(),
+        AMQPValue::Double(v) => v.to_string(),
+        AMQPValue::DecimalValue(d) => format!("{}e-{}", d.value, d.scale),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ByteArray(b) => format!("({} bytes)", b.as_slice().len()),
+        AMQPValue::Timestamp(t) => {
+            DateTime::from_timestamp(*t as i64, 0).map_or_else(|| t.to_string(), crate::format_time)
+        }
+        AMQPValue::FieldArray(a) => {
+            let items: Vec<String> = a.as_slice().iter().map(header_value).collect();
+            format!("[{}]", items.join(", "))
+        }
+        AMQPValue::FieldTable(t) => {
+            let fields: Vec<String> = t
+                .inner()
+                .iter()
+                .map(|(k, v)| format!("{}: {}", k.as_str(), header_value(v)))
+                .collect();
+            format!("{{{}}}", fields.join(", "))
+        }
+        AMQPValue::Void => String::new(),
+    }
 }
 
 /// One dead letter in full: its row, properties, headers and body.
@@ -86,10 +155,10 @@ impl LetterDetail {
             .as_ref()
             .map(|h| {
                 h.into_iter()
-                    .map(|(k, _)| Header {
+                    .map(|(k, v)| Header {
                         name: k.as_str().to_owned(),
-                        value: crate::broker::headers::str_header(p, k.as_str())
-                            .unwrap_or_default(),
+                        value: header_value(v),
+                        meaning: meaning(k.as_str()),
                     })
                     .collect()
             })
@@ -166,23 +235,6 @@ pub async fn for_booking(link: &BrokerLink, booking_id: &str) -> anyhow::Result<
         rows.extend(list(link, stage, &selection).await?.0);
     }
     Ok(rows)
-}
-
-/// How many dead letters name each booking, over every stage.
-pub async fn per_booking(link: &BrokerLink) -> anyhow::Result<HashMap<String, usize>> {
-    let conn = link.connection().await?;
-    let mut counts = HashMap::new();
-    for stage in StageQueue::ALL {
-        if link.stats(&stage.dlq()).await?.messages == 0 {
-            continue;
-        }
-        for l in dlq::read_all(&conn, stage).await? {
-            if let Some(id) = l.booking_id {
-                *counts.entry(id).or_default() += 1;
-            }
-        }
-    }
-    Ok(counts)
 }
 
 /// The dry run: what a replay of `selection` would move now.
@@ -291,5 +343,31 @@ impl SelectionInput {
             ids: (!ids.is_empty()).then_some(ids),
             limit: self.limit,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, FieldTable, LongString};
+
+    #[test]
+    fn header_values_read_as_values() {
+        assert_eq!(header_value(&AMQPValue::LongLongInt(4)), "4");
+        assert_eq!(
+            header_value(&AMQPValue::LongString(LongString::from("x"))),
+            "x"
+        );
+        let mut death = FieldTable::default();
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        death.insert("queue".into(), AMQPValue::LongString("notify".into()));
+        let deaths = AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)]));
+        assert_eq!(header_value(&deaths), "[{count: 1, queue: notify}]");
+        assert_eq!(
+            header_value(&AMQPValue::Timestamp(0)),
+            "1970-01-01T00:00:00Z"
+        );
+        assert!(meaning("x-delivery-count").unwrap().contains("broker"));
+        assert!(meaning("x-labbook-attempts").unwrap().contains("labbook"));
     }
 }

@@ -5,6 +5,8 @@
 //!   bookings and a booking's story, dead letters with dry-run replay and purge, health;
 //! - [`api`]: the same under `/api` as JSON, described by `/api/openapi.json`, plus
 //!   `POST /api/bookings` for an upstream that cannot speak AMQP;
+//! - [`actions`]: what an operator does to a booking (cancel, a new end, resend the instance
+//!   details email, replay or purge its dead letters), each kept in its history with who did it;
 //! - [`bookings`], [`timeline`], [`dead_letters`], [`health`]: what they read, in the
 //!   console's own queries, and the dead letters through [`crate::ops::dlq`] as
 //!   `labbook dlq` does.
@@ -12,11 +14,13 @@
 //! It needs the broker (`AMQP_URL`) and the database (`DATABASE_URL`), and never the key that
 //! decrypts passwords: no page or answer can hold one.
 
+pub mod actions;
 pub mod api;
 pub mod auth;
 pub mod bookings;
 pub mod broker;
 pub mod dead_letters;
+pub mod errors;
 pub mod health;
 pub mod pages;
 pub mod timeline;
@@ -44,6 +48,10 @@ pub struct AppState {
     pub topology: Arc<Topology>,
     pub auth: Arc<auth::Auth>,
     pub rules: BookingRules,
+    /// The domain of `MAIL_FROM`, for the Message-ID of a resent email.
+    pub mail_domain: Arc<String>,
+    /// Workers' `/readyz` the health page asks (`LABBOOK_CONSOLE_WORKERS`).
+    pub workers: Arc<Vec<health::WorkerEndpoint>>,
 }
 
 /// The console, bound to its address and ready to serve.
@@ -80,6 +88,10 @@ impl Console {
             topology: Arc::new(Topology::from_settings(&settings.broker)),
             auth: Arc::new(auth::Auth::new(token, secure)),
             rules: settings.rules,
+            mail_domain: Arc::new(mail_domain(&settings.mail_from)),
+            workers: Arc::new(health::WorkerEndpoint::parse_all(
+                &settings.console.workers,
+            )?),
         };
         Ok(Self { listener, state })
     }
@@ -104,6 +116,14 @@ impl Console {
         }
         tracing::info!("console stopped");
     }
+}
+
+/// The domain part of the sender's address, as the notifier takes it for Message-IDs.
+fn mail_domain(from: &crate::domain::EmailAddress) -> String {
+    from.as_str()
+        .rsplit_once('@')
+        .map_or("labbook.invalid", |(_, d)| d)
+        .to_owned()
 }
 
 /// Every route: the login page and `/healthz` are open; pages need a session (or the bearer

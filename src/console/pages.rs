@@ -16,11 +16,13 @@ use minijinja::{Environment, Value, context};
 use serde::Deserialize;
 
 use super::AppState;
+use super::actions::{self, ActionError};
 use super::api::{booking_detail, booking_list};
-use super::auth::{self, CsrfToken};
+use super::auth::{self, CsrfToken, Operator};
 use super::bookings::{Filter, RawFilter, STATES};
 use super::dead_letters::{self, SelectionInput};
 use crate::broker::StageQueue;
+use crate::ops::change::Change;
 
 static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
     let mut env = Environment::new();
@@ -69,6 +71,10 @@ static TEMPLATES: LazyLock<Environment<'static>> = LazyLock::new(|| {
             "health.html",
             include_str!("../../templates/console/health.html"),
         ),
+        (
+            "booking_action.html",
+            include_str!("../../templates/console/booking_action.html"),
+        ),
     ] {
         env.add_template(name, source)
             .expect("console templates parse");
@@ -101,6 +107,16 @@ impl PageError {
     }
 }
 
+impl From<ActionError> for PageError {
+    fn from(e: ActionError) -> Self {
+        match e {
+            ActionError::NotFound(why) => Self::new(StatusCode::NOT_FOUND, why),
+            ActionError::Refused(why) => Self::new(StatusCode::CONFLICT, why),
+            ActionError::Unavailable(why) => Self::new(StatusCode::SERVICE_UNAVAILABLE, why),
+        }
+    }
+}
+
 impl From<super::api::ApiError> for PageError {
     fn from(e: super::api::ApiError) -> Self {
         let (status, reasons) = e.parts();
@@ -126,6 +142,15 @@ pub fn routes() -> Router<AppState> {
         .route("/", get(|| async { Redirect::to("/bookings") }))
         .route("/bookings", get(bookings_page))
         .route("/bookings/{id}", get(booking_page))
+        .route(
+            "/bookings/{id}/cancel",
+            get(cancel_preview).post(cancel_booking),
+        )
+        .route("/bookings/{id}/end", get(end_preview).post(end_booking))
+        .route(
+            "/bookings/{id}/resend",
+            get(resend_preview).post(resend_email),
+        )
         .route("/dead-letters", get(dead_letters_page))
         .route("/dead-letters/{queue}", get(queue_page))
         .route("/dead-letters/{queue}/letters/{id}", get(letter_page))
@@ -168,6 +193,9 @@ pub async fn login_page(
 #[derive(Deserialize)]
 pub struct LoginForm {
     token: String,
+    /// Who is logging in: recorded with each action in the booking's history.
+    #[serde(default)]
+    name: String,
     csrf: String,
     next: Option<String>,
 }
@@ -179,10 +207,10 @@ pub async fn login(
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = auth::safe_next(form.next.as_deref()).to_owned();
-    match auth::login_ok(&state.auth, &jar, &form.csrf, &form.token) {
-        Ok(()) => {
-            tracing::info!("console: an operator logged in");
-            let jar = jar.add(state.auth.session_cookie());
+    match auth::login_ok(&state.auth, &jar, &form.csrf, (&form.token, &form.name)) {
+        Ok(operator) => {
+            tracing::info!(operator = %operator.0, "console: an operator logged in");
+            let jar = jar.add(state.auth.session_cookie(&operator));
             (jar, Redirect::to(&next)).into_response()
         }
         Err(why) => {
@@ -191,7 +219,7 @@ pub async fn login(
             tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             let mut page = render(
                 "login.html",
-                context! { csrf => csrf.0, next => next, error => why },
+                context! { csrf => csrf.0, next => next, error => why, name => form.name },
             );
             *page.status_mut() = StatusCode::UNAUTHORIZED;
             page
@@ -210,7 +238,7 @@ async fn bookings_page(
     Query(raw): Query<RawFilter>,
 ) -> PageResult {
     let filter = Filter::parse(&raw).map_err(|e| PageError::new(StatusCode::BAD_REQUEST, e))?;
-    let (list, counted) = booking_list(&state, &filter).await?;
+    let list = booking_list(&state, &filter).await?;
     let page = |offset: i64| {
         let q = RawFilter {
             offset: Some(offset.max(0)),
@@ -223,7 +251,7 @@ async fn bookings_page(
         "bookings.html",
         context! {
             csrf => csrf.0, nav => "bookings", list => list, filter => raw, states => STATES,
-            counted => counted, shown_from => filter.offset + 1, shown_to => shown_to,
+            shown_from => filter.offset + 1, shown_to => shown_to,
             prev => (filter.offset > 0).then(|| page(filter.offset - filter.limit)),
             next => (shown_to < list.total).then(|| page(shown_to)),
         },
@@ -264,10 +292,129 @@ async fn booking_page(
             format!("No booking {id:?} is stored."),
         )
     })?;
+    // A booking on its way (or its machines on theirs) is live work: the page refreshes itself.
+    let live = matches!(
+        detail.booking.state.as_str(),
+        "received" | "scheduled" | "provisioning"
+    );
+    let refresh = live.then_some(LIVE_REFRESH_SECONDS);
     Ok(render(
         "booking.html",
-        context! { csrf => csrf.0, nav => "bookings", b => detail },
+        context! { csrf => csrf.0, nav => "bookings", b => detail, refresh => refresh },
     ))
+}
+
+/// How often a page showing live work reloads itself (a `<meta http-equiv="refresh">`: no
+/// script, so the console's CSP stays `default-src 'none'`).
+const LIVE_REFRESH_SECONDS: u32 = 10;
+
+/// The length asked for on the booking page's "new end" form.
+#[derive(Deserialize)]
+struct NewLength {
+    duration_minutes: Option<String>,
+}
+
+impl NewLength {
+    fn minutes(&self) -> Result<u32, PageError> {
+        let raw = self.duration_minutes.as_deref().unwrap_or("").trim();
+        raw.parse::<u32>().map_err(|_| {
+            PageError::new(
+                StatusCode::BAD_REQUEST,
+                format!("The new length must be a number of minutes (got {raw:?})."),
+            )
+        })
+    }
+}
+
+/// The confirmation page of a booking action: what it will do, and the button that does it.
+fn confirm_action(csrf: &CsrfToken, id: &str, action: Value) -> Response {
+    render(
+        "booking_action.html",
+        context! { csrf => csrf.0.clone(), nav => "bookings", id => id, a => action },
+    )
+}
+
+fn action_done(csrf: &CsrfToken, id: &str, message: String) -> Response {
+    render(
+        "booking_action.html",
+        context! { csrf => csrf.0.clone(), nav => "bookings", id => id, done => message },
+    )
+}
+
+async fn cancel_preview(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let planned = actions::plan(&state, &id, Change::Cancel).await?;
+    let action = context! {
+        verb => "cancel", title => "Cancel this booking?", what => planned.what_happens(),
+        revision => planned.revision, button => "Cancel the booking", danger => true,
+    };
+    Ok(confirm_action(&csrf, &id, action))
+}
+
+async fn cancel_booking(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let message = actions::apply(&state, &id, Change::Cancel, &operator).await?;
+    Ok(action_done(&csrf, &id, message))
+}
+
+async fn end_preview(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(id): Path<String>,
+    Query(length): Query<NewLength>,
+) -> PageResult {
+    let minutes = length.minutes()?;
+    let planned = actions::plan(&state, &id, Change::Duration(minutes)).await?;
+    let action = context! {
+        verb => "end", title => "Give this booking a new end?", what => planned.what_happens(),
+        revision => planned.revision, button => "Publish the new end", minutes => minutes,
+    };
+    Ok(confirm_action(&csrf, &id, action))
+}
+
+async fn end_booking(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+    Form(length): Form<NewLength>,
+) -> PageResult {
+    let change = Change::Duration(length.minutes()?);
+    let message = actions::apply(&state, &id, change, &operator).await?;
+    Ok(action_done(&csrf, &id, message))
+}
+
+async fn resend_preview(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let revision = actions::resendable(&state.store.pool, &id).await?;
+    let what = format!(
+        "the instance details email of revision {revision} (its machines' addresses and logins) is sent again to the booker, once, with a Message-ID of its own"
+    );
+    let action = context! {
+        verb => "resend", title => "Resend the instance details email?", what => what,
+        revision => revision, button => "Resend the email",
+    };
+    Ok(confirm_action(&csrf, &id, action))
+}
+
+async fn resend_email(
+    State(state): State<AppState>,
+    Extension(csrf): Extension<CsrfToken>,
+    Extension(operator): Extension<Operator>,
+    Path(id): Path<String>,
+) -> PageResult {
+    let message = actions::resend(&state, &id, &operator).await?;
+    Ok(action_done(&csrf, &id, message))
 }
 
 fn stage(queue: &str) -> Result<StageQueue, PageError> {
@@ -276,11 +423,7 @@ fn stage(queue: &str) -> Result<StageQueue, PageError> {
 }
 
 fn broker_down(e: anyhow::Error) -> PageError {
-    tracing::warn!(error = %format!("{e:#}"), "console: the broker could not be read");
-    PageError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("The broker could not be read: {e:#}"),
-    )
+    PageError::new(StatusCode::SERVICE_UNAVAILABLE, super::errors::broker(&e))
 }
 
 async fn dead_letters_page(
@@ -375,6 +518,8 @@ async fn replay_preview(
 struct Confirmed {
     #[serde(default)]
     id: Vec<String>,
+    /// The booking whose page the operator came from (for the way back).
+    booking_id: Option<String>,
 }
 
 impl Confirmed {
@@ -397,11 +542,12 @@ impl Confirmed {
 async fn replay(
     State(state): State<AppState>,
     Extension(csrf): Extension<CsrfToken>,
+    Extension(operator): Extension<Operator>,
     Path(queue): Path<String>,
     Form(form): Form<Confirmed>,
 ) -> PageResult {
     let stage = stage(&queue)?;
-    let done = dead_letters::replay(&state.broker, stage, &form.selection()?)
+    let done = actions::replay(&state, stage, &form.selection()?, &operator)
         .await
         .map_err(broker_down)?;
     let message = format!(
@@ -413,7 +559,7 @@ async fn replay(
     );
     Ok(render(
         "done.html",
-        context! { csrf => csrf.0, nav => "dead-letters", message => message, queue => stage.dlq(), stage => stage.name() },
+        context! { csrf => csrf.0, nav => "dead-letters", message => message, queue => stage.dlq(), stage => stage.name(), booking => form.booking_id },
     ))
 }
 
@@ -444,17 +590,18 @@ async fn purge_preview(
 async fn purge(
     State(state): State<AppState>,
     Extension(csrf): Extension<CsrfToken>,
+    Extension(operator): Extension<Operator>,
     Path(queue): Path<String>,
     Form(form): Form<Confirmed>,
 ) -> PageResult {
     let stage = stage(&queue)?;
-    let removed = dead_letters::purge(&state.broker, stage, &form.selection()?)
+    let removed = actions::purge(&state, stage, &form.selection()?, &operator)
         .await
         .map_err(broker_down)?;
     let message = format!("Deleted {removed} dead letter(s) from {}.", stage.dlq());
     Ok(render(
         "done.html",
-        context! { csrf => csrf.0, nav => "dead-letters", message => message, queue => stage.dlq(), stage => stage.name() },
+        context! { csrf => csrf.0, nav => "dead-letters", message => message, queue => stage.dlq(), stage => stage.name(), booking => form.booking_id },
     ))
 }
 
@@ -462,10 +609,11 @@ async fn health_page(
     State(state): State<AppState>,
     Extension(csrf): Extension<CsrfToken>,
 ) -> Response {
-    let health = super::health::check(&state.broker, &state.topology, &state.store.pool).await;
+    let s = &state;
+    let health = super::health::check(&s.broker, &s.topology, &s.store.pool, &s.workers).await;
     render(
         "health.html",
-        context! { csrf => csrf.0, nav => "health", h => health },
+        context! { csrf => csrf.0, nav => "health", h => health, refresh => LIVE_REFRESH_SECONDS },
     )
 }
 

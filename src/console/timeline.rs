@@ -5,8 +5,10 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::actions::{CANCEL, NEW_END, PURGE, REPLAY, RESEND};
 use super::bookings::Stored;
 use super::dead_letters::LetterRow;
+use crate::broker::StageQueue;
 use crate::format_time;
 
 /// How an event reads: done, to come, or gone wrong.
@@ -25,7 +27,8 @@ pub struct Event {
     pub at: Option<String>,
     /// A stable name: `received`, `credentials`, `scheduled`, `provisioning`, `launched`,
     /// `terminated`, `email_sent`, `email_failed`, `dead_letter`, `failed`, `teardown`, `ended`,
-    /// `changed`, `cancelled`, `rejected`.
+    /// `changed`, `cancelled`, `rejected`, `operator` (an action from the console, not yet seen
+    /// by the pipeline, or one that is not a revision: a resend, a replay, a purge).
     pub event: &'static str,
     pub title: String,
     pub detail: String,
@@ -85,21 +88,39 @@ pub fn timeline(stored: &Stored, dead_letters: &[LetterRow]) -> Vec<Event> {
     schedule_events(stored, &mut events);
     machine_events(stored, &mut events);
     email_events(stored, &mut events);
+    let refusals = stored
+        .history
+        .iter()
+        .filter(|h| h.event == "rejected")
+        .count();
+    let intake = StageQueue::BookingCreated.dlq();
+    // A refused booking message is told once: its `rejected` event stands for its dead letter.
+    let mut told_by_history = 0;
     for l in dead_letters {
+        if l.queue == intake && told_by_history < refusals {
+            told_by_history += 1;
+            continue;
+        }
         let at = l.failed_at_time.unwrap_or(b.updated_at);
         let title = format!("Dead letter in {}", l.queue);
         let detail = format!("{} (attempts: {})", l.error, l.attempts_text());
         events.push(Event::new("dead_letter", at, title, detail).tone(Tone::Failed));
     }
-    change_events(stored, &mut events);
+    let intake_letters = dead_letters.iter().filter(|l| l.queue == intake).count();
+    change_events(stored, intake_letters, &mut events);
     outcome_events(stored, &mut events);
     // Stable: events at one instant keep the order they were told in.
     events.sort_by_key(|e| e.sort);
     events
 }
 
-/// Changes, cancellation and refused messages, from the booking's history of events.
-fn change_events(stored: &Stored, events: &mut Vec<Event>) {
+/// Changes, cancellation and refused messages, from the booking's history of events, each
+/// with the operator who published it when it came from the console; then the console's other
+/// actions. `intake_letters`: the booking's dead letters in `booking-created.dlq` (a refusal
+/// that has one says so, and is not told a second time as a dead letter).
+fn change_events(stored: &Stored, intake_letters: usize, events: &mut Vec<Event>) {
+    let mut told = vec![false; stored.actions.len()];
+    let mut refusals = 0;
     for h in &stored.history {
         let (event, title, tone) = match h.event.as_str() {
             "accepted" if h.revision > 0 => (
@@ -119,7 +140,50 @@ fn change_events(stored: &Stored, events: &mut Vec<Event>) {
             ),
             _ => continue,
         };
-        events.push(Event::new(event, h.at, title, h.detail.clone()).tone(tone));
+        let mut title = title;
+        let mut detail = h.detail.clone();
+        if event == "rejected" {
+            refusals += 1;
+            if refusals <= intake_letters {
+                detail = format!("{detail}; kept in booking-created.dlq (replay it below)");
+            }
+        }
+        let by = stored.actions.iter().enumerate().position(|(i, a)| {
+            !told[i]
+                && a.revision == Some(h.revision)
+                && [CANCEL, NEW_END].contains(&a.action.as_str())
+        });
+        if let Some(i) = by {
+            told[i] = true;
+            title = format!(
+                "{title}, published by {} from the console",
+                stored.actions[i].operator
+            );
+        }
+        events.push(Event::new(event, h.at, title, detail).tone(tone));
+    }
+    for (a, _) in stored.actions.iter().zip(told).filter(|(_, told)| !told) {
+        let (title, tone) = match a.action.as_str() {
+            CANCEL => (
+                format!("Cancellation published by {}", a.operator),
+                Tone::Pending,
+            ),
+            NEW_END => (
+                format!("New end published by {}", a.operator),
+                Tone::Pending,
+            ),
+            RESEND => (
+                format!("Instance details email resent by {}", a.operator),
+                Tone::Done,
+            ),
+            REPLAY => (
+                format!("Dead letters replayed by {}", a.operator),
+                Tone::Done,
+            ),
+            PURGE => (format!("Dead letters purged by {}", a.operator), Tone::Done),
+            other => (format!("{other} by {}", a.operator), Tone::Done),
+        };
+        events.push(Event::new("operator", a.at, title, a.detail.clone()).tone(tone));
     }
 }
 
@@ -198,7 +262,13 @@ fn email_events(stored: &Stored, events: &mut Vec<Event>) {
             "confirmation" => "Confirmation email".to_owned(),
             "instance_details" => "Instance details email".to_owned(),
             "failure" => "Failure email".to_owned(),
+            "updated" => "Booking updated email".to_owned(),
+            "cancelled" => "Cancellation email".to_owned(),
             other => format!("Email {other}"),
+        };
+        let what = match e.copy {
+            0 => what,
+            n => format!("{what} (resent, copy {n})"),
         };
         let to = format!("to {}", stored.booking.email);
         events.push(match (e.sent_at, &e.last_error) {
@@ -292,16 +362,19 @@ mod tests {
             emails: vec![
                 EmailRow {
                     kind: "confirmation".into(),
+                    copy: 0,
                     sent_at: Some(at(2)),
                     last_error: None,
                 },
                 EmailRow {
                     kind: "failure".into(),
+                    copy: 0,
                     sent_at: None,
                     last_error: Some("451 try later".into()),
                 },
             ],
             history: Vec::new(),
+            actions: Vec::new(),
         }
     }
 
@@ -328,6 +401,39 @@ mod tests {
         assert_eq!(cancelled.tone, Tone::Failed);
         // The first acceptance is the booking's reception, told once.
         assert_eq!(events.iter().filter(|e| e.event == "changed").count(), 1);
+    }
+
+    #[test]
+    fn an_operator_change_is_told_once_with_who_published_it() {
+        use crate::console::actions::ActionRow;
+        use crate::store::events::HistoryEntry;
+        let mut stored = failed_booking();
+        stored.history = vec![HistoryEntry {
+            event: "cancelled".into(),
+            revision: 1,
+            at: at(6),
+            state: None,
+            detail: "cancelled".into(),
+        }];
+        let action = |action: &str, revision| ActionRow {
+            at: at(6),
+            operator: "alice".into(),
+            action: action.into(),
+            revision,
+            detail: "d".into(),
+        };
+        stored.actions = vec![action(CANCEL, Some(1)), action(RESEND, Some(0))];
+        let events = timeline(&stored, &[]);
+        let cancelled: Vec<&Event> = events.iter().filter(|e| e.event == "cancelled").collect();
+        assert_eq!(cancelled.len(), 1);
+        assert!(
+            cancelled[0]
+                .title
+                .ends_with("published by alice from the console")
+        );
+        let by_hand: Vec<&Event> = events.iter().filter(|e| e.event == "operator").collect();
+        assert_eq!(by_hand.len(), 1, "the cancellation is not told twice");
+        assert_eq!(by_hand[0].title, "Instance details email resent by alice");
     }
 
     #[test]

@@ -77,6 +77,14 @@ pub struct NotifyMessage {
     pub kind: EmailKind,
     #[serde(default)]
     pub revision: u32,
+    /// 0: the email the pipeline sends; n: an operator's n-th resend of it (the console books
+    /// the copy in the email log first, see `store::emails::book_copy`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copy: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl NotifyMessage {
@@ -91,11 +99,26 @@ impl NotifyMessage {
             booking_id: booking_id.to_owned(),
             kind,
             revision,
+            copy: 0,
         };
         let detail = match revision {
             0 => kind.as_str().to_owned(),
             r => format!("{}/r{r}", kind.as_str()),
         };
+        let id = message_id(StageQueue::Notify, booking_id, Some(&detail));
+        Outgoing::json(StageQueue::Notify, id, &body)
+    }
+
+    /// The message asking for copy `copy` (1, 2, …) of the email of `kind` of `revision`: an
+    /// operator's resend, with an id of its own so it is not taken for the original.
+    pub fn resend(booking_id: &str, kind: EmailKind, revision: u32, copy: u32) -> Outgoing {
+        let body = NotifyMessage {
+            booking_id: booking_id.to_owned(),
+            kind,
+            revision,
+            copy,
+        };
+        let detail = format!("{}/r{revision}/copy{copy}", kind.as_str());
         let id = message_id(StageQueue::Notify, booking_id, Some(&detail));
         Outgoing::json(StageQueue::Notify, id, &body)
     }
@@ -135,5 +158,10 @@ mod tests {
         assert_eq!(moved.body, br#"{"booking_id":"b-1","revision":3}"#);
         let updated = NotifyMessage::at_revision("b-1", EmailKind::Updated, 2);
         assert_eq!(updated.message_id, "notify/b-1/updated/r2");
+        assert!(!String::from_utf8_lossy(&updated.body).contains("copy"));
+        let resent = NotifyMessage::resend("b-1", EmailKind::InstanceDetails, 2, 1);
+        assert_eq!(resent.message_id, "notify/b-1/instance_details/r2/copy1");
+        let body: NotifyMessage = serde_json::from_slice(&resent.body).unwrap();
+        assert_eq!((body.revision, body.copy), (2, 1));
     }
 }

@@ -219,9 +219,31 @@ pub fn message_id(booking_id: &str, kind: EmailKind, revision: u32, domain: &str
     }
 }
 
+/// The `Message-ID` of copy `copy` of an email whose own id is `original`: the same for copy
+/// 0, else with `.copyN` in it, so a mail client shows a resend rather than dropping it as a
+/// duplicate of the email it already has.
+pub fn copy_message_id(original: String, copy: u32) -> String {
+    match (copy, original.split_once('@')) {
+        (0, _) | (_, None) => original,
+        (n, Some((left, domain))) => format!("{left}.copy{n}@{domain}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resent_copy_has_an_id_of_its_own() {
+        let id = message_id("b-1", EmailKind::InstanceDetails, 2, "example.org");
+        assert_eq!(copy_message_id(id.clone(), 0), id);
+        let copy = copy_message_id(id.clone(), 1);
+        assert!(
+            copy.starts_with("<labbook.instance-details.r2.b-1.")
+                && copy.ends_with(".copy1@example.org>"),
+            "{copy}"
+        );
+    }
 
     #[test]
     fn confirmation_keeps_the_original_lines() {

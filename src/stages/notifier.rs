@@ -8,7 +8,7 @@ use crate::broker::{Incoming, Outgoing, Stage, StageError, StageQueue, Undecodab
 use crate::config::{Bootstrap, Https};
 use crate::crypto::{SecretKey, admin_context, password_context};
 use crate::domain::{EmailAddress, EmailKind, Event, EventInstance, EventKind, NotifyMessage};
-use crate::mail::render::{InstanceBlock, UserLine, instance_url, message_id};
+use crate::mail::render::{InstanceBlock, UserLine, copy_message_id, instance_url, message_id};
 use crate::mail::{Mailer, Rendered, Templates};
 use crate::store::emails::Claim;
 use crate::store::slots::Slot;
@@ -74,6 +74,7 @@ impl NotifierStage {
             .rsplit_once('@')
             .map_or("labbook.invalid", |(_, d)| d)
             .to_owned();
+        register_metrics();
         Self {
             store,
             key,
@@ -94,6 +95,12 @@ impl NotifierStage {
     /// Whether this booking's machines were asked to get a certificate.
     fn asks_for_https(&self) -> bool {
         self.https && self.bootstrap == Bootstrap::JupyterHub
+    }
+
+    /// The email's `Message-ID`: per kind and revision, and per copy for a resend.
+    fn message_id(&self, n: &NotifyMessage) -> String {
+        let original = message_id(&n.booking_id, n.kind, n.revision, &self.domain);
+        copy_message_id(original, n.copy)
     }
 
     async fn render(
@@ -279,6 +286,24 @@ impl NotifierStage {
     }
 }
 
+/// `labbook_instance_email_seconds`: from the booking's first storing to its instance details
+/// email sent (the time an upstream waits for the machines, lead time included).
+fn record_instance_email_time(booking: &BookingRecord) {
+    let waited = (chrono::Utc::now() - booking.created_at)
+        .num_milliseconds()
+        .max(0);
+    metrics::histogram!("labbook_instance_email_seconds").record(waited as f64 / 1000.0);
+}
+
+/// Names the notifier's own series before its first email, so dashboards see them at once.
+pub fn register_metrics() {
+    metrics::describe_histogram!(
+        "labbook_instance_email_seconds",
+        "Time from a booking's first storing to its instance details email sent"
+    );
+    let _ = metrics::histogram!("labbook_instance_email_seconds");
+}
+
 /// A machine of a booking as the emails and events tell it.
 struct Machine {
     slot: Slot,
@@ -308,8 +333,8 @@ impl Stage for NotifierStage {
             );
             return Ok(Vec::new());
         }
-        let id = message_id(&booking.booking_id, n.kind, n.revision, &self.domain);
-        let key = (n.kind, n.revision as i32);
+        let id = self.message_id(n);
+        let key = (n.kind, n.revision as i32, n.copy as i32);
         if emails::is_sent(&self.store.pool, &booking.booking_id, key).await? {
             tracing::info!(
                 kind = n.kind.as_str(),
@@ -334,7 +359,10 @@ impl Stage for NotifierStage {
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.
         claimed.sent().await?;
-        tracing::info!(kind = n.kind.as_str(), revision = n.revision, subject = %email.subject, message_id = %id, "email sent");
+        if n.kind == EmailKind::InstanceDetails && n.copy == 0 {
+            record_instance_email_time(&booking);
+        }
+        tracing::info!(kind = n.kind.as_str(), revision = n.revision, copy = n.copy, subject = %email.subject, message_id = %id, "email sent");
         self.event(&booking, n).await
     }
 
@@ -343,8 +371,8 @@ impl Stage for NotifierStage {
             .await?
             .is_some()
         {
-            let id = message_id(&n.booking_id, n.kind, n.revision, &self.domain);
-            let key = (n.kind, n.revision as i32);
+            let id = self.message_id(n);
+            let key = (n.kind, n.revision as i32, n.copy as i32);
             emails::record_failure(&self.store.pool, &n.booking_id, key, &id, reason).await?;
         }
         Ok(Vec::new())

@@ -184,7 +184,10 @@ pub struct Timer {
 
 impl Tick for Timer {
     async fn tick(&self, channel: &Channel, timeout: Duration) -> Result<usize, TickError> {
-        publish_due(&self.store, channel, timeout).await
+        let published = publish_due(&self.store, channel, timeout).await?;
+        // The console's health page and the staleness alert read the timer's last tick.
+        crate::store::heartbeat::scheduler_tick(&self.store.pool).await;
+        Ok(published)
     }
 }
 

@@ -6,6 +6,7 @@ pub mod bookings;
 pub mod boots;
 pub mod emails;
 pub mod events;
+pub mod heartbeat;
 pub mod intake;
 pub mod machines;
 pub mod offerings;

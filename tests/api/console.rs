@@ -141,8 +141,9 @@ async fn check_failed_story(served: &Served, id: &str) -> Vec<String> {
     let (status, list) = served.api("/api/bookings?state=failed").await;
     assert_eq!(status, StatusCode::OK);
     let row = &list["bookings"][0];
-    let listed = (row["booking_id"].as_str(), row["dead_letters"].as_u64());
-    assert_eq!(listed, (Some(id), Some(1)));
+    assert_eq!(row["booking_id"].as_str(), Some(id));
+    // The list reads no dead-letter queue: the booking's own page shows its dead letters.
+    assert!(row.get("dead_letters").is_none(), "{row}");
     let reason = row["failure_reason"].as_str().unwrap();
     assert!(reason.contains("InvalidSubnetID"), "{row}");
     let (_, none) = served.api("/api/bookings?state=provisioned").await;
@@ -168,6 +169,7 @@ async fn check_failed_story(served: &Served, id: &str) -> Vec<String> {
         assert!(events.contains(event), "{event} missing from {events:?}");
     }
     assert_eq!(detail["usernames"].as_array().unwrap().len(), 3);
+    assert_eq!(detail["dead_letters"].as_array().unwrap().len(), 1);
     vec![list.to_string(), detail.to_string()]
 }
 
@@ -246,6 +248,19 @@ async fn log_in(served: &Served) -> String {
         .await
         .unwrap();
     assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let nameless = served
+        .http
+        .post(served.url("/login"))
+        .header(COOKIE, &csrf_cookie)
+        .form(&[("csrf", csrf.as_str()), ("token", TOKEN), ("next", "/")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        nameless.status(),
+        StatusCode::UNAUTHORIZED,
+        "a login says who"
+    );
     let ok = served
         .http
         .post(served.url("/login"))
@@ -253,6 +268,7 @@ async fn log_in(served: &Served) -> String {
         .form(&[
             ("csrf", csrf.as_str()),
             ("token", TOKEN),
+            ("name", "Grace Ops"),
             ("next", "/dead-letters"),
         ])
         .send()
@@ -308,7 +324,7 @@ async fn the_pages_show_the_story_and_replay_only_with_a_csrf_token() {
         }
     };
     let mut pages = vec![page("/bookings?state=failed".into()).await];
-    assert!(pages[0].contains(&id) && pages[0].contains("1 dead letter"));
+    assert!(pages[0].contains(&id));
     pages.push(page(format!("/bookings/{id}")).await);
     assert!(pages[1].contains("Booking failed") && pages[1].contains("InvalidSubnetID"));
     pages.push(page("/dead-letters".into()).await);
@@ -528,4 +544,210 @@ fn the_console_refuses_to_start_without_a_long_token() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("LABBOOK_CONSOLE_TOKEN"), "{err}");
     }
+}
+
+impl Served {
+    /// A POST to the API as the operator `who` (an ingress's `X-Forwarded-User`).
+    async fn act(&self, path: &str, who: &str, body: Value) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(self.url(path))
+            .header(AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .header("x-forwarded-user", who)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// The booking's instance details emails in the SMTP sink.
+async fn instance_emails(trainer: &str, id: &str) -> Vec<Value> {
+    crate::helpers::emails_to(trainer)
+        .await
+        .into_iter()
+        .filter(|e| {
+            let text = e["text"].as_str().unwrap_or("");
+            text.contains(&format!("Booking ID: {id}"))
+                && e["subject"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("Access Information")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_resend_from_the_console_is_one_more_copy_sent_exactly_once() {
+    let mut env = TestEnv::new().await;
+    let served = Served::start(&env).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("resend");
+    let trainer = format!("{id}@example.org");
+    let at = chrono::Utc::now();
+    env.publish_booking(&crate::helpers::booking_for(&id, &trainer, 2, at, 60))
+        .await;
+    env.wait_state(&id, "provisioned").await;
+    crate::helpers::eventually(
+        Duration::from_secs(20),
+        "the instance details email",
+        || async { (instance_emails(&trainer, &id).await.len() == 1).then_some(()) },
+    )
+    .await;
+    env.stop().await;
+
+    let path = format!("/api/bookings/{id}/resend-instance-details");
+    let (status, dry) = served.act(&path, "alice", json!({"dry_run": true})).await;
+    assert_eq!(
+        (status, dry["dry_run"].as_bool()),
+        (StatusCode::OK, Some(true)),
+        "{dry}"
+    );
+    assert_eq!(env.depth("notify").await, 0, "a dry run publishes nothing");
+    for copy in 1..=2 {
+        let (status, done) = served.act(&path, "alice", json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{done}");
+        let said = done["what_happens"].as_str().unwrap();
+        assert!(said.contains(&format!("copy {copy}")), "{said}");
+    }
+    // Each resend is its own message; a copy delivered twice is still sent once.
+    let resend = labbook::domain::NotifyMessage::resend(
+        &id,
+        labbook::domain::EmailKind::InstanceDetails,
+        0,
+        1,
+    );
+    env.publish_raw(
+        "notify",
+        &resend.body,
+        labbook::broker::json_properties(&resend.message_id),
+    )
+    .await;
+    assert_eq!(env.depth("notify").await, 3);
+    env.drain().await;
+    let emails = instance_emails(&trainer, &id).await;
+    assert_eq!(emails.len(), 3, "the original and two copies, each once");
+    let ids: std::collections::BTreeSet<&str> = emails
+        .iter()
+        .map(|e| e["headers"]["message-id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids.len(),
+        3,
+        "every copy has a Message-ID of its own: {ids:?}"
+    );
+    assert!(ids.iter().any(|m| m.contains(".copy2@")), "{ids:?}");
+
+    let (_, detail) = served.api(&format!("/api/bookings/{id}")).await;
+    let resends = detail["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["title"] == "Instance details email resent by alice")
+        .count();
+    assert_eq!(resends, 2, "{detail}");
+    let copies: Vec<i64> = detail["emails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "instance_details")
+        .map(|e| e["copy"].as_i64().unwrap())
+        .collect();
+    assert_eq!(copies.len(), 3, "{detail}");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_console_changes_and_cancels_a_booking_as_its_next_revision_and_says_who() {
+    let mut env = TestEnv::new().await;
+    let served = Served::start(&env).await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("acts");
+    env.publish_booking(&booking_json(&id, 2, 0)).await;
+    env.wait_state(&id, "provisioned").await;
+
+    let (status, _) = served
+        .act("/api/bookings/nobody-here/cancel", "bob", json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let duration = format!("/api/bookings/{id}/duration");
+    let (status, bad) = served
+        .act(&duration, "bob", json!({"duration_minutes": 5}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{bad}");
+    let (status, dry) = served
+        .act(
+            &duration,
+            "bob",
+            json!({"duration_minutes": 240, "dry_run": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{dry}");
+    assert!(
+        dry["what_happens"]
+            .as_str()
+            .unwrap()
+            .contains("240 minutes instead of 180"),
+        "{dry}"
+    );
+    let (status, longer) = served
+        .act(&duration, "bob", json!({"duration_minutes": 240}))
+        .await;
+    assert_eq!(
+        (status, longer["revision"].as_i64()),
+        (StatusCode::OK, Some(1)),
+        "{longer}"
+    );
+    crate::helpers::eventually(Duration::from_secs(20), "the new end stored", || async {
+        let (_, d) = served.api(&format!("/api/bookings/{id}")).await;
+        (d["booking"]["duration_minutes"] == 240).then_some(())
+    })
+    .await;
+
+    let cancel = format!("/api/bookings/{id}/cancel");
+    let (status, done) = served.act(&cancel, "carol", json!({})).await;
+    assert_eq!(
+        (status, done["revision"].as_i64()),
+        (StatusCode::OK, Some(2)),
+        "{done}"
+    );
+    env.wait_state(&id, "cancelled").await;
+    crate::helpers::eventually(
+        Duration::from_secs(60),
+        "the machines terminated",
+        || async {
+            let found = crate::helpers::instances_for(&id).await;
+            (!found.is_empty() && crate::helpers::all_terminated(&found)).then_some(())
+        },
+    )
+    .await;
+    let (status, again) = served.act(&cancel, "carol", json!({})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+
+    let (_, detail) = served.api(&format!("/api/bookings/{id}")).await;
+    let titles: Vec<&str> = detail["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["title"].as_str().unwrap())
+        .collect();
+    let told = |want: &str| titles.iter().filter(|t| **t == want).count();
+    assert_eq!(
+        told("Change accepted (revision 1), published by bob from the console"),
+        1,
+        "{titles:?}"
+    );
+    assert_eq!(
+        told("Cancelled (revision 2), published by carol from the console"),
+        1,
+        "{titles:?}"
+    );
+    assert!(
+        !titles
+            .iter()
+            .any(|t| t.starts_with("Cancellation published")),
+        "told once: {titles:?}"
+    );
+    env.stop().await;
 }

@@ -177,6 +177,7 @@ async fn a_booking_goes_through_and_both_emails_carry_the_stored_secrets_once() 
                 booking_id: id.clone(),
                 kind,
                 revision: 0,
+                copy: 0,
             },
         )
         .await;

@@ -11,6 +11,7 @@ mod emails;
 mod faults;
 mod helpers;
 mod intake;
+mod monitoring;
 mod operations;
 mod pacing;
 mod provisioning;

@@ -1,7 +1,9 @@
 // Drives the labbook console in Debian's headless Chromium: logs in, finds the failed booking,
-// opens its timeline, replays its dead letter after a dry run and sees it move. Takes a
-// screenshot of each page, and checks that no page holds a password of the booking (read from
-// the emails in maildev) and that a POST without the CSRF token is refused.
+// opens its timeline, replays its dead letter after a dry run and sees it move, resends its
+// instance details email, then cancels it from its page and sees its machines terminated and
+// the cancellation in its timeline with who did it. Takes a screenshot of each page, and
+// checks that no page holds a password of the booking (read from the emails in maildev) and
+// that a POST without the CSRF token is refused.
 //
 // Environment: CONSOLE_URL, CONSOLE_TOKEN, BOOKING_ID (the failed booking), TRAINER (its
 // trainer's address), MAILDEV_API (maildev's list of emails), SCREENSHOTS (a directory).
@@ -18,6 +20,7 @@ const token = env("CONSOLE_TOKEN");
 const bookingId = env("BOOKING_ID");
 const trainer = env("TRAINER");
 const shots = env("SCREENSHOTS");
+const operator = "Ada Operator";
 mkdirSync(shots, { recursive: true });
 
 function check(ok, what) {
@@ -53,6 +56,7 @@ try {
   await page.goto(`${base}/bookings`);
   check(page.url().includes("/login"), "an anonymous visit is sent to the login page");
   await shot(page, "login");
+  await page.fill("#name", operator);
   await page.fill("#token", token);
   await page.click("button[type=submit]");
   await page.waitForURL(/\/bookings/);
@@ -63,7 +67,11 @@ try {
   await page.waitForURL(/state=failed/);
   const row = page.locator("tbody tr", { hasText: bookingId });
   check((await row.count()) === 1, "the failed booking is listed under state=failed");
-  check((await row.innerText()).includes("dead letter"), "its dead letter is counted");
+  check(/\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z/.test(await row.innerText()), "times read as ISO UTC");
+  check(
+    (await page.locator("input[name=from]").getAttribute("type")) === "text",
+    "the date filter takes ISO dates, not the browser's locale",
+  );
   await page.goto(`${base}/bookings`);
   await shot(page, "bookings");
 
@@ -83,6 +91,10 @@ try {
   await shot(page, "dead-letter-queue");
   await page.click("td a.failure");
   await page.waitForURL(/\/letters\//);
+  const letter = await page.content();
+  check(!letter.includes("LongLongInt"), "header values read as values");
+  const attempts = page.locator("tr", { hasText: "x-labbook-attempts" });
+  check(/^x-labbook-attempts\s+\d+\s+labbook's own count/.test((await attempts.innerText()).trim()), "x-labbook-attempts is a number, explained");
   await shot(page, "dead-letter");
   await page.goBack();
 
@@ -120,7 +132,59 @@ try {
   await page.goto(`${base}/dead-letters/provision-due.dlq?booking_id=${bookingId}`);
   check((await page.content()).includes("No dead letter matches"), "its dead letter has left the queue");
   await page.goto(`${base}/health`);
+  check((await page.locator("meta[http-equiv=refresh]").count()) === 1, "the health page refreshes itself");
+  check((await page.locator("dt", { hasText: "Last tick" }).count()) === 1, "the health page shows the timer's last tick");
   await shot(page, "health");
+
+  // Resend the instance details email: a confirmation, then one more copy, once.
+  const instanceEmails = async () => {
+    const all = await (await fetch(env("MAILDEV_API"))).json();
+    return all.filter(
+      (e) => (e.to || []).some((t) => t.address === trainer) && (e.text || "").includes(`Booking ID: ${bookingId}`) && /Access Information/.test(e.subject || ""),
+    );
+  };
+  const before = (await instanceEmails()).length;
+  await page.goto(`${base}/bookings/${bookingId}`);
+  await page.click('a:text("Resend instance details email")');
+  await page.waitForURL(/\/resend$/);
+  check((await page.locator("[role=status]").innerText()).includes("Nothing has happened yet"), "a resend asks first");
+  await page.click('button:text("Resend the email")');
+  await page.locator("[role=status]", { hasText: "copy 1" }).waitFor();
+  check(true, "the resend is copy 1");
+  let resent = [];
+  for (let i = 0; i < 60 && resent.length <= before; i++) {
+    resent = await instanceEmails();
+    if (resent.length <= before) await page.waitForTimeout(250);
+  }
+  check(resent.length === before + 1, "the instance details email went out once more");
+  check(resent.some((e) => /\.copy1@/.test(e.headers["message-id"] || "")), "the copy has a Message-ID of its own");
+
+  // Cancel from the booking's page: a confirmation, then the machines terminated.
+  await page.goto(`${base}/bookings/${bookingId}`);
+  await page.click('a:text("Cancel booking")');
+  await page.waitForURL(/\/cancel$/);
+  const confirm = await page.locator("[role=status]").innerText();
+  check(/running machine\(s\) will be terminated/.test(confirm), "the cancellation says what it will do");
+  await shot(page, "booking-cancel-confirm");
+  await page.click('button:text("Cancel the booking")');
+  await page.locator("[role=status]", { hasText: "confirmed by the broker" }).waitFor();
+  check(true, "the cancellation is published, confirmed by the broker");
+  let machines = [];
+  for (let i = 0; i < 120; i++) {
+    await page.goto(`${base}/bookings/${bookingId}`);
+    state = (await page.locator("h1 .badge").innerText()).trim();
+    machines = await page.locator("h2:text('Machines') + table tbody td:nth-child(3)").allInnerTexts();
+    if (state === "cancelled" && machines.length > 0 && machines.every((m) => /terminated|shutting-down/.test(m))) break;
+    await page.waitForTimeout(500);
+  }
+  check(state === "cancelled", "the booking is cancelled");
+  check(machines.length > 0 && machines.every((m) => /terminated|shutting-down/.test(m)), `its machines are terminated (${machines.join(", ")})`);
+  const story = await page.locator("ol.timeline").innerText();
+  check(story.includes(`Cancelled (revision 1), published by ${operator} from the console`), "the timeline tells the cancellation and who did it");
+  check(story.includes(`Instance details email resent by ${operator}`), "the timeline tells the resend and who did it");
+  check(story.includes(`Dead letters replayed by ${operator}`), "the timeline tells the replay and who did it");
+  check((story.match(/Cancelled \(revision 1\)/g) || []).length === 1, "the cancellation is told once");
+  await shot(page, "booking-cancelled");
 
   const secrets = await passwords();
   check(secrets.length > 0, `the emails hold ${secrets.length} passwords to look for`);
