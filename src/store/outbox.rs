@@ -33,6 +33,9 @@ pub async fn sent<'e>(db: impl sqlx::PgExecutor<'e>, ids: &[i64]) -> Result<(), 
     Ok(())
 }
 
+/// A row as stored: id, queue, message id, body, traceparent.
+type Row = (i64, String, String, Vec<u8>, Option<String>);
+
 /// Locks up to `limit` rows left for longer than `seconds` (their process died before it
 /// published them) for this transaction.
 pub async fn claim_left(
@@ -40,7 +43,7 @@ pub async fn claim_left(
     seconds: f64,
     limit: i64,
 ) -> Result<Vec<(i64, Outgoing)>, sqlx::Error> {
-    let rows: Vec<(i64, String, String, Vec<u8>, Option<String>)> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, queue, message_id, body, traceparent FROM stage_outbox
          WHERE created_at < now() - make_interval(secs => $1)
          ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
