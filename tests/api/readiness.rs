@@ -5,7 +5,7 @@
 //! watch follows machines as rows: no delivery is held while they boot.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use labbook::startup::Worker;
 use labbook::store::{bookings, slots};
@@ -443,17 +443,8 @@ async fn a_provisioner_stopped_mid_boot_exits_within_seconds_and_another_finishe
             .status()
             .unwrap();
         assert!(sent.success());
-        let asked = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                asked.elapsed() < Duration::from_secs(5),
-                "the provisioner did not exit within 5 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        // Within 5 s of SIGTERM, or the helper fails the test.
+        let status = crate::shutdown::wait_exit(child, Duration::from_secs(5));
         assert_eq!(status.code(), Some(0));
     })
     .await;

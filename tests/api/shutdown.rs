@@ -27,7 +27,7 @@ fn sigterm(child: &Child) {
     assert!(status.success());
 }
 
-fn wait_exit(child: &mut Child, wait: Duration) -> std::process::ExitStatus {
+pub(crate) fn wait_exit(child: &mut Child, wait: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + wait;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
