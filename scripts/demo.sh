@@ -67,6 +67,10 @@ WAIT_SECONDS=${LABBOOK_DEMO_WAIT_SECONDS:-180}
 LOG="$DEMO_DIR/workers.log"
 
 say "database and broker topology"
+# The demo starts from an empty database of its own: a booking or a migration left by an earlier
+# run (of an older labbook) never decides what this run shows.
+psql -q -h 127.0.0.1 -U postgres -d postgres -c 'DROP DATABASE IF EXISTS labbook_demo WITH (FORCE)' \
+  || fail "cannot reset the demo database labbook_demo" "is PostgreSQL running on 127.0.0.1:5432? scripts/services.sh starts it"
 $BIN/labbook migrate
 $BIN/labbook topology >/dev/null && echo "broker topology declared"
 
