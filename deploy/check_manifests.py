@@ -530,11 +530,15 @@ def check_compose():
 # deploy/rabbitmq-definitions.json
 
 
+# topology::DELIVERY_LIMIT: stage and dead-letter queues never reach RabbitMQ 4.x's limit.
+DELIVERY_LIMIT = 1_000_000_000
+
+
 def expected_queues():
     q = {}
     for s in STAGE_QUEUES:
-        q[s] = {"x-queue-type": "quorum"}
-        q[f"{s}.dlq"] = {"x-queue-type": "quorum"}
+        q[s] = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
+        q[f"{s}.dlq"] = {"x-queue-type": "quorum", "x-delivery-limit": DELIVERY_LIMIT}
         for tier, ms in RETRY_TIERS.items():
             q[f"{s}.retry.{tier}"] = {
                 "x-queue-type": "quorum",
@@ -578,6 +582,17 @@ def check_definitions():
             f"definitions: exactly the 5 stage bindings (got {got})")
     require(not any(k in d for k in ("users", "permissions")),
             "definitions: no users or permissions (passwords are secrets)")
+    import re
+    policies = d.get("policies") or []
+    require([p["name"] for p in policies] == ["labbook-delivery-limit"],
+            "definitions: the one policy labbook-delivery-limit")
+    pol = policies[0]
+    pattern = re.compile(pol["pattern"])
+    limited = sorted(n for n in want if pattern.search(n))
+    require(limited == sorted(list(STAGE_QUEUES) + [f"{s}.dlq" for s in STAGE_QUEUES]),
+            f"definitions: the policy matches the stage and dead-letter queues only (got {limited})")
+    require(pol["definition"] == {"delivery-limit": DELIVERY_LIMIT} and pol["apply-to"] == "queues",
+            "definitions: the policy sets the delivery limit labbook declares")
     # The committed file is what the generator writes.
     gen = subprocess.run(
         [sys.executable, str(DEPLOY / "gen-rabbitmq-definitions.py"), "--output", "-"],
@@ -586,7 +601,8 @@ def check_definitions():
     require(gen.returncode == 0, f"gen-rabbitmq-definitions.py failed: {gen.stderr.strip()}")
     require(gen.stdout == path.read_text(), "rabbitmq-definitions.json differs from what "
             "gen-rabbitmq-definitions.py writes: regenerate it")
-    return "30 queues (5 stage, 5 dlq, 20 retry), 2 exchanges (labbook, labbook.events), 5 bindings; matches generator"
+    return ("30 queues (5 stage, 5 dlq, 20 retry), 2 exchanges (labbook, labbook.events), "
+            "5 bindings, the delivery-limit policy; matches generator")
 
 
 # --------------------------------------------------------------------------------------------

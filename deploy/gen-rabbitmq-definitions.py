@@ -7,8 +7,11 @@ It mirrors what `labbook topology` declares (src/broker/topology.rs) with the de
 LABBOOK_RETRY_DELAYS_MS=1000,10000,60000,600000. If a deployment sets other delays, regenerate
 with the same list:  deploy/gen-rabbitmq-definitions.py --delays-ms 500,5000
 
-The file holds no users, permissions or policies: those are the broker operator's (and a user's
-password is a secret).
+The file holds no users or permissions: those are the broker operator's (and a user's password
+is a secret). It holds one policy, labbook-delivery-limit: stage and dead-letter queues declared
+by a labbook before version 3 have no x-delivery-limit argument (RabbitMQ cannot add one to an
+existing queue), and on RabbitMQ 4.x a quorum queue's default limit of 20 deletes a message
+returned more often; the policy gives them the limit labbook declares new queues with.
 """
 
 import argparse
@@ -21,6 +24,10 @@ EVENTS_EXCHANGE = "labbook.events"
 STAGE_QUEUES = ["booking-created", "credentials-ready", "provision-due", "notify", "teardown-due"]
 DEFAULT_DELAYS_MS = [1_000, 10_000, 60_000, 600_000]
 VHOST = "/"
+# Same as topology::DELIVERY_LIMIT: a limit no message reaches (labbook's own crash-loop guard
+# dead-letters a message a worker keeps failing on long before).
+DELIVERY_LIMIT = 1_000_000_000
+POLICY = "labbook-delivery-limit"
 
 
 def delay_queue_name(queue: str, ms: int) -> str:
@@ -43,7 +50,7 @@ def quorum_queue(name: str, extra: dict | None = None) -> dict:
 def definitions(delays_ms: list[int]) -> dict:
     queues, bindings = [], []
     for q in STAGE_QUEUES:
-        queues.append(quorum_queue(q))
+        queues.append(quorum_queue(q, {"x-delivery-limit": DELIVERY_LIMIT}))
         bindings.append(
             {
                 "source": EXCHANGE,
@@ -55,7 +62,7 @@ def definitions(delays_ms: list[int]) -> dict:
             }
         )
         # Dead-letter queue: not bound; the workers publish to it by name.
-        queues.append(quorum_queue(f"{q}.dlq"))
+        queues.append(quorum_queue(f"{q}.dlq", {"x-delivery-limit": DELIVERY_LIMIT}))
         # Retry tiers: a fixed TTL, then back to the stage queue through the default exchange.
         for ms in delays_ms:
             queues.append(
@@ -95,6 +102,16 @@ def definitions(delays_ms: list[int]) -> dict:
         ],
         "queues": queues,
         "bindings": bindings,
+        "policies": [
+            {
+                "vhost": VHOST,
+                "name": POLICY,
+                "pattern": "^(" + "|".join(STAGE_QUEUES) + r")(\.dlq)?$",
+                "apply-to": "queues",
+                "definition": {"delivery-limit": DELIVERY_LIMIT},
+                "priority": 0,
+            }
+        ],
     }
 
 

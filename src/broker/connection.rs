@@ -21,8 +21,8 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
 /// A channel in confirm mode on which `topology` is in place (declared, or checked when this
 /// process may not declare it): the one way labbook opens a channel it publishes on.
 pub async fn confirmed_channel(conn: &Connection, topology: &Topology) -> lapin::Result<Channel> {
-    let channel = conn.create_channel().await?;
-    topology.prepare(&channel).await?;
+    let mut channel = conn.create_channel().await?;
+    topology.prepare(conn, &mut channel).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

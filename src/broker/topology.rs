@@ -7,13 +7,22 @@
 //!   `booking-created.retry.10s`): a quorum queue whose fixed message TTL sends the message back
 //!   to its stage queue through the default exchange when it expires. Every message in a tier
 //!   waits the same time, so none waits behind a longer one.
+//!
+//! Stage queues and dead-letter queues carry `x-delivery-limit` = [`DELIVERY_LIMIT`], a limit
+//! no message reaches: RabbitMQ 4.x gives quorum queues a default limit of 20 and deletes a
+//! message returned more often (a confirm timeout during an alarm returns what a channel held,
+//! a dry run of a replay returns what it read), and labbook keeps its own crash-loop guard
+//! (`MAX_REDELIVERIES`, counting only deliveries a worker may have crashed on). A queue
+//! declared by an earlier labbook without the argument is kept as it is (RabbitMQ cannot
+//! change a queue's arguments): the policy `labbook-delivery-limit` of
+//! `deploy/rabbitmq-definitions.json` gives it the same limit.
 
 use std::fmt;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// The exchange every stage queue is bound to.
 pub const EXCHANGE: &str = "labbook";
@@ -88,6 +97,13 @@ impl Topology {
         }
     }
 
+    /// The delivery limit of stage and dead-letter queues: a message returned this many times is
+    /// one no worker took to its end, which labbook's own guard dead-letters long before.
+    pub const DELIVERY_LIMIT: i64 = 1_000_000_000;
+
+    /// The policy that gives queues declared before [`DELIVERY_LIMIT`] the same limit.
+    pub const DELIVERY_LIMIT_POLICY: &str = "labbook-delivery-limit";
+
     /// The topology as the broker settings describe it.
     pub fn from_settings(settings: &crate::config::BrokerSettings) -> Self {
         Self {
@@ -99,9 +115,11 @@ impl Topology {
     /// What a worker does at start-up: declares the topology, or with `declare` off checks
     /// passively that every exchange and queue exists (a missing one fails with NOT_FOUND and
     /// the worker tries again later).
-    pub async fn prepare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// `channel` is replaced by a new one of `conn` where the broker closed it (a queue of an
+    /// earlier labbook, see [`Topology::declare`]).
+    pub async fn prepare(&self, conn: &Connection, channel: &mut Channel) -> lapin::Result<()> {
         if self.declare {
-            return self.declare(channel).await;
+            return self.declare(conn, channel).await;
         }
         let passive = ExchangeDeclareOptions {
             passive: true,
@@ -139,8 +157,11 @@ impl Topology {
         names
     }
 
-    /// Declares the whole topology. Safe to call any number of times, from any process.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares the whole topology. Safe to call any number of times, from any process. A
+    /// stage or dead-letter queue that exists with other arguments (declared by an earlier
+    /// labbook, without the delivery limit) is kept: the broker refuses the declaration and
+    /// closes `channel`, which is replaced by a new one of `conn`.
+    pub async fn declare(&self, conn: &Connection, channel: &mut Channel) -> lapin::Result<()> {
         let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -151,9 +172,7 @@ impl Topology {
         };
         declare_exchanges(channel, durable_exchange).await?;
         for q in StageQueue::ALL {
-            channel
-                .queue_declare(q.name().into(), durable, quorum())
-                .await?;
+            declare_limited(conn, channel, q.name()).await?;
             channel
                 .queue_bind(
                     q.name().into(),
@@ -163,9 +182,7 @@ impl Topology {
                     FieldTable::default(),
                 )
                 .await?;
-            channel
-                .queue_declare(q.dlq().into(), durable, quorum())
-                .await?;
+            declare_limited(conn, channel, &q.dlq()).await?;
             for delay in &self.retry_delays {
                 let mut args = quorum();
                 args.insert(
@@ -186,6 +203,54 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Declares a stage or dead-letter queue with [`DELIVERY_LIMIT`]; one that exists without it
+/// (RabbitMQ answers 406 and closes the channel) is checked on a new channel and kept.
+async fn declare_limited(
+    conn: &Connection,
+    channel: &mut Channel,
+    name: &str,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut args = quorum();
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(DELIVERY_LIMIT),
+    );
+    match channel.queue_declare(name.into(), durable, args).await {
+        Ok(_) => Ok(()),
+        Err(err) if precondition_failed(&err) => {
+            *channel = conn.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await?;
+            tracing::warn!(
+                queue = name,
+                policy = DELIVERY_LIMIT_POLICY,
+                "this queue was declared by an earlier labbook, without a delivery limit, and is \
+                 kept as it is; on RabbitMQ 4.x apply the policy (deploy/README.md, \"Upgrading\") \
+                 or the broker deletes a message returned 20 times"
+            );
+            Ok(())
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// The broker refused a declaration that does not match the existing entity.
+fn precondition_failed(err: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(err.kind(), ErrorKind::ProtocolError(e)
+        if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
 /// The stage exchange and the events exchange, declared (or checked) with `options`.

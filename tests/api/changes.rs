@@ -709,6 +709,15 @@ async fn a_failure_and_a_rejection_are_published() {
         .unwrap();
     assert_eq!(rejected.1, format!("{invalid}.rejected.7"));
     assert_eq!(rejected.2["state"], Value::Null, "never stored");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM booking_events WHERE booking_id = $1")
+        .bind(&invalid)
+        .fetch_one(&c.env.store().await.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows, 0,
+        "a message refused before anything was stored stores nothing"
+    );
     let dead = c.env.take("booking-created.dlq", 1, WAIT).await;
     assert_eq!(
         rejected.2["detail"].as_str(),

@@ -368,9 +368,9 @@ impl TestEnv {
 
     pub async fn channel(&self) -> (Connection, Channel) {
         let conn = connect(&self.amqp_url(), "labbook test").await.unwrap();
-        let channel = conn.create_channel().await.unwrap();
+        let mut channel = conn.create_channel().await.unwrap();
         Topology::new(self.settings().broker.retry_delays)
-            .declare(&channel)
+            .declare(&conn, &mut channel)
             .await
             .unwrap();
         channel

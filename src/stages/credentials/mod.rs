@@ -122,9 +122,11 @@ impl Stage for CredentialsStage {
     }
 
     /// A refused booking message whose id could be read is published as `rejected`, with the
-    /// reason its dead letter gets. The event never holds the dead letter back: when the
-    /// database cannot say the booking's state (it may be why the message failed), the event
-    /// goes out unrecorded, with the state `null`.
+    /// reason its dead letter gets. A refused update of a stored booking joins its history; a
+    /// message refused before anything was stored stores nothing (its record is its dead letter
+    /// and the event, published unrecorded with the state `null`), so invalid messages never
+    /// grow the database. The event never holds the dead letter back: when the database cannot
+    /// say the booking's state (it may be why the message failed), it goes out unrecorded too.
     async fn dead_lettered(
         &self,
         delivery: &Incoming,
@@ -139,29 +141,34 @@ impl Stage for CredentialsStage {
         };
         let event = Event::new(id.as_str(), EventKind::Rejected, revision).detail(reason);
         match self.record_rejection(event.clone()).await {
-            Ok(out) => Ok(vec![out]),
+            Ok(Some(out)) => Ok(vec![out]),
+            Ok(None) => Ok(vec![unrecorded(&event)]),
             Err(err) => {
                 tracing::warn!(error = %err, "the rejection could not be recorded; its event is published without the booking's state");
-                let body = serde_json::to_string(&event).expect("events serialize");
-                Ok(vec![crate::domain::events::outgoing(
-                    id.as_str(),
-                    EventKind::Rejected,
-                    revision,
-                    body,
-                )])
+                Ok(vec![unrecorded(&event)])
             }
         }
     }
 }
 
 impl CredentialsStage {
-    async fn record_rejection(&self, mut event: Event) -> Result<Outgoing, sqlx::Error> {
+    /// Records the rejection in the history of the stored booking it refused to change;
+    /// `None` when no booking of that id is stored.
+    async fn record_rejection(&self, mut event: Event) -> Result<Option<Outgoing>, sqlx::Error> {
         let pool = &self.store.pool;
-        event.state = bookings::find(pool, &event.booking_id)
-            .await?
-            .map(|b| b.state.to_string());
-        events::record(pool, &event).await
+        let Some(stored) = bookings::find(pool, &event.booking_id).await? else {
+            return Ok(None);
+        };
+        event.state = Some(stored.state.to_string());
+        events::record(pool, &event).await.map(Some)
     }
+}
+
+/// The message of an event that is published without a row in the history (its state as
+/// the event says, `null` for a booking never stored).
+fn unrecorded(event: &Event) -> Outgoing {
+    let body = serde_json::to_string(event).expect("events serialize");
+    crate::domain::events::outgoing(&event.booking_id, event.event, event.revision, body)
 }
 
 /// What an accepted message asks of the rest of the pipeline, besides its event.
