@@ -24,6 +24,7 @@ use crate::stages::notifier::NotifierStage;
 use crate::stages::provisioner::{
     BootWatch, ProvisionStage, Provisioner, TeardownStage, run_sweeper,
 };
+use crate::stages::relay::{EventRelay, RELAY_TICK};
 use crate::stages::scheduler::{LaunchPace, SchedulerStage, run_timer};
 use crate::store::Store;
 
@@ -87,6 +88,10 @@ impl Application {
         for worker in workers {
             app.add_worker(*worker, settings).await?;
         }
+        let records_events = [Worker::Credentials, Worker::Notifier, Worker::Provisioner];
+        if workers.iter().any(|w| records_events.contains(w)) {
+            app.add_relay(settings);
+        }
         Ok(app)
     }
 
@@ -140,6 +145,17 @@ impl Application {
             }
         }
         Ok(())
+    }
+
+    /// The events relay: one per process, whichever of its workers recorded the events.
+    fn add_relay(&mut self, settings: &Settings) {
+        let ready = self.readiness.register("events relay");
+        let (broker, stop) = (settings.broker.clone(), self.stop.clone());
+        let relay = EventRelay::new(self.store.clone());
+        let task = async move {
+            run_ticking("events relay", &relay, &broker, RELAY_TICK, ready, stop).await;
+        };
+        self.tasks.push(("events relay", Box::pin(task)));
     }
 
     fn add_stage<S: Stage>(&mut self, name: &'static str, settings: &Settings, stage: S) {
@@ -197,7 +213,8 @@ impl Application {
 
 /// Database connections for this process: up to 4 per consumer (a handler holds one only
 /// while it queries, the notifier while it sends; a handler that cannot get one in time waits
-/// without spending an attempt) plus 2 for the timer and the schema task. The defaults come to
+/// without spending an attempt) plus 2 for the loops (the timer, the boot watch, the events
+/// relay: each holds one while it ticks) and the schema task. The defaults come to
 /// 6 (credentials, scheduler, notifier) and 10 (provisioner), 28 for one replica of each, so
 /// three replicas of every worker fit PostgreSQL's default `max_connections` of 100.
 /// `LABBOOK_DB_MAX_CONNECTIONS` replaces it.

@@ -77,6 +77,13 @@ impl fmt::Display for StageQueue {
     }
 }
 
+/// The delivery limit of stage and dead-letter queues: a message returned this many times is
+/// one no worker took to its end, which labbook's own guard dead-letters long before.
+pub const DELIVERY_LIMIT: i64 = 1_000_000_000;
+
+/// The policy that gives queues declared before [`DELIVERY_LIMIT`] the same limit.
+pub const DELIVERY_LIMIT_POLICY: &str = "labbook-delivery-limit";
+
 /// The retry tiers in force, and whether this process declares the topology or only checks
 /// it; everything else about the topology is fixed.
 #[derive(Debug, Clone)]
@@ -96,13 +103,6 @@ impl Topology {
             declare: true,
         }
     }
-
-    /// The delivery limit of stage and dead-letter queues: a message returned this many times is
-    /// one no worker took to its end, which labbook's own guard dead-letters long before.
-    pub const DELIVERY_LIMIT: i64 = 1_000_000_000;
-
-    /// The policy that gives queues declared before [`DELIVERY_LIMIT`] the same limit.
-    pub const DELIVERY_LIMIT_POLICY: &str = "labbook-delivery-limit";
 
     /// The topology as the broker settings describe it.
     pub fn from_settings(settings: &crate::config::BrokerSettings) -> Self {

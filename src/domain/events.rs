@@ -39,6 +39,21 @@ impl EventKind {
             EventKind::Ended => "ended",
         }
     }
+
+    /// The kind [`EventKind::as_str`] names.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            EventKind::Accepted,
+            EventKind::Rejected,
+            EventKind::Confirmed,
+            EventKind::Provisioned,
+            EventKind::Failed,
+            EventKind::Cancelled,
+            EventKind::Ended,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == name)
+    }
 }
 
 /// One machine in a `provisioned` event: where it answers and who logs in there. Never a
@@ -142,5 +157,7 @@ mod tests {
         assert_eq!(v["detail"], "stored with 3 users");
         assert!(v.get("instances").is_none());
         assert!(v["at"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(EventKind::parse("ended"), Some(EventKind::Ended));
+        assert_eq!(EventKind::parse("nope"), None);
     }
 }

@@ -4,4 +4,5 @@
 pub mod credentials;
 pub mod notifier;
 pub mod provisioner;
+pub mod relay;
 pub mod scheduler;

@@ -12,7 +12,7 @@ use crate::mail::render::{InstanceBlock, UserLine, copy_message_id, instance_url
 use crate::mail::{Mailer, Rendered, Templates};
 use crate::store::emails::Claim;
 use crate::store::slots::Slot;
-use crate::store::{BookingRecord, BookingState, Store, bookings, emails, events, slots};
+use crate::store::{BookingRecord, BookingState, Store, bookings, emails, events, intake, slots};
 
 /// What the failure email says failed: plain words, never an internal error.
 const WHAT_FAILED: &str = "The lab machines for this booking could not be started.";
@@ -173,12 +173,12 @@ impl NotifierStage {
         }
     }
 
-    /// The event an email completes, recorded and ready to publish.
+    /// The event an email completes, if it completes one.
     async fn event(
         &self,
         booking: &BookingRecord,
         n: &NotifyMessage,
-    ) -> Result<Vec<Outgoing>, StageError> {
+    ) -> Result<Option<Event>, StageError> {
         let id = booking.booking_id.as_str();
         let event = match n.kind {
             EmailKind::Confirmation | EmailKind::Updated => {
@@ -203,10 +203,22 @@ impl NotifierStage {
             EmailKind::Failure => {
                 Event::new(id, EventKind::Failed, n.revision).detail(what_failed(booking))
             }
-            EmailKind::Cancelled => return Ok(Vec::new()),
+            EmailKind::Cancelled => return Ok(None),
         };
-        let event = event.state(booking.state);
-        Ok(vec![events::record(&self.store.pool, &event).await?])
+        Ok(Some(event.state(booking.state)))
+    }
+
+    /// Records the event of an email sent before (by this message's earlier delivery or by
+    /// another worker): a step done again publishes its event again.
+    async fn event_again(
+        &self,
+        booking: &BookingRecord,
+        n: &NotifyMessage,
+    ) -> Result<Vec<Outgoing>, StageError> {
+        if let Some(event) = self.event(booking, n).await? {
+            events::record(&self.store.pool, &event).await?;
+        }
+        Ok(Vec::new())
     }
 
     /// Every trainee login of the booking, with its password decrypted for the email.
@@ -340,30 +352,51 @@ impl Stage for NotifierStage {
                 kind = n.kind.as_str(),
                 "email already sent; not sending it again"
             );
-            return self.event(&booking, n).await;
+            return self.event_again(&booking, n).await;
         }
         // Rendered before the log row is locked, so a send holds one database connection.
         let email = self.render(&booking, n.kind).await?;
-        let claimed = match emails::claim(&self.store.pool, &booking.booking_id, key, &id).await? {
-            Claim::AlreadySent => {
-                tracing::info!(
-                    kind = n.kind.as_str(),
-                    "email sent a moment ago by another worker"
-                );
-                return self.event(&booking, n).await;
-            }
-            Claim::Claimed(claimed) => claimed,
-        };
+        let mut claimed =
+            match emails::claim(&self.store.pool, &booking.booking_id, key, &id).await? {
+                Claim::AlreadySent => {
+                    tracing::info!(
+                        kind = n.kind.as_str(),
+                        "email sent a moment ago by another worker"
+                    );
+                    return self.event_again(&booking, n).await;
+                }
+                Claim::Claimed(claimed) => claimed,
+            };
+        // From here until the email's event is recorded the booking's lock is held: a
+        // cancellation or change stored meanwhile waits, and its event follows this one.
+        intake::lock(claimed.conn(), &booking.booking_id).await?;
+        let booking = bookings::find(claimed.conn(), &booking.booking_id)
+            .await?
+            .ok_or_else(|| {
+                StageError::permanent(format!("booking {} is not stored", n.booking_id))
+            })?;
+        if let Some(why) = Self::superseded(&booking, n) {
+            tracing::info!(
+                kind = n.kind.as_str(),
+                revision = n.revision,
+                "not sending: {why}"
+            );
+            return Ok(Vec::new());
+        }
         let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
+        let event = self.event(&booking, n).await?;
         self.mailer.send(&to, &id, &email).await?;
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.
+        if let Some(event) = &event {
+            events::record_in(claimed.conn(), event).await?;
+        }
         claimed.sent().await?;
         if n.kind == EmailKind::InstanceDetails && n.copy == 0 {
             record_instance_email_time(&booking);
         }
         tracing::info!(kind = n.kind.as_str(), revision = n.revision, copy = n.copy, subject = %email.subject, message_id = %id, "email sent");
-        self.event(&booking, n).await
+        Ok(Vec::new())
     }
 
     async fn give_up(&self, n: &NotifyMessage, reason: &str) -> Result<Vec<Outgoing>, StageError> {

@@ -98,6 +98,11 @@ pub async fn claim(
 }
 
 impl Claimed {
+    /// The claiming transaction: what is written on it commits with [`Claimed::sent`].
+    pub fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
+
     /// Records the email as sent and releases the lock.
     pub async fn sent(mut self) -> Result<(), sqlx::Error> {
         let (kind, revision, copy) = self.key;

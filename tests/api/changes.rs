@@ -726,3 +726,157 @@ async fn a_failure_and_a_rejection_are_published() {
     );
     c.env.stop().await;
 }
+
+/// The booking's history as stored: (event, revision), in the booking's order.
+async fn history(c: &Changes, id: &str) -> Vec<(String, i64)> {
+    let store = c.env.store().await;
+    labbook::store::events::history(&store.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event, i64::from(e.revision)))
+        .collect()
+}
+
+/// The events of `id` as an upstream received them: (event, revision).
+fn received(events: &[(String, String, Value)], id: &str) -> Vec<(String, i64)> {
+    events
+        .iter()
+        .filter(|(_, _, b)| b["booking_id"] == id)
+        .map(|(_, _, b)| {
+            (
+                b["event"].as_str().unwrap().to_owned(),
+                b["revision"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn two_credentials_replicas_publish_a_bookings_events_in_the_order_they_happened() {
+    let mut c = Changes::new(&[]).await;
+    // Two replicas of the intake race for the revisions of one booking.
+    c.env.spawn(&[Worker::Credentials]).await;
+    c.env.spawn(&[Worker::Credentials]).await;
+    let id = unique_id("racing");
+    let at = Utc::now() + chrono::Duration::days(3);
+    for revision in 1..=8 {
+        c.publish(booking(&id, revision, at, 2, 30 + revision))
+            .await;
+    }
+    let store = c.env.store().await;
+    eventually(WAIT, "the last revision stored", || async {
+        let b = bookings::find(&store.pool, &id).await.unwrap()?;
+        (b.revision == 8).then_some(())
+    })
+    .await;
+    c.env.stop().await;
+    c.env.drain().await;
+    let stored = history(&c, &id).await;
+    let got = received(&c.events().await, &id);
+    assert_eq!(
+        got, stored,
+        "published in the order of the booking's history"
+    );
+    let accepted: Vec<i64> = got
+        .iter()
+        .filter(|(e, _)| e == "accepted")
+        .map(|(_, r)| *r)
+        .collect();
+    assert!(
+        accepted.windows(2).all(|w| w[0] < w[1]),
+        "accepted revisions go up: {accepted:?}"
+    );
+    assert_eq!(accepted.last(), Some(&8));
+}
+
+/// Holds every SMTP connection until opened, then forwards it to the tests' SMTP sink.
+struct SmtpGate {
+    port: u16,
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SmtpGate {
+    async fn closed() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (open, rx) = tokio::sync::watch::channel(false);
+        let waiting = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let target = crate::helpers::smtp_url()
+            .trim_start_matches("smtp://")
+            .to_owned();
+        let counter = waiting.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let (mut rx, target, counter) = (rx.clone(), target.clone(), counter.clone());
+                tokio::spawn(async move {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = rx.wait_for(|open| *open).await;
+                    counter.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            open,
+            waiting,
+            task,
+        }
+    }
+
+    fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for SmtpGate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_cancellation_stored_while_an_email_goes_out_is_published_after_its_event() {
+    let gate = SmtpGate::closed().await;
+    let smtp = format!("smtp://127.0.0.1:{}", gate.port);
+    let mut c = Changes::new(&[("SMTP_URL", smtp.as_str())]).await;
+    c.env
+        .spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Notifier])
+        .await;
+    let id = unique_id("cancel-during-send");
+    let at = Utc::now() + chrono::Duration::days(2);
+    c.publish(booking(&id, 1, at, 2, 60)).await;
+    // The confirmation is on its way: the notifier holds its SMTP connection at the gate.
+    eventually(WAIT, "the confirmation email at the gate", || async {
+        (gate.waiting() > 0).then_some(())
+    })
+    .await;
+    let mut cancel = booking(&id, 2, at, 2, 60);
+    cancel["cancelled"] = json!(true);
+    c.publish(cancel).await;
+    // The cancellation is taken and waits for the booking while the email is held.
+    eventually(WAIT, "the cancellation taken", || async {
+        (c.env.depth("booking-created").await == 0).then_some(())
+    })
+    .await;
+    gate.open.send(true).unwrap();
+    c.env.wait_state(&id, "cancelled").await;
+    c.env.stop().await;
+    c.env.drain().await;
+    let got = received(&c.events().await, &id);
+    assert_eq!(
+        got,
+        [
+            ("accepted".to_owned(), 1),
+            ("confirmed".to_owned(), 1),
+            ("cancelled".to_owned(), 2)
+        ],
+        "the email's event before the cancellation stored during its send"
+    );
+    assert_eq!(got, history(&c, &id).await);
+}

@@ -311,6 +311,7 @@ impl TestEnv {
         let smtp = settings.smtp_url.expose_secret();
         let mailer = labbook::mail::Mailer::new(smtp, &settings.mail_from).unwrap();
         let bootstrap = settings.ec2.bootstrap;
+        let relay = labbook::stages::relay::EventRelay::new(store.clone());
         let notifier = Arc::new(
             NotifierStage::new(store, key, mailer, bootstrap, &settings.mail_from)
                 .with_https(&settings.ec2.https),
@@ -324,6 +325,10 @@ impl TestEnv {
                     .await
                     .unwrap()
                 + run_until_empty(notifier.clone(), broker).await.unwrap();
+            // The events the stages recorded (they ask for no further work).
+            labbook::broker::tick_until_idle(&relay, broker)
+                .await
+                .unwrap();
             if pass == 0 {
                 return total;
             }

@@ -117,8 +117,12 @@ impl Stage for CredentialsStage {
                 return Ok(Vec::new());
             }
         };
+        // The event joins the booking's history in the same transaction, under its lock, so
+        // the relay publishes the booking's events in the order they happened.
+        let event = self.event(&mut tx, msg, &effects).await?;
+        events::record_in(&mut tx, &event).await?;
         tx.commit().await?;
-        self.follow_ups(msg, effects).await
+        Ok(follow_ups(msg, effects))
     }
 
     /// A refused booking message whose id could be read is published as `rejected`, with the
@@ -141,8 +145,8 @@ impl Stage for CredentialsStage {
         };
         let event = Event::new(id.as_str(), EventKind::Rejected, revision).detail(reason);
         match self.record_rejection(event.clone()).await {
-            Ok(Some(out)) => Ok(vec![out]),
-            Ok(None) => Ok(vec![unrecorded(&event)]),
+            Ok(true) => Ok(Vec::new()), // the relay publishes it, in the booking's order
+            Ok(false) => Ok(vec![unrecorded(&event)]),
             Err(err) => {
                 tracing::warn!(error = %err, "the rejection could not be recorded; its event is published without the booking's state");
                 Ok(vec![unrecorded(&event)])
@@ -153,14 +157,17 @@ impl Stage for CredentialsStage {
 
 impl CredentialsStage {
     /// Records the rejection in the history of the stored booking it refused to change;
-    /// `None` when no booking of that id is stored.
-    async fn record_rejection(&self, mut event: Event) -> Result<Option<Outgoing>, sqlx::Error> {
-        let pool = &self.store.pool;
-        let Some(stored) = bookings::find(pool, &event.booking_id).await? else {
-            return Ok(None);
+    /// false when no booking of that id is stored.
+    async fn record_rejection(&self, mut event: Event) -> Result<bool, sqlx::Error> {
+        let mut tx = self.store.pool.begin().await?;
+        intake::lock(&mut tx, &event.booking_id).await?;
+        let Some(stored) = bookings::find(&mut *tx, &event.booking_id).await? else {
+            return Ok(false);
         };
         event.state = Some(stored.state.to_string());
-        events::record(pool, &event).await.map(Some)
+        events::record_in(&mut tx, &event).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }
 
@@ -326,38 +333,46 @@ impl CredentialsStage {
         .map_err(StageError::transient)
     }
 
-    /// The event first (so it is published before anything it causes), then the messages.
-    async fn follow_ups(
+    /// The event the message's step is told by.
+    async fn event(
         &self,
+        tx: &mut PgConnection,
         msg: &BookingMessage,
-        effects: Effects,
-    ) -> Result<Vec<Outgoing>, StageError> {
+        effects: &Effects,
+    ) -> Result<Event, sqlx::Error> {
         let id = msg.id().as_str();
-        let revision = msg.revision();
-        let mut event = Event::new(id, effects.event, revision)
-            .detail(effects.detail)
+        let mut event = Event::new(id, effects.event, msg.revision())
+            .detail(effects.detail.clone())
             .state(effects.state);
         if effects.event == EventKind::Cancelled {
             // What its machines ran for until now (they are terminated within a minute).
-            let usage = machines::usage(&self.store.pool, id).await?;
+            let usage = machines::usage(&mut *tx, id).await?;
             event = event.cost(&usage, &self.prices);
         }
-        let mut out = vec![events::record(&self.store.pool, &event).await?];
-        if effects.schedule {
-            out.push(BookingRef::outgoing(StageQueue::CredentialsReady, id));
-        }
-        if let Some(kind) = effects.email {
-            out.push(NotifyMessage::at_revision(id, kind, revision));
-        }
-        if effects.provision_now {
-            out.push(BookingRef::at_revision(
-                StageQueue::ProvisionDue,
-                id,
-                Some(revision),
-            ));
-        }
-        Ok(out)
+        Ok(event)
     }
+}
+
+/// The messages an accepted step asks for, published once its transaction (and its event)
+/// is committed: the event goes out before anything it causes.
+fn follow_ups(msg: &BookingMessage, effects: Effects) -> Vec<Outgoing> {
+    let id = msg.id().as_str();
+    let revision = msg.revision();
+    let mut out = Vec::new();
+    if effects.schedule {
+        out.push(BookingRef::outgoing(StageQueue::CredentialsReady, id));
+    }
+    if let Some(kind) = effects.email {
+        out.push(NotifyMessage::at_revision(id, kind, revision));
+    }
+    if effects.provision_now {
+        out.push(BookingRef::at_revision(
+            StageQueue::ProvisionDue,
+            id,
+            Some(revision),
+        ));
+    }
+    out
 }
 
 /// Cancels a stored booking: nothing is provisioned any more, and whatever runs is terminated

@@ -50,9 +50,11 @@ impl Provisioner {
             )));
         }
         let terminated = self.terminate_all(booking_id).await?;
-        bookings::transition(&self.store.pool, booking_id, BookingState::Ended, None).await?;
-        tracing::info!(terminated, "booking ended: instances terminated");
-        let usage = machines::usage(&self.store.pool, booking_id).await?;
+        // The state and its event in one transaction, under the booking's lock.
+        let mut tx = self.store.pool.begin().await?;
+        crate::store::intake::lock(&mut tx, booking_id).await?;
+        bookings::transition(&mut *tx, booking_id, BookingState::Ended, None).await?;
+        let usage = machines::usage(&mut *tx, booking_id).await?;
         let event = Event::new(booking_id, EventKind::Ended, booking.revision.max(0) as u32)
             .state(BookingState::Ended)
             .detail(format!(
@@ -60,7 +62,10 @@ impl Provisioner {
                 usage.machine_hours()
             ))
             .cost(&usage, &self.settings.prices);
-        Ok(vec![events::record(&self.store.pool, &event).await?])
+        events::record_in(&mut tx, &event).await?;
+        tx.commit().await?;
+        tracing::info!(terminated, "booking ended: instances terminated");
+        Ok(Vec::new())
     }
 
     /// Terminates the retired machines (of an earlier time of a booking that moved): the
