@@ -2,8 +2,10 @@
 //! what they ask with confirms on a channel of its own, and marks them done in the claiming
 //! transaction. The scheduler's timer and the provisioner's boot watch run on it. The loop
 //! reconnects when the broker goes away, waits out a database outage tick by tick (logged
-//! once), and drops the step in progress on shutdown: its transaction rolls back, its row
-//! locks go with it, and another replica takes the rows at its next tick.
+//! once), and on shutdown lets the step in progress finish for up to one publish timeout, so
+//! what it published is marked done rather than published again by the next replica; a step
+//! that takes longer is dropped: its transaction rolls back, its row locks go with it, and
+//! another replica takes the rows at its next tick (published at least once).
 
 use std::future::Future;
 use std::time::Duration;
@@ -100,9 +102,16 @@ async fn tick_until_lost<T: Tick>(
             tracing::warn!(loop_name = name, "lost the broker connection; reconnecting");
             return;
         }
+        let tick = step.tick(channel, timeout);
+        tokio::pin!(tick);
         let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            outcome = step.tick(channel, timeout) => outcome,
+            outcome = &mut tick => outcome,
+            _ = shutdown.cancelled() => {
+                if tokio::time::timeout(timeout, &mut tick).await.is_err() {
+                    tracing::warn!(loop_name = name, "stopping in the middle of a tick: its rows are taken again");
+                }
+                return;
+            }
         };
         pause = every;
         match outcome {
