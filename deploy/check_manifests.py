@@ -615,6 +615,10 @@ def as_list(v):
     return v if isinstance(v, list) else [v]
 
 
+def stmts_for_all(stmts, action):
+    return [s for s in stmts if action in as_list(s["Action"])]
+
+
 def check_iam():
     p = json.loads((DEPLOY / "iam-policy.json").read_text())
     require(p.get("Version") == "2012-10-17", "iam: Version 2012-10-17")
@@ -626,10 +630,15 @@ def check_iam():
     for s in stmts:
         require(s["Effect"] == "Allow", f"iam {s['Sid']}: Allow only")
         for a in as_list(s["Action"]):
-            require(a.startswith("ec2:") and "*" not in a, f"iam {s['Sid']}: {a} (no wildcards)")
+            require(a.startswith(("ec2:", "servicequotas:Get")) and "*" not in a,
+                    f"iam {s['Sid']}: {a} (no wildcards)")
             actions.add(a)
-            if not a.startswith("ec2:Describe"):
+            # Reads with no resource type of their own may name "*".
+            if not a.startswith("ec2:Describe") and a != "servicequotas:GetAWSDefaultServiceQuota":
                 require(s["Resource"] != "*", f"iam {s['Sid']}: {a} scoped to resources")
+    for s in stmts_for_all(stmts, "servicequotas:GetServiceQuota"):
+        require(as_list(s["Resource"]) == ["arn:aws:servicequotas:*:*:ec2/L-1216C47A"],
+                f"iam {s['Sid']}: the vCPU quota only")
 
     def stmts_for(action):
         return [s for s in stmts if action in as_list(s["Action"])]
@@ -683,7 +692,9 @@ def check_iam():
         require(types <= covered, f"iam: {a} lacks {sorted(types - covered)}")
     for a in ("ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeSecurityGroups",
               "ec2:DescribeSubnets", "ec2:DescribeVpcs", "ec2:RunInstances",
-              "ec2:TerminateInstances", "ec2:CreateTags", "ec2:GetConsoleOutput"):
+              "ec2:TerminateInstances", "ec2:CreateTags", "ec2:GetConsoleOutput",
+              "ec2:DescribeInstanceTypes", "servicequotas:GetServiceQuota",
+              "servicequotas:GetAWSDefaultServiceQuota"):
         require(a in actions, f"iam: {a} missing")
     return f"{len(stmts)} statements, {len(actions)} actions, no wildcards; tag/IMDSv2 conditions"
 

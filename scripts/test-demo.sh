@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-target}/debug"
-[ -x "$BIN/labbook" ] || cargo build --bins --locked
+# Always through cargo: a target directory kept between runs may hold older binaries.
+cargo build --bins --tests --locked --quiet
 
 # Another program on a port: a listener that holds it for as long as the test runs.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

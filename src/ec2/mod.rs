@@ -4,6 +4,7 @@
 
 mod group;
 pub mod intent;
+pub mod quota;
 pub mod rate;
 pub mod userdata;
 
@@ -398,6 +399,8 @@ pub fn client_token(
 #[derive(Debug, Clone)]
 pub struct Ec2 {
     client: Client,
+    /// Service Quotas, for the account's vCPU quota ([`quota`]).
+    quotas: aws_sdk_servicequotas::Client,
     settings: Ec2Settings,
     security_groups: std::sync::Arc<OnceCell<Vec<String>>>,
     limiter: RateLimiter,
@@ -453,6 +456,7 @@ impl Ec2 {
         let config = loader.load().await;
         Self {
             client: Client::new(&config),
+            quotas: aws_sdk_servicequotas::Client::new(&config),
             settings,
             security_groups: Default::default(),
             limiter,

@@ -4,6 +4,7 @@
 
 pub mod bookings;
 pub mod boots;
+pub mod capacity;
 pub mod emails;
 pub mod events;
 pub mod heartbeat;

@@ -70,6 +70,9 @@ struct ProxyState {
     refuse_latest: bool,
     /// `GetConsoleOutput` calls answered: (with `Latest=true`, without).
     console_reads: (u64, u64),
+    /// What Service Quotas answers for the vCPU quota (`GetServiceQuota`); `None`: moto's
+    /// answer (it knows no EC2 quota).
+    vcpu_quota: Option<f64>,
 }
 
 /// An HTTP proxy to the EC2 emulator that throttles like EC2.
@@ -98,6 +101,11 @@ impl ThrottlingProxy {
             state,
             task,
         }
+    }
+
+    /// Service Quotas gives the account this vCPU quota (its applied value).
+    pub fn set_vcpu_quota(&self, vcpus: f64) {
+        self.state.lock().unwrap().vcpu_quota = Some(vcpus);
     }
 
     /// Answers the next `n` `RunInstances` calls with EC2's `500 InternalError`.
@@ -348,9 +356,33 @@ fn action_of(body: &[u8]) -> String {
         .to_owned()
 }
 
+/// Service Quotas' answer to `GetServiceQuota` (JSON protocol) with the scripted quota.
+fn quota_answer(state: &Mutex<ProxyState>, parts: &axum::http::request::Parts) -> Option<Response> {
+    let target = parts.headers.get("x-amz-target")?.to_str().ok()?;
+    if target != "ServiceQuotasV20190624.GetServiceQuota" {
+        return None;
+    }
+    let value = state.lock().unwrap().vcpu_quota?;
+    let json = serde_json::json!({"Quota": {
+        "ServiceCode": "ec2", "QuotaCode": "L-1216C47A", "Value": value, "Unit": "None",
+        "QuotaName": "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances",
+        "Adjustable": true, "GlobalQuota": false,
+    }});
+    Some(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/x-amz-json-1.1")
+            .body(Body::from(json.to_string()))
+            .unwrap(),
+    )
+}
+
 async fn forward(State((state, client, target)): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
+    if let Some(answer) = quota_answer(&state, &parts) {
+        return answer;
+    }
     let action = action_of(&body);
     if action == "RunInstances"
         && let Some(refusal) = refusal(&state, &body)

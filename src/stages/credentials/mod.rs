@@ -19,7 +19,8 @@ use crate::domain::{
 use crate::stages::scheduler::LaunchPace;
 use crate::store::schedule::Action;
 use crate::store::{
-    BookingRecord, BookingState, Store, StoredCredential, bookings, events, intake, machines,
+    BookingRecord, BookingState, Store, StoredCredential, bookings, capacity, events, intake,
+    machines,
 };
 use decide::{Decision, Update, decide};
 
@@ -35,6 +36,11 @@ pub struct CredentialsStage {
 
 impl CredentialsStage {
     pub fn new(store: Store, key: SecretKey, rules: BookingRules, pace: LaunchPace) -> Self {
+        metrics::describe_counter!(
+            "labbook_capacity_warnings_total",
+            "Bookings accepted that would go over the account's vCPU quota at their time"
+        );
+        metrics::counter!("labbook_capacity_warnings_total").increment(0);
         Self {
             store,
             key,
@@ -116,6 +122,12 @@ impl Stage for CredentialsStage {
                 );
                 return Ok(Vec::new());
             }
+        };
+        let effects = match (&decision, msg) {
+            (Decision::Create | Decision::Update(_), BookingMessage::Book(b)) => {
+                self.check_capacity(&mut tx, b, effects).await?
+            }
+            _ => effects,
         };
         // The event joins the booking's history in the same transaction, under its lock, so
         // the relay publishes the booking's events in the order they happened.
@@ -331,6 +343,35 @@ impl CredentialsStage {
         })
         .await
         .map_err(StageError::transient)
+    }
+
+    /// Compares what the booking will run at its time with the account's vCPU quota (as the
+    /// provisioner last read it): a booking that would not fit is accepted, and the operator
+    /// told at once in its `accepted` event and history, a warning in the log and
+    /// `labbook_capacity_warnings_total`, so someone can ask AWS for more days ahead.
+    async fn check_capacity(
+        &self,
+        tx: &mut PgConnection,
+        b: &Booking,
+        mut effects: Effects,
+    ) -> Result<Effects, sqlx::Error> {
+        let per = self.pace.users_per_instance.max(1);
+        let machines = i64::from(crate::stages::provisioner::slot_count(
+            b.number_of_users.get(),
+            per,
+        ));
+        let window = (b.booking_time, b.ends_at());
+        let over = capacity::check(tx, b.id.as_str(), window, machines, per as i32).await?;
+        if let Some(over) = over {
+            tracing::warn!(
+                needed_vcpus = over.needed_vcpus,
+                quota_vcpus = over.quota_vcpus,
+                "the booking would go over the account's vCPU quota at its time; accepted"
+            );
+            metrics::counter!("labbook_capacity_warnings_total").increment(1);
+            effects.detail = format!("{}; {over}", effects.detail);
+        }
+        Ok(effects)
     }
 
     /// The event the message's step is told by.

@@ -48,13 +48,43 @@ pub async fn run_sweeper(
     shutdown: CancellationToken,
 ) {
     let grace = chrono::Duration::minutes(5);
+    let mut quota_unreadable = false;
     loop {
+        provisioner.read_capacity(&mut quota_unreadable).await;
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
         if let Err(err) = provisioner.sweep(grace).await {
             tracing::warn!(error = %err, "sweep failed; trying again next time");
+        }
+    }
+}
+
+impl Provisioner {
+    /// Reads the account's vCPU quota and what runs against it, for the intake's check
+    /// ([`crate::store::capacity`]). Where it cannot be read (no `servicequotas:GetServiceQuota`
+    /// permission, an emulator without Service Quotas) bookings are not checked: said once.
+    pub async fn read_capacity(&self, unreadable: &mut bool) {
+        match self.ec2.capacity().await {
+            Ok(c) => {
+                if let Err(err) = crate::store::capacity::save(&self.store.pool, &c).await {
+                    tracing::warn!(error = %err, "cannot keep the account's vCPU quota");
+                    return;
+                }
+                metrics::gauge!("labbook_vcpu_quota").set(c.quota_vcpus);
+                if std::mem::take(unreadable) {
+                    tracing::info!(
+                        quota_vcpus = c.quota_vcpus,
+                        "the account's vCPU quota is read again"
+                    );
+                }
+            }
+            Err(err) if !*unreadable => {
+                *unreadable = true;
+                tracing::warn!(error = %err, "cannot read the account's vCPU quota: bookings are not checked against it until it can be read");
+            }
+            Err(err) => tracing::debug!(error = %err, "cannot read the account's vCPU quota"),
         }
     }
 }
