@@ -6,6 +6,7 @@ use anyhow::Context;
 use serde::Serialize;
 
 use crate::config::Settings;
+use crate::domain::Cost;
 use crate::store::emails::EmailRecord;
 use crate::store::events::{self, HistoryEntry};
 use crate::store::schedule::Entry;
@@ -21,15 +22,6 @@ struct Status {
     emails: Vec<EmailRecord>,
     history: Vec<HistoryEntry>,
     cost: Cost,
-}
-
-/// What the booking's machines ran for, and cost where `LABBOOK_PRICES` says.
-#[derive(Serialize)]
-struct Cost {
-    machine_seconds: u64,
-    machine_hours: f64,
-    /// USD; an estimate (see `domain::cost`).
-    estimated_cost: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -90,11 +82,7 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
         })
         .collect();
     let usage = machines::usage(pool, booking_id).await?;
-    let cost = Cost {
-        machine_seconds: usage.machine_seconds(),
-        machine_hours: (usage.machine_hours() * 100.0).round() / 100.0,
-        estimated_cost: settings.ec2.prices.estimate(&usage),
-    };
+    let cost = Cost::of(&usage, &settings.ec2.prices);
     let status = Status {
         ends_at: crate::format_time(booking.ends_at()),
         usernames: creds.into_iter().map(|c| c.username).collect(),

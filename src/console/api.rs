@@ -130,6 +130,8 @@ async fn openapi() -> Response {
 pub struct BookingList {
     pub bookings: Vec<Summary>,
     pub total: i64,
+    /// Machine-hours and estimated cost of every booking the filter selects.
+    pub totals: crate::domain::Cost,
     pub limit: i64,
     pub offset: i64,
 }
@@ -137,12 +139,13 @@ pub struct BookingList {
 /// The bookings list. Dead letters are not counted here (that would read every dead-letter
 /// queue on each view): a booking's page shows its own.
 pub async fn booking_list(state: &AppState, filter: &Filter) -> ApiResult<BookingList> {
-    let (rows, total) = bookings::list(&state.store.pool, filter)
+    let listed = bookings::list(&state.store.pool, filter, &state.prices)
         .await
         .map_err(|e| ApiError::database(&e))?;
     Ok(BookingList {
-        bookings: rows,
-        total,
+        bookings: listed.rows,
+        total: listed.total,
+        totals: listed.totals,
         limit: filter.limit,
         offset: filter.offset,
     })
@@ -213,6 +216,8 @@ pub struct BookingDetail {
     pub dead_letters: Option<Vec<LetterRow>>,
     pub dead_letters_error: Option<String>,
     pub timeline: Vec<Event>,
+    /// Its machines' running time and estimated cost (`LABBOOK_PRICES`).
+    pub cost: crate::domain::Cost,
 }
 
 /// Loads a booking's story; `None` if it was never stored.
@@ -236,6 +241,7 @@ pub async fn booking_detail(state: &AppState, id: &str) -> ApiResult<Option<Book
         }
     };
     Ok(Some(BookingDetail {
+        cost: crate::domain::Cost::of(&stored.usage, &state.prices),
         machines: machines(&stored),
         schedule: stored.schedule.iter().map(schedule_item).collect(),
         emails: stored.emails.iter().map(email_item).collect(),

@@ -6,6 +6,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use sqlx::{FromRow, PgPool};
 
+use crate::domain::{Cost, Prices, Usage};
 use crate::format_time;
 
 /// The states a booking can be in (`docs/contract.md`), for the state filter.
@@ -128,6 +129,7 @@ struct SummaryRow {
     updated_at: DateTime<Utc>,
     machines: i64,
     email_failures: i64,
+    usage: sqlx::types::Json<std::collections::BTreeMap<String, f64>>,
 }
 
 /// A booking as the list shows it.
@@ -144,12 +146,17 @@ pub struct Summary {
     pub email_failures: i64,
     pub created_at: String,
     pub updated_at: String,
+    /// Its machines' running time and estimated cost.
+    #[serde(flatten)]
+    pub cost: Cost,
 }
 
-impl From<SummaryRow> for Summary {
-    fn from(r: SummaryRow) -> Self {
+impl Summary {
+    fn from_row(r: SummaryRow, prices: &Prices) -> Self {
         let ends = r.booking_time + chrono::Duration::minutes(i64::from(r.duration_minutes));
+        let usage = Usage { seconds: r.usage.0 };
         Self {
+            cost: Cost::of(&usage, prices),
             booking_id: r.booking_id,
             state: r.state,
             email: r.email,
@@ -173,8 +180,25 @@ const LIST_WHERE: &str = "
             SELECT 1 FROM slots s WHERE s.booking_id = b.booking_id
                AND (s.public_dns ILIKE $4 OR s.public_ip ILIKE $4 OR s.instance_id ILIKE $4)))";
 
-/// The bookings `filter` selects, latest booking time first, and how many there are in all.
-pub async fn list(pool: &PgPool, filter: &Filter) -> Result<(Vec<Summary>, i64), sqlx::Error> {
+/// The running time of a booking's machines per instance type (launch to termination, or to
+/// now), as a JSON object, for `b`, the booking of the query it is part of.
+const USAGE_OF_B: &str = "
+    (SELECT COALESCE(json_object_agg(kind, seconds), '{}'::json) FROM (
+        SELECT COALESCE(m.instance_type, '') AS kind,
+               GREATEST(sum(extract(epoch FROM COALESCE(m.terminated_at, now()) - m.launched_at)), 0)::float8 AS seconds
+          FROM machines m WHERE m.booking_id = b.booking_id GROUP BY 1) per_type)";
+
+/// A page of the bookings list, and what the whole selection adds up to.
+pub struct Listed {
+    pub rows: Vec<Summary>,
+    pub total: i64,
+    /// The running time and cost of every booking the filter selects (not only this page).
+    pub totals: Cost,
+}
+
+/// The bookings `filter` selects, latest booking time first, how many there are in all and
+/// their machines' running time and cost.
+pub async fn list(pool: &PgPool, filter: &Filter, prices: &Prices) -> Result<Listed, sqlx::Error> {
     let pattern = filter.search.as_deref().map(like_pattern);
     let rows: Vec<SummaryRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT b.booking_id, b.email, b.booking_time, b.duration_minutes, b.number_of_users,
@@ -182,7 +206,8 @@ pub async fn list(pool: &PgPool, filter: &Filter) -> Result<(Vec<Summary>, i64),
                 (SELECT count(*) FROM slots s
                   WHERE s.booking_id = b.booking_id AND s.instance_id IS NOT NULL) AS machines,
                 (SELECT count(*) FROM emails e WHERE e.booking_id = b.booking_id
-                    AND e.sent_at IS NULL AND e.last_error IS NOT NULL) AS email_failures
+                    AND e.sent_at IS NULL AND e.last_error IS NOT NULL) AS email_failures,
+                {USAGE_OF_B} AS usage
            FROM bookings b {LIST_WHERE}
           ORDER BY b.booking_time DESC, b.booking_id
           LIMIT $5 OFFSET $6"
@@ -204,7 +229,29 @@ pub async fn list(pool: &PgPool, filter: &Filter) -> Result<(Vec<Summary>, i64),
     .bind(&pattern)
     .fetch_one(pool)
     .await?;
-    Ok((rows.into_iter().map(Summary::from).collect(), total))
+    let per_type: Vec<(String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT COALESCE(m.instance_type, ''),
+                GREATEST(sum(extract(epoch FROM COALESCE(m.terminated_at, now()) - m.launched_at)), 0)::float8
+           FROM machines m JOIN bookings b ON b.booking_id = m.booking_id {LIST_WHERE}
+          GROUP BY 1"
+    )))
+    .bind(&filter.state)
+    .bind(filter.from)
+    .bind(filter.to)
+    .bind(&pattern)
+    .fetch_all(pool)
+    .await?;
+    let all = Usage {
+        seconds: per_type.into_iter().collect(),
+    };
+    Ok(Listed {
+        rows: rows
+            .into_iter()
+            .map(|r| Summary::from_row(r, prices))
+            .collect(),
+        total,
+        totals: Cost::of(&all, prices),
+    })
 }
 
 /// `%text%` for ILIKE, with `%`, `_` and `\` in the text taken literally.
@@ -290,6 +337,8 @@ pub struct Stored {
     pub history: Vec<crate::store::events::HistoryEntry>,
     /// What operators did to it from the console.
     pub actions: Vec<super::actions::ActionRow>,
+    /// Its machines' running time per instance type.
+    pub usage: Usage,
 }
 
 /// The booking `booking_id` and what belongs to it; `None` if it was never stored.
@@ -334,7 +383,9 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
     .await?;
     let history = crate::store::events::history(pool, booking_id).await?;
     let actions = super::actions::history(pool, booking_id).await?;
+    let usage = crate::store::machines::usage(pool, booking_id).await?;
     Ok(Some(Stored {
+        usage,
         booking,
         usernames,
         machines,

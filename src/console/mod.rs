@@ -52,6 +52,8 @@ pub struct AppState {
     pub mail_domain: Arc<String>,
     /// Workers' `/readyz` the health page asks (`LABBOOK_CONSOLE_WORKERS`).
     pub workers: Arc<Vec<health::WorkerEndpoint>>,
+    /// `LABBOOK_PRICES`, for the machines' estimated cost.
+    pub prices: Arc<crate::domain::Prices>,
 }
 
 /// The console, bound to its address and ready to serve.
@@ -92,6 +94,7 @@ impl Console {
             workers: Arc::new(health::WorkerEndpoint::parse_all(
                 &settings.console.workers,
             )?),
+            prices: Arc::new(settings.ec2.prices.clone()),
         };
         Ok(Self { listener, state })
     }

@@ -335,6 +335,7 @@ mod tests {
                 updated_at: at(5),
             },
             usernames: vec!["ua".into(), "ub".into()],
+            usage: Default::default(),
             machines: vec![MachineRow {
                 slot: 0,
                 first_user: 0,

@@ -72,6 +72,34 @@ impl Usage {
     pub fn machine_hours(&self) -> f64 {
         self.machine_seconds() as f64 / 3600.0
     }
+
+    /// Adds `other`'s running time to this one's (a total over bookings).
+    pub fn add(&mut self, other: &Usage) {
+        for (kind, seconds) in &other.seconds {
+            *self.seconds.entry(kind.clone()).or_default() += seconds;
+        }
+    }
+}
+
+/// What machines ran for and, where the prices say, cost: one booking's (`labbook status`, the
+/// console's booking page) or a list's total (the console's bookings list).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Cost {
+    pub machine_seconds: u64,
+    /// Rounded to hundredths.
+    pub machine_hours: f64,
+    /// USD; an estimate (see the module's notes). `None` where a type has no price.
+    pub estimated_cost: Option<f64>,
+}
+
+impl Cost {
+    pub fn of(usage: &Usage, prices: &Prices) -> Self {
+        Self {
+            machine_seconds: usage.machine_seconds(),
+            machine_hours: (usage.machine_hours() * 100.0).round() / 100.0,
+            estimated_cost: prices.estimate(usage),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub use booking::{
     Booking, BookingId, BookingMessage, BookingRules, Cancellation, EmailAddress, InvalidBooking,
     UserCount, parse_booking, parse_booking_content, parse_message, peek, peek_booking_id,
 };
-pub use cost::{Prices, Usage};
+pub use cost::{Cost, Prices, Usage};
 pub use credentials::{Credential, Password, Username};
 pub use events::{Event, EventInstance, EventKind};
 pub use messages::{BookingRef, EmailKind, NotifyMessage};

@@ -117,7 +117,7 @@ async fn a_booking_no_offering_serves_fails_once_saying_what_was_tried() {
 }
 
 #[tokio::test]
-async fn the_ended_event_gives_the_machines_running_time_and_cost() {
+async fn the_ended_event_and_the_console_give_the_machines_running_time_and_cost() {
     let mut env = TestEnv::with(&[("LABBOOK_PRICES", "t3.small=3.6")]).await;
     let (conn, channel) = env.channel().await;
     let durable = QueueDeclareOptions {
@@ -199,5 +199,118 @@ async fn the_ended_event_gives_the_machines_running_time_and_cost() {
         .filter(|i| crate::helpers::state_of(i) == "running")
         .collect();
     assert!(remaining.is_empty());
+    env.stop().await;
+    // The console gives the same figures for the booking, and totals the bookings of a range.
+    let console = crate::console::Served::start(&env).await;
+    let (status, detail) = console.api(&format!("/api/bookings/{id}")).await;
+    assert_eq!(status, 200, "{detail}");
+    assert_eq!(detail["cost"]["machine_seconds"].as_u64(), Some(seconds));
+    let shown = detail["cost"]["estimated_cost"]
+        .as_f64()
+        .expect("the booking's cost");
+    assert!((shown - cost).abs() < 0.001, "{shown} vs {cost}");
+    let today = chrono::Utc::now().date_naive();
+    let range = format!(
+        "/api/bookings?from={}&to={}&q={id}",
+        today - chrono::Duration::days(1),
+        today
+    );
+    let (status, list) = console.api(&range).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(list["total"], 1, "{list}");
+    assert_eq!(
+        list["bookings"][0]["machine_seconds"].as_u64(),
+        Some(seconds)
+    );
+    assert_eq!(list["totals"]["machine_seconds"].as_u64(), Some(seconds));
+    let total = list["totals"]["estimated_cost"]
+        .as_f64()
+        .expect("the range's cost");
+    assert!((total - cost).abs() < 0.001, "{total} vs {cost}");
+    // A range before the booking holds nothing, and costs nothing.
+    let before = format!("/api/bookings?to={}", today - chrono::Duration::days(2));
+    let (_, empty) = console.api(&before).await;
+    assert_eq!(empty["totals"]["machine_seconds"], 0, "{empty}");
+    assert_eq!(empty["totals"]["estimated_cost"], serde_json::Value::Null);
+}
+
+/// The account's capacity as the provisioner last read it: (quota, other vCPUs, per machine).
+async fn reading(env: &TestEnv) -> Option<(f64, i64, i32)> {
+    let store = env.store().await;
+    sqlx::query_as("SELECT quota_vcpus, other_vcpus, vcpus_per_machine FROM account_capacity")
+        .fetch_optional(&store.pool)
+        .await
+        .unwrap()
+}
+
+/// The `accepted` event's detail of the booking's first revision, from its history.
+async fn accepted_detail(env: &TestEnv, id: &str) -> String {
+    let store = env.store().await;
+    labbook::store::events::history(&store.pool, id)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event == "accepted")
+        .map(|e| e.detail)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_booking_over_the_vcpu_quota_is_flagged_at_intake_and_still_provisioned() {
+    let proxy = ThrottlingProxy::start().await;
+    proxy.set_vcpu_quota(10_000.0);
+    let mut env = TestEnv::with(&[
+        ("AWS_ENDPOINT_URL", proxy.url.as_str()),
+        ("LABBOOK_SWEEP_INTERVAL_SECONDS", "1"),
+    ])
+    .await;
+    env.spawn(&Worker::ALL).await;
+    let first = eventually(WAIT, "the quota read", || async { reading(&env).await }).await;
+    assert_eq!(first.0, 10_000.0, "the applied value Service Quotas gives");
+    assert_eq!(first.2, 2, "a t3.micro has 2 vCPUs (DescribeInstanceTypes)");
+    // Room for four machines beside what else runs in the account (other tests' machines
+    // may come and go meanwhile): the one-machine booking fits, six machines do not.
+    let quota = (first.1 + 4 * 2) as f64;
+    proxy.set_vcpu_quota(quota);
+    eventually(WAIT, "the new quota read", || async {
+        reading(&env).await.filter(|r| r.0 == quota)
+    })
+    .await;
+
+    // 2 users: one machine, within the quota.
+    let small = unique_id("quota-fits");
+    env.publish_booking(&booking_json(&small, 2, 0)).await;
+    env.wait_state(&small, "provisioned").await;
+    // 10 users: five machines more at the same time, over it.
+    let big = unique_id("quota-over");
+    env.publish_booking(&booking_json(&big, 10, 0)).await;
+    env.wait_state(&big, "provisioned").await;
+    assert_eq!(
+        instances_for(&big).await.len(),
+        5,
+        "accepted and provisioned"
+    );
+
+    assert!(
+        !accepted_detail(&env, &small).await.contains("quota"),
+        "a booking that fits is not flagged"
+    );
+    let detail = accepted_detail(&env, &big).await;
+    let needed: i64 = detail
+        .split("capacity: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no capacity warning in {detail:?}"));
+    assert!(
+        needed >= (1 + 5) * 2 + first.1,
+        "its six machines and what else runs: {detail}"
+    );
+    assert!(
+        detail.contains(&format!(
+            "vCPUs would run at the booking's time, over the account's quota of {quota}"
+        )),
+        "{detail}"
+    );
     env.stop().await;
 }

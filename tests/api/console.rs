@@ -16,14 +16,14 @@ use crate::helpers::{TestEnv, booking_json, unique_id};
 const TOKEN: &str = "console-test-token-0123456789";
 
 /// A console serving `env`, in this process.
-struct Served {
+pub(crate) struct Served {
     base: String,
     http: reqwest::Client,
     _task: tokio::task::JoinHandle<()>,
 }
 
 impl Served {
-    async fn start(env: &TestEnv) -> Self {
+    pub(crate) async fn start(env: &TestEnv) -> Self {
         let mut vars = env.vars.clone();
         vars.insert("LABBOOK_CONSOLE_TOKEN".into(), TOKEN.into());
         let settings = Settings::from_map(&vars).unwrap();
@@ -47,7 +47,7 @@ impl Served {
         format!("{}{path}", self.base)
     }
 
-    async fn api(&self, path: &str) -> (StatusCode, Value) {
+    pub(crate) async fn api(&self, path: &str) -> (StatusCode, Value) {
         let r = self
             .http
             .get(self.url(path))
