@@ -2,10 +2,10 @@
 //! what they ask with confirms on a channel of its own, and marks them done in the claiming
 //! transaction. The scheduler's timer and the provisioner's boot watch run on it. The loop
 //! reconnects when the broker goes away, waits out a database outage tick by tick (logged
-//! once), and on shutdown lets the step in progress finish for up to one publish timeout, so
-//! what it published is marked done rather than published again by the next replica; a step
-//! that takes longer is dropped: its transaction rolls back, its row locks go with it, and
-//! another replica takes the rows at its next tick (published at least once).
+//! once), and on shutdown lets a step that only publishes finish for up to one publish timeout,
+//! so what it published is marked done rather than published again by the next replica; any
+//! other step, or one that takes longer, is dropped: its transaction rolls back, its row locks
+//! go with it, and another replica takes the rows at its next tick (at least once).
 
 use std::future::Future;
 use std::time::Duration;
@@ -37,6 +37,13 @@ pub trait Tick: Send + Sync {
         channel: &Channel,
         publish_timeout: Duration,
     ) -> impl Future<Output = Result<usize, TickError>> + Send;
+
+    /// Whether a stop lets the tick in flight finish (for up to one publish timeout): for a
+    /// step that only publishes what it claimed, so a stop does not publish it twice. A step
+    /// that may wait on something slower (EC2's rate) is dropped at once instead.
+    fn finishes_on_stop(&self) -> bool {
+        true
+    }
 }
 
 /// Runs `step` every `every` until `shutdown` fires, reconnecting to the broker as needed.
@@ -107,6 +114,9 @@ async fn tick_until_lost<T: Tick>(
         let outcome = tokio::select! {
             outcome = &mut tick => outcome,
             _ = shutdown.cancelled() => {
+                if !step.finishes_on_stop() {
+                    return;
+                }
                 if tokio::time::timeout(timeout, &mut tick).await.is_err() {
                     tracing::warn!(loop_name = name, "stopping in the middle of a tick: its rows are taken again");
                 }

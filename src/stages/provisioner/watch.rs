@@ -317,6 +317,11 @@ impl Tick for BootWatch {
         self.census().await;
         Ok(left + starting + booting)
     }
+
+    /// Its looks wait on EC2's rate: a stop drops them (another replica looks again).
+    fn finishes_on_stop(&self) -> bool {
+        false
+    }
 }
 
 /// What the bookings of one claim need once its looks are recorded.
