@@ -46,13 +46,21 @@ impl SecretUrl {
 
 impl std::fmt::Debug for SecretUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match url::Url::parse(&self.0) {
-            Ok(mut u) if u.password().is_some() => {
-                let _ = u.set_password(Some("REDACTED"));
-                write!(f, "{:?}", u.as_str())
-            }
-            Ok(u) => write!(f, "{:?}", u.as_str()),
-            Err(_) => f.write_str("\"[unparseable URL]\""),
+        // One URL, or several separated by commas (AMQP_URL naming a cluster's nodes).
+        let redacted: Option<Vec<String>> = self
+            .0
+            .split(',')
+            .map(|one| {
+                let mut u = url::Url::parse(one.trim()).ok()?;
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("REDACTED"));
+                }
+                Some(u.as_str().to_owned())
+            })
+            .collect();
+        match redacted {
+            Some(urls) => write!(f, "{:?}", urls.join(",")),
+            None => f.write_str("\"[unparseable URL]\""),
         }
     }
 }
@@ -122,6 +130,9 @@ pub struct Ec2Settings {
     pub watch_tick: Duration,
     /// `LABBOOK_READY_PROBE`: what else must answer before a machine counts as ready.
     pub probe: Probe,
+    /// `LABBOOK_READY_PROBE_CA_FILE`: PEM certificates the HTTPS probe trusts besides the
+    /// public roots (an ACME server's own root: Let's Encrypt's staging, a test server).
+    pub probe_ca_file: Option<std::path::PathBuf>,
     /// `LABBOOK_PRICES`: hourly prices per instance type, for cost estimates.
     pub prices: crate::domain::Prices,
     /// `LABBOOK_HTTPS`, `LABBOOK_ACME_DIRECTORY`, `LABBOOK_ACME_EMAIL`: how JupyterHub machines
@@ -301,6 +312,7 @@ impl Ec2Settings {
                 60_000,
             )?),
             probe: probe(v)?,
+            probe_ca_file: probe_ca_file(v)?,
             prices: crate::domain::Prices::parse(v.get("LABBOOK_PRICES").unwrap_or(""))
                 .map_err(|e| ConfigError::new("LABBOOK_PRICES", e))?,
             https: https(v)?,
@@ -342,6 +354,17 @@ fn expected_boot(
         (Readiness::Bootstrap, Bootstrap::Ssh) => 120,
     };
     v.seconds("LABBOOK_EXPECTED_BOOT_SECONDS", default, 0, 86_400)
+}
+
+/// `LABBOOK_READY_PROBE_CA_FILE`: a readable file of PEM certificates, checked at start.
+fn probe_ca_file(v: &Vars<'_>) -> Result<Option<std::path::PathBuf>, ConfigError> {
+    let Some(path) = v.get("LABBOOK_READY_PROBE_CA_FILE").map(str::trim) else {
+        return Ok(None);
+    };
+    let path = std::path::PathBuf::from(path);
+    crate::stages::provisioner::probe_roots(Some(&path))
+        .map_err(|why| ConfigError::new("LABBOOK_READY_PROBE_CA_FILE", why))?;
+    Ok(Some(path))
 }
 
 /// `LABBOOK_READY_PROBE`: `off` (default), `on`, or `HOST:PORT`.
@@ -426,18 +449,32 @@ fn amqp_url(v: &Vars<'_>) -> Result<SecretUrl, ConfigError> {
     let url = v
         .get("AMQP_URL")
         .unwrap_or("amqp://guest:guest@127.0.0.1:5672/%2f");
-    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-        return Err(ConfigError::new(
-            "AMQP_URL",
-            "must start with amqp:// or amqps://",
-        ));
+    let urls: Vec<&str> = crate::broker::broker_urls(url).collect();
+    if urls.is_empty() {
+        return Err(ConfigError::new("AMQP_URL", "names no broker"));
     }
-    url.parse::<lapin::uri::AMQPUri>().map_err(|_| {
-        ConfigError::new(
-            "AMQP_URL",
-            "is not a valid AMQP URL (amqp://user:pass@host:5672/vhost)",
-        )
-    })?;
+    for (i, one) in urls.iter().enumerate() {
+        // Which of several URLs is wrong (never the URL itself: it holds a password).
+        let which = if urls.len() > 1 {
+            format!("its broker {} of {}", i + 1, urls.len())
+        } else {
+            "it".to_owned()
+        };
+        if !(one.starts_with("amqp://") || one.starts_with("amqps://")) {
+            return Err(ConfigError::new(
+                "AMQP_URL",
+                format!(
+                    "must start with amqp:// or amqps:// ({which} does not; several brokers are separated by commas)"
+                ),
+            ));
+        }
+        one.parse::<lapin::uri::AMQPUri>().map_err(|_| {
+            ConfigError::new(
+                "AMQP_URL",
+                format!("is not a valid AMQP URL ({which}: amqp://user:pass@host:5672/vhost, several separated by commas)"),
+            )
+        })?;
+    }
     Ok(SecretUrl::new(url))
 }
 
@@ -942,6 +979,30 @@ mod tests {
     }
 
     #[test]
+    fn amqp_url_may_name_the_nodes_of_a_cluster() {
+        let urls = "amqp://u:hunter2@rmq-0:5672/%2f, amqp://u:hunter2@rmq-1:5672/%2f";
+        let s = with(&[("AMQP_URL", urls)]).unwrap();
+        let listed: Vec<&str> =
+            crate::broker::broker_urls(s.broker.amqp_url.expose_secret()).collect();
+        assert_eq!(
+            listed,
+            [
+                "amqp://u:hunter2@rmq-0:5672/%2f",
+                "amqp://u:hunter2@rmq-1:5672/%2f"
+            ]
+        );
+        let shown = format!("{:?}", s.broker.amqp_url);
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("rmq-1"), "{shown}");
+        let err = with(&[("AMQP_URL", "amqp://u:hunter2@rmq-0/%2f,http://rmq-1")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker 2 of 2"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert!(with(&[("AMQP_URL", " , ")]).is_err());
+    }
+
+    #[test]
     fn errors_name_the_variable() {
         let cases = [
             ("LABBOOK_USERS_PER_INSTANCE", "0"),
@@ -951,6 +1012,8 @@ mod tests {
             ("SMTP_URL", "http://x"),
             ("AMQP_URL", "http://x"),
             ("AMQP_URL", "amqp://host:notaport/"),
+            ("LABBOOK_READY_PROBE_CA_FILE", "/nonexistent/ca.pem"),
+            ("LABBOOK_READY_PROBE_CA_FILE", "Cargo.toml"),
             ("LABBOOK_RETRY_DELAYS_MS", "1,x"),
             ("LABBOOK_ADMIN_USERNAME", "Root"),
             ("LABBOOK_HTTPS", "on"),

@@ -12,10 +12,52 @@ use tokio_util::sync::CancellationToken;
 
 use super::topology::Topology;
 
-/// One connection attempt. `name` shows in the broker's connection list.
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+/// How long one broker of `AMQP_URL` may take to accept a connection before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection attempt. `urls` is `AMQP_URL`: one broker, or the nodes of a cluster
+/// separated by commas, tried in turn until one answers (a node that went away is passed over
+/// at the next attempt). `name` shows in the broker's connection list.
+pub async fn connect(urls: &str, name: &str) -> lapin::Result<Connection> {
+    let mut last = None;
+    for (i, url) in broker_urls(urls).enumerate() {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props));
+        let err = match attempt.await {
+            Ok(Ok(conn)) => {
+                if i > 0 {
+                    tracing::info!(broker = %endpoint(url), "connected to another broker of AMQP_URL");
+                }
+                return Ok(conn);
+            }
+            Ok(Err(err)) => err,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {CONNECT_TIMEOUT:?}"),
+            )),
+        };
+        tracing::debug!(broker = %endpoint(url), error = %err, "broker did not answer");
+        last = Some(err);
+    }
+    Err(last.unwrap_or_else(|| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "AMQP_URL names no broker",
+        ))
+    }))
+}
+
+/// The brokers `AMQP_URL` names, in order.
+pub fn broker_urls(urls: &str) -> impl Iterator<Item = &str> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
+/// A broker's host and port, for logs (never its credentials).
+fn endpoint(url: &str) -> String {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(u) => format!("{}:{}", u.authority.host, u.authority.port),
+        Err(_) => "[unparseable URL]".to_owned(),
+    }
 }
 
 /// A channel in confirm mode on which `topology` is in place (declared, or checked when this

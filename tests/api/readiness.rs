@@ -449,3 +449,204 @@ async fn a_provisioner_stopped_mid_boot_exits_within_seconds_and_another_finishe
     })
     .await;
 }
+
+/// A certificate authority of the test's own (openssl), and two certificates it signed for
+/// the machine: one for 127.0.0.2 (the wrong address), one for 127.0.0.1.
+struct TestCa {
+    dir: std::path::PathBuf,
+}
+
+impl TestCa {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique_id("labbook-probe-ca"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl runs");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "1"],
+            &["-subj", "/CN=labbook test CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign"],
+        ]
+        .concat());
+        for (name, ip) in [("wrong", "127.0.0.2"), ("right", "127.0.0.1")] {
+            let (key, csr, pem) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+            );
+            run(&[
+                &["req"][..],
+                &ec,
+                &["-keyout", &key, "-out", &csr, "-subj", "/CN=lab machine"],
+            ]
+            .concat());
+            let ext = format!("{name}.ext");
+            std::fs::write(
+                dir.join(&ext),
+                format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+            )
+            .unwrap();
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+            ]);
+        }
+        Self { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+
+    fn server_config(&self, name: &str) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(self.path(&format!("{name}.pem")))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(self.path(&format!("{name}.key"))).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        std::sync::Arc::new(config)
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A JupyterHub health endpoint over TLS on loopback, serving the certificate it is given;
+/// counts the connections it took.
+struct HubOverTls {
+    target: String,
+    config: tokio::sync::watch::Sender<std::sync::Arc<rustls::ServerConfig>>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HubOverTls {
+    async fn start(config: std::sync::Arc<rustls::ServerConfig>) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let (tx, rx) = tokio::sync::watch::channel(config);
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let acceptor = tokio_rustls::TlsAcceptor::from(rx.borrow().clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut request = [0u8; 512];
+                    if tls.read(&mut request).await.unwrap_or(0) > 0 {
+                        let answer =
+                            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+                        let _ = tls.write_all(answer.as_bytes()).await;
+                        let _ = tls.shutdown().await;
+                    }
+                });
+            }
+        });
+        Self {
+            target,
+            config: tx,
+            connections,
+            task,
+        }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for HubOverTls {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_jupyterhub_machine_is_ready_once_its_certificate_is_valid_for_its_address() {
+    let ca = TestCa::new();
+    let hub = HubOverTls::start(ca.server_config("wrong")).await;
+    let proxy = ThrottlingProxy::start().await;
+    proxy.set_console_default(OK);
+    let ca_file = ca.path("ca.pem");
+    let mut env = env_behind(
+        &proxy,
+        &[
+            ("LABBOOK_HTTPS", "letsencrypt"),
+            ("LABBOOK_READY_PROBE", hub.target.as_str()),
+            ("LABBOOK_READY_PROBE_CA_FILE", ca_file.as_str()),
+        ],
+    )
+    .await;
+    env.spawn(&Worker::ALL).await;
+    let id = unique_id("tls-probe");
+    env.publish_booking(&booking_json(&id, 2, -1)).await;
+    // The bootstrap reported ok, but the certificate is for another address: probed, not ready.
+    eventually(WAIT, "the machine probed twice", || async {
+        (hub.connections() >= 2).then_some(())
+    })
+    .await;
+    let store = env.store().await;
+    let state = bookings::find(&store.pool, &id)
+        .await
+        .unwrap()
+        .unwrap()
+        .state;
+    assert_eq!(
+        state.as_str(),
+        "provisioning",
+        "not ready while its certificate is not valid for its address"
+    );
+    hub.config.send(ca.server_config("right")).unwrap();
+    env.wait_state(&id, "provisioned").await;
+    env.stop().await;
+}

@@ -27,7 +27,7 @@ use crate::store::schedule::{self, Action};
 use crate::store::{BookingRecord, BookingState, Store, bookings};
 
 pub use launch::{NO_CAPACITY, QUOTA, slot_count};
-pub use ready::{Boot, NOT_READY, boot_outcome};
+pub use ready::{Boot, NOT_READY, boot_outcome, probe_roots};
 pub use sweep::run_sweeper;
 pub use watch::BootWatch;
 

@@ -165,26 +165,126 @@ pub fn decide(slot: &Slot, seen: &Seen, pace: &Pace, now: DateTime<Utc>) -> Step
 }
 
 impl Provisioner {
-    /// Whether the slot's machine answers where trainees reach it (`LABBOOK_READY_PROBE`).
-    pub(super) async fn answers(&self, slot: &Slot) -> bool {
+    /// Whether the slot's machine answers where trainees reach it (`LABBOOK_READY_PROBE`): in
+    /// SSH mode port 22 accepts; in JupyterHub mode `/hub/health` answers 200, over HTTPS with
+    /// the certificate verified for the machine's public IP, or over HTTP on a machine that
+    /// serves its lab over HTTP (`LABBOOK_HTTPS=off`, or its bootstrap said it could not get
+    /// a certificate: `http_only`).
+    pub(super) async fn answers(&self, slot: &Slot, http_only: bool) -> bool {
+        let https = self.settings.bootstrap == Bootstrap::JupyterHub
+            && self.settings.https.acme().is_some()
+            && !http_only;
         let port = match self.settings.bootstrap {
             Bootstrap::Ssh => 22,
+            Bootstrap::JupyterHub if https => 443,
             Bootstrap::JupyterHub => 80,
         };
         let target = match &self.settings.probe {
             Probe::Off => return true,
             Probe::Target(target) => target.clone(),
-            Probe::Machine => match slot.address() {
-                Some(address) => format!("{address}:{port}"),
-                None => return false,
-            },
+            Probe::Machine => {
+                // The certificate is for the public IP, not for EC2's DNS name.
+                let address = if https {
+                    slot.public_ip.as_deref().filter(|ip| !ip.is_empty())
+                } else {
+                    slot.address()
+                };
+                match address {
+                    Some(address) => format!("{address}:{port}"),
+                    None => return false,
+                }
+            }
         };
         let answer = match self.settings.bootstrap {
             Bootstrap::Ssh => tcp_accepts(&target).await,
+            Bootstrap::JupyterHub if https => {
+                hub_healthy_tls(&target, self.settings.probe_ca_file.as_deref()).await
+            }
             Bootstrap::JupyterHub => hub_healthy(&target).await,
         };
-        answer.unwrap_or(false)
+        match answer {
+            Ok(answers) => answers,
+            Err(err) => {
+                tracing::info!(
+                    instance_id = slot.instance_id.as_deref().unwrap_or(""),
+                    %target,
+                    error = %err,
+                    "the machine does not answer its readiness probe yet"
+                );
+                false
+            }
+        }
     }
+}
+
+/// The roots the HTTPS probe trusts: the public ones (Let's Encrypt's among them), and those
+/// of `extra` (`LABBOOK_READY_PROBE_CA_FILE`, PEM). The error says what is wrong with the file.
+pub fn probe_roots(extra: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots =
+        rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert =
+                cert.map_err(|e| format!("{} is not PEM certificates: {e}", path.display()))?;
+            roots.add(cert).map_err(|e| {
+                format!(
+                    "{} holds a certificate that cannot be a root: {e}",
+                    path.display()
+                )
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!("{} holds no PEM certificate", path.display()));
+        }
+    }
+    Ok(roots)
+}
+
+/// Whether `GET /hub/health` over TLS at `target` (`IP:PORT`) answers 200, the machine's
+/// certificate verified for that IP address (what a trainee's browser checks).
+async fn hub_healthy_tls(
+    target: &str,
+    extra_roots: Option<&std::path::Path>,
+) -> std::io::Result<bool> {
+    use std::io::{Error, ErrorKind};
+    let (host, _) = target
+        .rsplit_once(':')
+        .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "no port"))?;
+    let ip: std::net::IpAddr = host.trim_matches(['[', ']']).parse().map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{host} is not an IP address"),
+        )
+    })?;
+    let roots = probe_roots(extra_roots).map_err(|e| Error::new(ErrorKind::InvalidInput, e))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let exchange = async {
+        let tcp = TcpStream::connect(target).await?;
+        let name = rustls::pki_types::ServerName::IpAddress(ip.into());
+        let mut stream = connector.connect(name, tcp).await?;
+        let request =
+            format!("GET /hub/health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = [0u8; 16];
+        let n = stream.read(&mut head).await?;
+        let status = String::from_utf8_lossy(&head[..n]);
+        Ok::<bool, Error>(status.starts_with("HTTP/1.") && status.get(9..12) == Some("200"))
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, exchange)
+        .await
+        .unwrap_or(Ok(false))
 }
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -229,8 +229,8 @@ impl BootWatch {
             }
         };
         let boot = boot_outcome(&console.text);
-        let answers = match boot {
-            Boot::Ok { .. } => self.p.answers(slot).await,
+        let answers = match &boot {
+            Boot::Ok { http_only } => self.p.answers(slot, http_only.is_some()).await,
             _ => false,
         };
         look.reported_at = console.updated_at;
