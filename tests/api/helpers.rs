@@ -19,6 +19,16 @@ pub fn amqp_base() -> String {
     std::env::var("TEST_AMQP_BASE").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672".into())
 }
 
+/// `AMQP_URL` for `vhost`: on each broker `TEST_AMQP_BASE` lists (several, comma-separated,
+/// for a cluster's nodes).
+fn amqp_urls(vhost: &str) -> String {
+    amqp_base()
+        .split(',')
+        .map(|base| format!("{}/{vhost}", base.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn moto_url() -> String {
     std::env::var("TEST_MOTO_URL").unwrap_or_else(|_| "http://127.0.0.1:5000".into())
 }
@@ -172,7 +182,7 @@ impl TestEnv {
         let db_name = format!("labbook_test_{id}");
         let key_b64 = SecretKey::generate_base64();
         let mut vars: HashMap<String, String> = [
-            ("AMQP_URL", format!("{}/{vhost}", amqp_base())),
+            ("AMQP_URL", amqp_urls(&vhost)),
             ("DATABASE_URL", format!("{}/{db_name}", pg_base())),
             ("LABBOOK_SECRET_KEY", key_b64.clone()),
             ("LABBOOK_RETRY_DELAYS_MS", "200,400".into()),

@@ -6,6 +6,7 @@
 
 mod capacity;
 mod changes;
+mod cluster;
 mod console;
 mod emails;
 mod faults;
