@@ -584,8 +584,10 @@ async fn a_cancellation_that_lands_while_machines_launch_leaves_none_running() {
         all_terminated(&instances_for(&id).await).then_some(())
     })
     .await;
-    // Whatever the launching attempt still had in flight is terminated as well.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Whatever the launching attempt still had in flight is terminated as well: the workers
+    // stopped, everything waiting in the queues handled.
+    c.env.stop().await;
+    c.env.drain().await;
     let instances = instances_for(&id).await;
     assert!(
         all_terminated(&instances),

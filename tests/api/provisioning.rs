@@ -202,9 +202,15 @@ async fn a_future_booking_is_not_provisioned_early() {
             .abs()
             < 1000
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing else happens: the workers stopped, everything waiting in the queues handled.
+    env.stop().await;
+    env.drain().await;
     assert!(instances_for(&id).await.is_empty());
-    assert!(provision.published_at.is_none());
+    let provision = schedule::find(&store.pool, &id, schedule::Action::Provision)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(provision.published_at.is_none(), "not due yet");
     assert_eq!(
         bookings::find(&store.pool, &id)
             .await
@@ -214,7 +220,6 @@ async fn a_future_booking_is_not_provisioned_early() {
             .as_str(),
         "scheduled"
     );
-    env.stop().await;
 }
 
 #[tokio::test]
@@ -308,7 +313,6 @@ async fn two_scheduler_replicas_publish_each_due_item_once() {
         (left == 0).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     env.stop().await;
     let msgs = env
         .take("provision-due", 2 * n, Duration::from_secs(3))

@@ -56,8 +56,12 @@ async fn the_instance_email_waits_until_every_bootstrap_reports_success() {
         (running.len() == 2 && running.iter().all(|i| state_of(i) == "running")).then_some(())
     })
     .await;
-    // Running, but still booting: no instance email, the booking still provisioning.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Running, but still booting (the watch read their consoles): no instance email, the
+    // booking still provisioning.
+    eventually(WAIT, "both consoles read", || async {
+        (proxy.console_reads().0 >= 2).then_some(())
+    })
+    .await;
     let store = env.store().await;
     let b = bookings::find(&store.pool, &id).await.unwrap().unwrap();
     assert_eq!(b.state.as_str(), "provisioning");
@@ -194,7 +198,11 @@ async fn an_ssh_machine_must_also_accept_connections_where_the_probe_points() {
         (!instances_for(&id).await.is_empty()).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Its bootstrap reported ok (the watch read its console twice, probing after each read).
+    eventually(WAIT, "the console read twice", || async {
+        (proxy.console_reads().0 >= 2).then_some(())
+    })
+    .await;
     let store = env.store().await;
     let state = bookings::find(&store.pool, &id)
         .await
