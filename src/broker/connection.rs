@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::topology::Topology;
 
 /// How long one broker of `AMQP_URL` may take to accept a connection before the next is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One connection attempt. `urls` is `AMQP_URL`: one broker, or the nodes of a cluster
 /// separated by commas, tried in turn until one answers (a node that went away is passed over

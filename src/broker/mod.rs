@@ -16,8 +16,8 @@ pub(crate) mod topology;
 pub mod trace;
 
 pub use connection::{
-    broker_urls, confirmed_channel, connect, connect_with_retry, reconnect_delays,
-    retry_until_cancelled,
+    CONNECT_TIMEOUT as BROKER_CONNECT_TIMEOUT, broker_urls, confirmed_channel, connect,
+    connect_with_retry, reconnect_delays, retry_until_cancelled,
 };
 pub use error::StageError;
 pub use publisher::{DEFAULT_CONFIRM_TIMEOUT, PublishError, json_properties, publish_confirmed};

@@ -95,6 +95,8 @@ pub async fn apply(
 
 /// Whether the booking's instance details email can be resent, and for which revision.
 pub async fn resendable(pool: &PgPool, id: &str) -> Result<i32, ActionError> {
+    // An id no booking can have (a NUL byte, too long) is not asked of the database.
+    booking_id(id)?;
     let row: Option<(BookingState, bool, Option<i32>)> = sqlx::query_as(
         "SELECT state, cancelled, provisioned_revision FROM bookings WHERE booking_id = $1",
     )

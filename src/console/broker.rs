@@ -51,9 +51,12 @@ impl BrokerLink {
             return Ok(conn.clone());
         }
         let url = self.url.expose_secret();
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connect(url, "labbook console"))
+        // Each further broker of a cluster's list may take its own connect timeout.
+        let others = crate::broker::broker_urls(url).count().saturating_sub(1) as u32;
+        let wait = CONNECT_TIMEOUT + crate::broker::BROKER_CONNECT_TIMEOUT * others;
+        let conn = tokio::time::timeout(wait, connect(url, "labbook console"))
             .await
-            .map_err(|_| anyhow::anyhow!("the broker did not answer within {CONNECT_TIMEOUT:?}"))?
+            .map_err(|_| anyhow::anyhow!("the broker did not answer within {wait:?}"))?
             .map_err(|e| anyhow::anyhow!("cannot reach the broker: {e}"))?;
         tracing::info!("connected to the broker");
         let conn = Arc::new(conn);

@@ -134,7 +134,13 @@ impl Ec2 {
             for i in page.reservations().iter().flat_map(|r| r.instances()) {
                 let ours = tag(i, TAG_MANAGED) == Some("true")
                     && info(i).is_some_and(|i| i.belongs_to(installation));
-                if ours {
+                // The quota is for On-Demand instances of the standard families only: Spot
+                // and other families (G, P, X, F, …) count against quotas of their own.
+                let on_demand = i.instance_lifecycle().is_none();
+                let standard = i
+                    .instance_type()
+                    .is_some_and(|t| counts_against_standard_quota(t.as_str()));
+                if ours || !on_demand || !standard {
                     continue;
                 }
                 let cpu = i.cpu_options();
@@ -150,6 +156,49 @@ impl Ec2 {
             if next_token.is_none() {
                 return Ok(vcpus);
             }
+        }
+    }
+}
+
+/// Whether an instance type's vCPUs count against L-1216C47A ("Running On-Demand Standard
+/// (A, C, D, H, I, M, R, T, Z) instances").
+fn counts_against_standard_quota(instance_type: &str) -> bool {
+    let t = instance_type.to_ascii_lowercase();
+    // Families whose letter is a standard one but that have quotas of their own.
+    let own_quota = ["inf", "trn", "dl", "hpc", "mac"]
+        .iter()
+        .any(|prefix| t.starts_with(prefix));
+    !own_quota
+        && t.chars()
+            .next()
+            .is_some_and(|family| "acdhimrtz".contains(family))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::counts_against_standard_quota;
+
+    #[test]
+    fn only_the_standard_families_count_against_the_quota() {
+        for t in [
+            "t3.small",
+            "m7i.large",
+            "c6g.xlarge",
+            "r5.2xlarge",
+            "z1d.large",
+            "i4i.large",
+        ] {
+            assert!(counts_against_standard_quota(t), "{t}");
+        }
+        for t in [
+            "g5.xlarge",
+            "p4d.24xlarge",
+            "x2idn.16xlarge",
+            "inf2.xlarge",
+            "trn1.2xlarge",
+            "",
+        ] {
+            assert!(!counts_against_standard_quota(t), "{t}");
         }
     }
 }

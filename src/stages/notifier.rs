@@ -354,8 +354,10 @@ impl Stage for NotifierStage {
             );
             return self.event_again(&booking, n).await;
         }
-        // Rendered before the log row is locked, so a send holds one database connection.
+        // Rendered, and its event made, before the log row is locked, so a send holds one
+        // database connection (a claim waiting for a second one could starve the pool).
         let email = self.render(&booking, n.kind).await?;
+        let event = self.event(&booking, n).await?;
         let mut claimed =
             match emails::claim(&self.store.pool, &booking.booking_id, key, &id).await? {
                 Claim::AlreadySent => {
@@ -384,7 +386,6 @@ impl Stage for NotifierStage {
             return Ok(Vec::new());
         }
         let to = EmailAddress::parse(&booking.email).map_err(StageError::Permanent)?;
-        let event = self.event(&booking, n).await?;
         self.mailer.send(&to, &id, &email).await?;
         // If the process dies right here, the email went out but is not recorded: the message
         // comes again and the email is sent a second time, with the same Message-ID.
