@@ -681,6 +681,27 @@ pub async fn lock_bookings(env: &TestEnv) -> sqlx::Transaction<'static, sqlx::Po
     tx
 }
 
+/// Waits until a query of the test's database waits for a lock (a worker blocked by
+/// [`lock_bookings`]).
+pub async fn wait_blocked_on_lock(env: &TestEnv) {
+    let store = env.store().await;
+    eventually(
+        Duration::from_secs(20),
+        "a query waiting for the lock",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Publishes `{"booking_id": …}` to `queue`, as the scheduler (or a replayed message) would.
 pub async fn publish_ref(env: &TestEnv, queue: &str, booking_id: &str) {
     let body = serde_json::to_vec(&labbook::domain::BookingRef {

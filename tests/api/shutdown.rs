@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use labbook::store::bookings;
 
-use crate::helpers::{TestEnv, booking_json, eventually, lock_bookings};
+use crate::helpers::{TestEnv, booking_json, eventually, lock_bookings, wait_blocked_on_lock};
 
 fn spawn_worker(env: &TestEnv, extra: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_labbook-credentials"))
@@ -51,7 +51,8 @@ async fn sigterm_finishes_the_message_in_flight_then_exits_0() {
         || async { (env.depth("booking-created").await == 0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It is at work on it: its query waits for the table the test holds.
+    wait_blocked_on_lock(&env).await;
     sigterm(&child);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -96,7 +97,8 @@ async fn a_message_still_in_flight_at_the_shutdown_timeout_goes_back_to_its_queu
         || async { (env.depth("booking-created").await == 0).then_some(()) },
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // It is at work on it: its query waits for the table the test holds.
+    wait_blocked_on_lock(&env).await;
     sigterm(&child);
     let status = wait_exit(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
