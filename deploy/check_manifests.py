@@ -661,7 +661,9 @@ def check_iam():
     for s in stmts_for("ec2:CreateTags"):
         ca = as_list(s.get("Condition", {}).get("StringEquals", {}).get("ec2:CreateAction"))
         require(ca and ca != [None], f"iam {s['Sid']}: CreateTags only while creating")
-        if not s["Sid"].startswith("Optional"):
+        if s["Sid"].startswith("Image"):
+            require(ca == ["CreateImage"], f"iam {s['Sid']}: CreateTags only in CreateImage")
+        elif not s["Sid"].startswith("Optional"):
             require(ca == ["RunInstances"], f"iam {s['Sid']}: CreateTags only in RunInstances")
     for s in stmts_for("ec2:TerminateInstances"):
         cond = s.get("Condition", {}).get("StringEquals", {})
@@ -688,7 +690,28 @@ def check_iam():
                     require(cond.get(key) == "true",
                             f"iam {st['Sid']}: {a} on security groups only with {key}=true")
         require(types <= covered, f"iam: {a} lacks {sorted(types - covered)}")
-    for a in ("ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeSecurityGroups",
+    # `labbook image`: the builder stopped, imaged, images deregistered and snapshots deleted only
+    # where tagged labbook:managed=true; a new image and its snapshots only so tagged.
+    for a in ("ec2:StopInstances", "ec2:DeregisterImage", "ec2:DeleteSnapshot"):
+        for st in stmts_for(a):
+            require(st["Sid"].startswith("Image"), f"iam {st['Sid']}: {a} only in an Image statement")
+            cond = st.get("Condition", {}).get("StringEquals", {})
+            require(cond.get("ec2:ResourceTag/labbook:managed") == "true",
+                    f"iam {st['Sid']}: {a} only on resources tagged labbook:managed=true")
+    covered = set()
+    for st in stmts_for("ec2:CreateImage"):
+        cond = st.get("Condition", {}).get("StringEquals", {})
+        for r in as_list(st["Resource"]):
+            m = re.fullmatch(r"arn:aws:ec2:\*:\*?:([a-z-]+)/\*", r)
+            require(m, f"iam {st['Sid']}: resource {r}")
+            covered.add(m.group(1))
+            key = ("ec2:ResourceTag/labbook:managed" if m.group(1) == "instance"
+                   else "aws:RequestTag/labbook:managed")
+            require(cond.get(key) == "true", f"iam {st['Sid']}: CreateImage on {m.group(1)} only with {key}=true")
+    require({"instance", "image", "snapshot"} <= covered,
+            f"iam: CreateImage lacks {sorted({'instance', 'image', 'snapshot'} - covered)}")
+    for a in ("ec2:StopInstances", "ec2:CreateImage", "ec2:DeregisterImage", "ec2:DeleteSnapshot",
+              "ec2:DescribeInstances", "ec2:DescribeImages", "ec2:DescribeSecurityGroups",
               "ec2:DescribeSubnets", "ec2:DescribeVpcs", "ec2:RunInstances",
               "ec2:TerminateInstances", "ec2:CreateTags", "ec2:GetConsoleOutput",
               "ec2:DescribeInstanceTypes", "servicequotas:GetServiceQuota",
@@ -699,7 +722,7 @@ def check_iam():
 
 def check_iam_lint():
     """parliament, offline. Its RESOURCE_MISMATCH check looks at one statement at a time and
-    so flags RunInstances split over two statements (instance with conditions, the supporting
+    so flags RunInstances (and CreateImage) split over two statements (instance with conditions, the supporting
     resources without): IAM authorizes each resource of the request against every statement,
     and `iam` above checks that the union covers every required type. That finding is
     accepted for the calls split that way (RunInstances, and CreateSecurityGroup and
@@ -725,7 +748,8 @@ def check_iam_lint():
 
 # Calls whose resources are split over two statements (the tagged resource with conditions,
 # the others without); see check_iam_lint.
-SPLIT_ACTIONS = ("ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress")
+SPLIT_ACTIONS = ("ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:AuthorizeSecurityGroupIngress",
+                 "ec2:CreateImage")
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ pub enum Bootstrap {
 #[derive(Debug, Clone)]
 pub struct Ec2Settings {
     pub ami_id: Option<String>,
+    /// `LABBOOK_BASE_AMI_ID`: the image `labbook image build` bakes this installation's image
+    /// from (an Ubuntu release TLJH supports).
+    pub base_ami_id: Option<String>,
     /// The default instance type: the first of [`Ec2Settings::instance_types`].
     pub instance_type: String,
     /// `LABBOOK_INSTANCE_TYPES` (else `LABBOOK_INSTANCE_TYPE`, else `t3.small`): the types a
@@ -276,6 +279,7 @@ impl Ec2Settings {
         )?;
         Ok(Self {
             ami_id: v.string("LABBOOK_AMI_ID"),
+            base_ami_id: v.string("LABBOOK_BASE_AMI_ID"),
             instance_type: instance_types[0].clone(),
             instance_types,
             subnet_id: subnet_ids.first().cloned(),
@@ -559,6 +563,17 @@ impl Settings {
     pub fn require_ami_id(&self) -> Result<&str, ConfigError> {
         self.ec2.ami_id.as_deref().ok_or_else(|| {
             ConfigError::new("LABBOOK_AMI_ID", "is not set (the image to launch, ami-…)")
+        })
+    }
+
+    /// The image `labbook image build` starts from; an error names `LABBOOK_BASE_AMI_ID` if
+    /// unset.
+    pub fn require_base_ami_id(&self) -> Result<&str, ConfigError> {
+        self.ec2.base_ami_id.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                "LABBOOK_BASE_AMI_ID",
+                "is not set (the image to bake from, ami-…: an Ubuntu LTS that The Littlest JupyterHub supports)",
+            )
         })
     }
 }
@@ -1056,6 +1071,21 @@ mod tests {
         let err = with(&[(var, value)]).unwrap_err();
         assert_eq!(err.var, var);
         err
+    }
+
+    #[test]
+    fn the_base_image_is_required_only_to_build_an_image() {
+        let none = with(&[]).unwrap();
+        assert_eq!(
+            none.require_base_ami_id().unwrap_err().var,
+            "LABBOOK_BASE_AMI_ID"
+        );
+        let set = with(&[("LABBOOK_BASE_AMI_ID", " ami-0abc ")]).unwrap();
+        assert_eq!(set.require_base_ami_id().unwrap(), "ami-0abc");
+        assert!(
+            set.require_ami_id().is_err(),
+            "the two images are separate settings"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 mod cancel;
 mod dlq;
+mod image;
 mod publish;
 mod status;
 
@@ -56,6 +57,17 @@ enum Command {
     Dlq {
         #[command(subcommand)]
         command: dlq::DlqCommand,
+    },
+    /// Make, list and remove this installation's baked machine images (AMIs).
+    ///
+    /// A baked image holds what every lab machine's bootstrap would otherwise install at boot
+    /// (The Littlest JupyterHub, the pinned certbot): `labbook image build` makes one from
+    /// LABBOOK_BASE_AMI_ID and prints the LABBOOK_AMI_ID to set; `list` shows them; `prune`
+    /// removes old ones with their snapshots. Images are found by their labbook:installation
+    /// tag: each installation sees only its own.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
     },
     /// Serve the operator console (web pages and an HTTP API) until SIGTERM/SIGINT.
     ///
@@ -161,6 +173,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         Command::Status { booking_id, json } => status::run(&settings, &booking_id, json).await,
         Command::Cancel { booking_id } => cancel::run(&settings, &booking_id).await,
         Command::Dlq { command } => dlq::run(&settings, command).await,
+        Command::Image { command } => image::run(&settings, command).await,
         Command::Console { listen } => {
             let console = crate::console::Console::build(&settings, listen).await?;
             console.run_until_stopped(shutdown_signal()).await;

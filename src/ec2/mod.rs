@@ -3,6 +3,7 @@
 //! Every call first takes a token from its action's client-side rate limit ([`rate`]).
 
 mod group;
+pub mod images;
 pub mod intent;
 pub mod quota;
 pub mod rate;
@@ -11,6 +12,7 @@ pub mod userdata;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::http::HttpResponse;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder;
 use aws_sdk_ec2::types::{
     Filter, HttpTokensState, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
     InstanceType, ResourceType, Tag, TagSpecification,
@@ -668,35 +670,57 @@ impl Ec2 {
         &self,
         req: &LaunchRequest<'_>,
         ami_id: &str,
-    ) -> Result<aws_sdk_ec2::operation::run_instances::builders::RunInstancesFluentBuilder, Ec2Error>
-    {
+    ) -> Result<RunInstancesFluentBuilder, Ec2Error> {
+        let token = client_token(
+            &self.settings.installation,
+            req.booking_id,
+            (req.slot, req.generation),
+            req.offering_index,
+        );
+        let tags = [
+            (TAG_BOOKING, req.booking_id.to_owned()),
+            (TAG_SLOT, req.slot.to_string()),
+            (TAG_GENERATION, req.generation.to_string()),
+            (TAG_MANAGED, "true".to_owned()),
+            (TAG_INSTALLATION, self.settings.installation.clone()),
+            ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
+        ];
+        self.run_request(ami_id, req.offering, req.user_data, &token, &tags)
+            .await
+    }
+
+    /// What every launch of labbook's sends: one instance of `ami_id` where `offering` says,
+    /// in labbook's security groups, with the key pair, IMDSv2 required, `user_data`, and
+    /// `tags` on the instance and its volumes.
+    async fn run_request(
+        &self,
+        ami_id: &str,
+        offering: &Offering,
+        user_data: &str,
+        client_token: &str,
+        tags: &[(&str, String)],
+    ) -> Result<RunInstancesFluentBuilder, Ec2Error> {
         let security_groups = self.security_groups().await?;
-        let tag_spec = |kind| self.tags_for(req, kind);
         Ok(self
             .client
             .run_instances()
             .image_id(ami_id)
-            .instance_type(InstanceType::from(req.offering.instance_type.as_str()))
+            .instance_type(InstanceType::from(offering.instance_type.as_str()))
             .min_count(1)
             .max_count(1)
-            .client_token(client_token(
-                &self.settings.installation,
-                req.booking_id,
-                (req.slot, req.generation),
-                req.offering_index,
-            ))
-            .set_subnet_id(req.offering.subnet_id.clone())
+            .client_token(client_token)
+            .set_subnet_id(offering.subnet_id.clone())
             .set_security_group_ids(Some(security_groups))
             .set_key_name(self.settings.key_name.clone())
-            .user_data(base64::engine::general_purpose::STANDARD.encode(req.user_data))
+            .user_data(base64::engine::general_purpose::STANDARD.encode(user_data))
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
                     .http_tokens(HttpTokensState::Required)
                     .http_endpoint(InstanceMetadataEndpointState::Enabled)
                     .build(),
             )
-            .tag_specifications(tag_spec(ResourceType::Instance))
-            .tag_specifications(tag_spec(ResourceType::Volume)))
+            .tag_specifications(tag_specification(ResourceType::Instance, tags))
+            .tag_specifications(tag_specification(ResourceType::Volume, tags)))
     }
 
     /// What the instance wrote to its serial console (EC2 keeps its last 64 KiB): empty until
@@ -797,24 +821,16 @@ impl Ec2 {
             .await
             .cloned()
     }
+}
 
-    /// The tags of a slot's instance and volumes: booking, slot, managed, installation, name.
-    fn tags_for(&self, req: &LaunchRequest<'_>, kind: ResourceType) -> TagSpecification {
-        let tags = [
-            (TAG_BOOKING, req.booking_id.to_owned()),
-            (TAG_SLOT, req.slot.to_string()),
-            (TAG_GENERATION, req.generation.to_string()),
-            (TAG_MANAGED, "true".to_owned()),
-            (TAG_INSTALLATION, self.settings.installation.clone()),
-            ("Name", format!("labbook {} #{}", req.booking_id, req.slot)),
-        ];
-        tags.iter()
-            .fold(
-                TagSpecification::builder().resource_type(kind),
-                |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
-            )
-            .build()
-    }
+/// `tags` for a resource of `kind` created by the call.
+fn tag_specification(kind: ResourceType, tags: &[(&str, String)]) -> TagSpecification {
+    tags.iter()
+        .fold(
+            TagSpecification::builder().resource_type(kind),
+            |b, (k, v)| b.tags(Tag::builder().key(*k).value(v).build()),
+        )
+        .build()
 }
 
 #[cfg(test)]

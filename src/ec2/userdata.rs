@@ -36,6 +36,8 @@ struct CloudConfig<'a> {
     ssh_pwauth: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     package_update: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    package_upgrade: Option<bool>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     packages: Vec<&'static str>,
     write_files: Vec<WriteFile>,
@@ -69,21 +71,28 @@ const CERTBOT_REQUIREMENTS: &str = include_str!("certbot-requirements.txt");
 pub const TLS_CERT_PATH: &str = "/etc/labbook/tls/fullchain.pem";
 pub const TLS_KEY_PATH: &str = "/etc/labbook/tls/privkey.pem";
 
-/// The part of the bootstrap every mode runs: strict mode, the report, the trap that reports
-/// the failing step. `LABBOOK_CONSOLE` exists for tests of the script; on an instance it is
-/// the serial console (`LABBOOK_BOOTSTRAP_LOG` likewise).
-const SCRIPT_HEAD: &str = r#"#!/bin/bash
+/// How the bootstrap script begins: what it is, where its log goes.
+const SCRIPT_INTRO: &str = r#"#!/bin/bash
 # labbook's instance bootstrap: run by cloud-init once the accounts exist. Its outcome is one
 # line on the serial console: "labbook-bootstrap: ok" or "labbook-bootstrap: failed: <step>".
-set -eu -o pipefail -o errtrace
-console=${LABBOOK_CONSOLE:-/dev/console}
+reporter=labbook-bootstrap
 log=${LABBOOK_BOOTSTRAP_LOG:-/var/log/labbook-bootstrap.log}
-report() { printf '\nlabbook-bootstrap: %s\n' "$1" | tee -a "$log" >>"$console" 2>/dev/null || true; }
+"#;
+
+/// What the bootstrap and the image bake share: strict mode, the report on the serial console
+/// (`$reporter: ok`), the trap that reports the failing step. `LABBOOK_CONSOLE` exists for
+/// tests of the scripts; on an instance it is the serial console (the log likewise).
+const SCRIPT_STRICT: &str = r#"set -eu -o pipefail -o errtrace
+console=${LABBOOK_CONSOLE:-/dev/console}
+report() { printf '\n%s: %s\n' "$reporter" "$1" | tee -a "$log" >>"$console" 2>/dev/null || true; }
 step="start"
 trap 'code=$?; report "failed: $step (exit $code)"; exit $code' ERR
-mode=$1 admin=$2
-shift 2
 https=off http_only="" tls_ready=""
+"#;
+
+/// The bootstrap's arguments: its mode, the slot's admin, then the slot's trainees.
+const SCRIPT_ARGS: &str = r#"mode=$1 admin=$2
+shift 2
 "#;
 
 /// The HTTPS part's functions (rendered after the settings they read: `acme_directory`,
@@ -189,14 +198,11 @@ serve_https() {
 }
 "#;
 
-/// The JupyterHub part: download TLJH's installer with retries and backoff, install it within
-/// 25 minutes, allow exactly the slot's logins, then serve HTTPS if a certificate was had.
-/// `LABBOOK_TLJH_URL`, `LABBOOK_TLJH_INSTALLER` and `LABBOOK_RETRY_SECONDS` exist for tests
-/// of the script.
-const SCRIPT_JUPYTERHUB: &str = r#"if [ "$mode" = jupyterhub ]; then
-  # Before TLJH's proxy listens on port 80, which the ACME challenge needs.
-  if [ "$https" = on ]; then obtain_certificate; fi
-  step="download The Littlest JupyterHub's installer"
+/// The Littlest JupyterHub's install, as the bootstrap and the image bake both run it: its
+/// installer downloaded with retries and backoff, then run within 25 minutes, with `--admin`
+/// when `$admin` names one (the bake makes no account). `LABBOOK_TLJH_URL`,
+/// `LABBOOK_TLJH_INSTALLER` and `LABBOOK_RETRY_SECONDS` exist for tests of the scripts.
+const SCRIPT_TLJH_INSTALL: &str = r#"  step="download The Littlest JupyterHub's installer"
   url=${LABBOOK_TLJH_URL:-https://tljh.jupyter.org/bootstrap.py}
   installer=${LABBOOK_TLJH_INSTALLER:-/root/tljh-bootstrap.py}
   pause=${LABBOOK_RETRY_SECONDS:-10}
@@ -209,8 +215,17 @@ const SCRIPT_JUPYTERHUB: &str = r#"if [ "$mode" = jupyterhub ]; then
     sleep $((pause * try))
   done
   step="install The Littlest JupyterHub"
-  timeout 1500 python3 "$installer" --admin "$admin" --user-requirements-txt-url ''
-  step="allow the booking's logins"
+  timeout 1500 python3 "$installer" ${admin:+--admin "$admin"} --user-requirements-txt-url ''
+"#;
+
+/// The JupyterHub part: install TLJH ([`SCRIPT_TLJH_INSTALL`]), allow exactly the slot's
+/// logins, then serve HTTPS if a certificate was had.
+const SCRIPT_JUPYTERHUB_START: &str = r#"if [ "$mode" = jupyterhub ]; then
+  # Before TLJH's proxy listens on port 80, which the ACME challenge needs.
+  if [ "$https" = on ]; then obtain_certificate; fi
+"#;
+
+const SCRIPT_JUPYTERHUB_END: &str = r#"  step="allow the booking's logins"
   tljh-config set auth.type jupyterhub.auth.PAMAuthenticator
   for name in "$admin" "$@"; do tljh-config add-item users.allowed "$name"; done
   tljh-config add-item users.admin "$admin"
@@ -222,6 +237,129 @@ fi
 const SCRIPT_TAIL: &str = r#"step="finish"
 if [ -n "$http_only" ]; then report "ok (http only: $http_only)"; else report ok; fi
 "#;
+
+/// What JupyterHub mode installs before TLJH (its installer's needs).
+const JUPYTERHUB_PACKAGES: &[&str] = &["curl", "python3", "python3-dev", "git"];
+/// What HTTPS adds: certbot's virtual environment, and the check of its certificate.
+const HTTPS_PACKAGES: &[&str] = &["python3-venv", "openssl"];
+
+/// Where the image bake script is written on the image builder.
+pub const IMAGE_BAKE_PATH: &str = "/usr/local/sbin/labbook-image";
+
+/// The marker lines the image bake writes to the serial console.
+pub const IMAGE_REPORT_OK: &str = "labbook-image: ok";
+pub const IMAGE_REPORT_FAILED: &str = "labbook-image: failed: ";
+
+/// The file a baked image holds: `labbook_version=`, `holds=`, `baked_at=` lines.
+pub const BAKED_MARKER: &str = "/etc/labbook/baked";
+
+/// What a baked image holds, as its `labbook:holds` tag says: The Littlest JupyterHub and the
+/// pinned certbot.
+pub fn image_holds() -> String {
+    format!("tljh,certbot {CERTBOT_VERSION}")
+}
+
+/// How the image bake begins.
+const IMAGE_INTRO: &str = r#"#!/bin/bash
+# labbook's image bake, run by cloud-init on the image builder: installs what every lab machine
+# needs, then clears what must not be shared between machines. Its outcome is one line on the
+# serial console: "labbook-image: ok" or "labbook-image: failed: <step> (exit N)".
+reporter=labbook-image
+log=${LABBOOK_IMAGE_LOG:-/var/log/labbook-image.log}
+"#;
+
+/// The bake's software: the pinned certbot, then TLJH ([`SCRIPT_TLJH_INSTALL`], no admin).
+const IMAGE_BAKE_START: &str = r#"admin=""
+step="install the ACME client (certbot $certbot_version)"
+install_certbot
+"#;
+
+/// The marker, then the seal: a machine made from the image must be a new machine to
+/// cloud-init (its state, logs and machine id cleared), with SSH host keys of its own
+/// (cloud-init makes them at its first boot). The rest of this boot's cloud-init run writes a
+/// little state again after the clean; a machine from the image has another instance id, so
+/// cloud-init runs its first-boot modules all the same. `LABBOOK_IMAGE_ROOT` and
+/// `LABBOOK_BAKED_MARKER` exist for tests of the script.
+const IMAGE_BAKE_END: &str = r#"root=${LABBOOK_IMAGE_ROOT:-}
+baked=${LABBOOK_BAKED_MARKER:-$root/etc/labbook/baked}
+step="write the marker $baked"
+mkdir -p "$(dirname "$baked")"
+printf 'labbook_version=%s\nholds=tljh,certbot %s\nbaked_at=%s\n' "$labbook_version" \
+  "$certbot_version" "$(date -u +%FT%TZ)" >"$baked"
+step="clean what must not be shared"
+rm -f "$installer"
+cloud-init clean --logs --machine-id >>"$log" 2>&1 || cloud-init clean --logs
+: >"$root/etc/machine-id"
+rm -f "$root"/etc/ssh/ssh_host_*
+rm -f "$root"/root/.bash_history "$root"/home/*/.bash_history
+journalctl --rotate >/dev/null 2>&1 || true
+journalctl --vacuum-time=1s >/dev/null 2>&1 || true
+find "$root/var/log" -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \) -delete
+find "$root/var/log" -type f -exec truncate -s 0 {} +
+rm -f "$0"
+log=/dev/null
+step="finish"
+report ok
+"#;
+
+/// Renders the `#cloud-config` user-data of the image builder: no account of any booking
+/// (only the image's default user), the system upgraded, then the bake script as `runcmd`.
+pub fn render_image() -> Result<String, String> {
+    let script = [
+        IMAGE_INTRO,
+        SCRIPT_STRICT,
+        certbot_settings().as_str(),
+        format!(
+            "labbook_version={}\n",
+            shell_quote(env!("CARGO_PKG_VERSION"))
+        )
+        .as_str(),
+        SCRIPT_HTTPS,
+        IMAGE_BAKE_START,
+        SCRIPT_TLJH_INSTALL,
+        IMAGE_BAKE_END,
+    ]
+    .concat();
+    let config = CloudConfig {
+        users: vec![User::Default("default")],
+        ssh_pwauth: false,
+        package_update: Some(true),
+        // Security updates are one reason to bake again: the image holds them.
+        package_upgrade: Some(true),
+        packages: [JUPYTERHUB_PACKAGES, HTTPS_PACKAGES].concat(),
+        write_files: vec![WriteFile {
+            path: IMAGE_BAKE_PATH,
+            permissions: "0755",
+            owner: "root:root",
+            content: script,
+        }],
+        runcmd: vec![vec![IMAGE_BAKE_PATH.to_owned()]],
+    };
+    let yaml =
+        serde_yaml_ng::to_string(&config).map_err(|e| format!("rendering user-data: {e}"))?;
+    let out = format!("#cloud-config\n{yaml}");
+    if out.len() > MAX_USER_DATA_BYTES {
+        return Err(format!(
+            "the image builder's user-data is {} bytes, above EC2's {MAX_USER_DATA_BYTES}",
+            out.len()
+        ));
+    }
+    Ok(out)
+}
+
+/// What the image builder's console says of its bake: `Some(Ok(()))` on its report of
+/// success, `Some(Err(step))` on its report of failure (`<step> (exit N)`), `None` before it
+/// reports. The last report counts, wherever it is in its line.
+pub fn image_outcome(console: &str) -> Option<Result<(), String>> {
+    console.lines().rev().find_map(|line| {
+        if line.contains(IMAGE_REPORT_OK) {
+            Some(Ok(()))
+        } else {
+            line.find(IMAGE_REPORT_FAILED)
+                .map(|at| Err(line[at + IMAGE_REPORT_FAILED.len()..].trim().to_owned()))
+        }
+    })
+}
 
 #[derive(Serialize)]
 #[serde(untagged)]
@@ -255,13 +393,15 @@ pub fn render(
         Bootstrap::Ssh => "ssh",
     };
     let acme = https.acme().filter(|_| bootstrap == Bootstrap::JupyterHub);
-    let mut script = String::from(SCRIPT_HEAD);
+    let mut script = [SCRIPT_INTRO, SCRIPT_STRICT, SCRIPT_ARGS].concat();
     if let Some(acme) = acme {
         script.push_str(&https_settings(acme));
         script.push_str(SCRIPT_HTTPS);
     }
     if bootstrap == Bootstrap::JupyterHub {
-        script.push_str(SCRIPT_JUPYTERHUB);
+        script.push_str(SCRIPT_JUPYTERHUB_START);
+        script.push_str(SCRIPT_TLJH_INSTALL);
+        script.push_str(SCRIPT_JUPYTERHUB_END);
     }
     script.push_str(SCRIPT_TAIL);
     let mut run = vec![
@@ -281,6 +421,7 @@ pub fn render(
             users: accounts,
             ssh_pwauth: true,
             package_update: None,
+            package_upgrade: None,
             packages: Vec::new(),
             write_files,
             runcmd: vec![run],
@@ -289,18 +430,11 @@ pub fn render(
             users: accounts,
             ssh_pwauth: false,
             package_update: Some(true),
+            package_upgrade: None,
             packages: if acme.is_some() {
-                // certbot's virtual environment, and the check of its certificate.
-                vec![
-                    "curl",
-                    "python3",
-                    "python3-dev",
-                    "git",
-                    "python3-venv",
-                    "openssl",
-                ]
+                [JUPYTERHUB_PACKAGES, HTTPS_PACKAGES].concat()
             } else {
-                vec!["curl", "python3", "python3-dev", "git"]
+                JUPYTERHUB_PACKAGES.to_vec()
             },
             write_files,
             runcmd: vec![run],
@@ -322,14 +456,22 @@ pub fn render(
 /// The HTTPS settings as shell assignments, each value single-quoted.
 fn https_settings(acme: &AcmeSettings) -> String {
     let email = acme.email.as_ref().map_or("", |e| e.as_str());
+    format!(
+        "https=on\nacme_directory={}\nacme_email={}\n{}",
+        shell_quote(&acme.directory),
+        shell_quote(email),
+        certbot_settings(),
+    )
+}
+
+/// The pinned certbot's version and its hashed requirements, as shell assignments.
+fn certbot_settings() -> String {
     let requirements: Vec<&str> = CERTBOT_REQUIREMENTS
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .collect();
     format!(
-        "https=on\nacme_directory={}\nacme_email={}\ncertbot_version={}\ncertbot_requirements={}\n",
-        shell_quote(&acme.directory),
-        shell_quote(email),
+        "certbot_version={}\ncertbot_requirements={}\n",
         shell_quote(CERTBOT_VERSION),
         shell_quote(&requirements.join("\n")),
     )
@@ -510,6 +652,55 @@ mod tests {
         assert!(!script.contains("certbot"));
         assert!(!script.contains("https.enabled"));
         assert!(script.contains("tljh-config reload"));
+    }
+
+    #[test]
+    fn the_image_bake_installs_what_the_bootstrap_does_and_no_account() {
+        let out = render_image().unwrap();
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+        assert_eq!(
+            v["users"].as_sequence().unwrap().len(),
+            1,
+            "only the default user"
+        );
+        assert_eq!(v["package_upgrade"].as_bool(), Some(true));
+        assert_eq!(v["runcmd"][0][0].as_str(), Some(IMAGE_BAKE_PATH));
+        let script = script_of(&out);
+        assert!(script.contains("set -eu -o pipefail"));
+        assert!(script.contains(SCRIPT_TLJH_INSTALL));
+        assert!(script.contains("install_certbot\n"));
+        assert!(script.contains("certbot_version='5.8.0'"));
+        assert!(script.contains(&format!("labbook_version='{}'", env!("CARGO_PKG_VERSION"))));
+        assert!(script.contains("cloud-init clean --logs --machine-id"));
+        assert!(
+            !script.contains("tljh-config add-item"),
+            "no login is allowed"
+        );
+        assert!(!script.contains("labbook-bootstrap"));
+        // The bootstrap runs the same install, with its admin.
+        let admin = Account {
+            username: "labadmin",
+            password_hash: HASH,
+        };
+        let bootstrap =
+            script_of(&render(Bootstrap::JupyterHub, &Https::Off, &admin, &[]).unwrap());
+        assert!(bootstrap.contains(SCRIPT_TLJH_INSTALL));
+        assert_eq!(image_holds(), "tljh,certbot 5.8.0");
+    }
+
+    #[test]
+    fn the_last_image_report_counts() {
+        assert_eq!(image_outcome(""), None);
+        assert_eq!(image_outcome("[ 3.1] cloud-init running\n"), None);
+        let ok = format!("noise\n[ 600.1] cloud-init[900]: {IMAGE_REPORT_OK}\n");
+        assert_eq!(image_outcome(&ok), Some(Ok(())));
+        let failed = format!("{IMAGE_REPORT_FAILED}install The Littlest JupyterHub (exit 1)\n");
+        assert_eq!(
+            image_outcome(&failed),
+            Some(Err("install The Littlest JupyterHub (exit 1)".into()))
+        );
+        // A lab machine's report is not the image's.
+        assert_eq!(image_outcome(&format!("{REPORT_OK}\n")), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod console;
 mod emails;
 mod faults;
 mod helpers;
+mod images;
 mod intake;
 mod monitoring;
 mod operations;

@@ -232,7 +232,7 @@ async fn purge_removes_one_booking_or_everything() {
     assert_eq!(env.depth("booking-created.dlq").await, 0);
 }
 
-fn cli(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
+pub fn cli(env: &TestEnv, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_labbook"))
         .args(args)
         .env_clear()

@@ -377,6 +377,77 @@ fn quota_answer(state: &Mutex<ProxyState>, parts: &axum::http::request::Parts) -
     )
 }
 
+/// moto refuses snapshot tags in `CreateImage` (`NotImplementedError`), which EC2 takes: the
+/// proxy sends moto the image's tags only and returns the snapshots' tags, to put on the
+/// image's snapshots once moto made them, as EC2 does.
+fn take_snapshot_tags(body: &[u8]) -> (Vec<u8>, Vec<(String, String)>) {
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(body).into_owned().collect();
+    let prefixes: Vec<String> = pairs
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("TagSpecification.") && k.ends_with(".ResourceType") && v == "snapshot"
+        })
+        .map(|(k, _)| k.trim_end_matches("ResourceType").to_owned())
+        .collect();
+    if prefixes.is_empty() {
+        return (body.to_vec(), Vec::new());
+    }
+    let mut tags: std::collections::BTreeMap<String, (String, String)> = Default::default();
+    let mut kept = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &pairs {
+        let Some(rest) = prefixes.iter().find_map(|p| k.strip_prefix(p.as_str())) else {
+            kept.append_pair(k, v);
+            continue;
+        };
+        if let Some(tag) = rest.strip_prefix("Tag.") {
+            if let Some(n) = tag.strip_suffix(".Key") {
+                tags.entry(n.to_owned()).or_default().0 = v.clone();
+            } else if let Some(n) = tag.strip_suffix(".Value") {
+                tags.entry(n.to_owned()).or_default().1 = v.clone();
+            }
+        }
+    }
+    (kept.finish().into_bytes(), tags.into_values().collect())
+}
+
+/// Tags the snapshots of the image in moto's `CreateImage` answer.
+async fn tag_snapshots(answer: &[u8], tags: &[(String, String)]) {
+    let text = String::from_utf8_lossy(answer);
+    let Some(image_id) = text
+        .split_once("<imageId>")
+        .and_then(|(_, rest)| rest.split_once("</imageId>"))
+        .map(|(id, _)| id.to_owned())
+    else {
+        return;
+    };
+    let ec2 = crate::helpers::raw_ec2().await;
+    let images = ec2
+        .describe_images()
+        .image_ids(&image_id)
+        .send()
+        .await
+        .unwrap();
+    let snapshots: Vec<String> = images
+        .images()
+        .iter()
+        .flat_map(|i| i.block_device_mappings())
+        .filter_map(|m| m.ebs().and_then(|e| e.snapshot_id()).map(str::to_owned))
+        .collect();
+    if snapshots.is_empty() {
+        return;
+    }
+    let tags = tags
+        .iter()
+        .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+        .collect();
+    ec2.create_tags()
+        .set_resources(Some(snapshots))
+        .set_tags(Some(tags))
+        .send()
+        .await
+        .unwrap();
+}
+
 async fn forward(State((state, client, target)): State<Shared>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, 16 << 20).await.unwrap();
@@ -384,6 +455,12 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
         return answer;
     }
     let action = action_of(&body);
+    let (body, snapshot_tags) = if action == "CreateImage" {
+        let (body, tags) = take_snapshot_tags(&body);
+        (axum::body::Bytes::from(body), tags)
+    } else {
+        (body, Vec::new())
+    };
     if action == "RunInstances"
         && let Some(refusal) = refusal(&state, &body)
     {
@@ -443,6 +520,9 @@ async fn forward(State((state, client, target)): State<Shared>, req: Request) ->
         }
     }
     let bytes = answer.bytes().await.unwrap_or_default();
+    if action == "CreateImage" && !snapshot_tags.is_empty() {
+        tag_snapshots(&bytes, &snapshot_tags).await;
+    }
     if action == "RunInstances" {
         note_launches(&state, &bytes);
         let mut state = state.lock().unwrap();

@@ -458,3 +458,174 @@ fn a_machine_without_a_certificate_serves_its_lab_over_http_and_says_why() {
         assert!(!run.tls_dir.exists(), "{why}: no certificate is installed");
     }
 }
+
+#[test]
+fn the_image_builders_user_data_passes_the_cloud_init_schema() {
+    let data = labbook::ec2::userdata::render_image().unwrap();
+    schema_check(&data);
+    assert!(!data.contains("passwd"), "no account in the image");
+}
+
+/// The image bake as cloud-init runs it on the builder, every outside tool stubbed and the
+/// machine's files under a directory of its own (`LABBOOK_IMAGE_ROOT`).
+struct BakeRun {
+    code: Option<i32>,
+    console: String,
+    root: std::path::PathBuf,
+    logs: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for BakeRun {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl BakeRun {
+    fn calls(&self, name: &str) -> String {
+        std::fs::read_to_string(self.logs.join(name)).unwrap_or_default()
+    }
+}
+
+fn run_image_bake(certbot_installed: bool) -> BakeRun {
+    use std::os::unix::fs::PermissionsExt;
+    let user_data = labbook::ec2::userdata::render_image().unwrap();
+    let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&user_data).unwrap();
+    let script = config["write_files"][0]["content"].as_str().unwrap();
+    assert_eq!(
+        config["runcmd"][0][0].as_str(),
+        Some(labbook::ec2::userdata::IMAGE_BAKE_PATH)
+    );
+    let dir = std::env::temp_dir().join(format!("labbook-bake-{}", uuid::Uuid::new_v4()));
+    let (bin, logs, root) = (dir.join("bin"), dir.join("logs"), dir.join("root"));
+    let acme_home = dir.join("certbot");
+    for d in [
+        &bin,
+        &logs,
+        &acme_home,
+        &root.join("etc/ssh"),
+        &root.join("var/log/journal"),
+        &root.join("root"),
+    ] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let put = |path: std::path::PathBuf, text: &str| std::fs::write(path, text).unwrap();
+    put(
+        root.join("etc/machine-id"),
+        "0123456789abcdef0123456789abcdef\n",
+    );
+    put(root.join("etc/ssh/ssh_host_ed25519_key"), "secret\n");
+    put(root.join("etc/ssh/ssh_host_ed25519_key.pub"), "public\n");
+    put(
+        root.join("etc/ssh/sshd_config"),
+        "PasswordAuthentication no\n",
+    );
+    put(root.join("var/log/syslog"), "the builder's log\n");
+    put(root.join("var/log/syslog.1"), "older\n");
+    put(root.join("var/log/journal/system.journal"), "binary\n");
+    put(root.join("root/.bash_history"), "history\n");
+    if certbot_installed {
+        put(
+            acme_home.join("labbook-version"),
+            &format!("{}\n", labbook::ec2::userdata::CERTBOT_VERSION),
+        );
+    }
+    let stub = |name: &str, extra: &str| {
+        let path = bin.join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/bash\nprintf '%s\\n' \"$*\" >>\"$STUB_LOG/{name}\"\n{extra}"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    // `python3 -m venv` fails (no venv here); the installer only says it ran.
+    stub("python3", "[ \"$1\" != -m ] || exit 1\n");
+    stub("cloud-init", "");
+    stub("journalctl", "");
+    put(dir.join("installer.py"), "# TLJH's installer, stubbed\n");
+    put(dir.join("bake"), script);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let status = std::process::Command::new("bash")
+        .arg(dir.join("bake"))
+        .env("PATH", path)
+        .env("STUB_LOG", &logs)
+        .env("LABBOOK_CONSOLE", dir.join("console"))
+        .env("LABBOOK_IMAGE_LOG", dir.join("log"))
+        .env(
+            "LABBOOK_TLJH_URL",
+            format!("file://{}", dir.join("installer.py").display()),
+        )
+        .env("LABBOOK_TLJH_INSTALLER", dir.join("tljh-bootstrap.py"))
+        .env("LABBOOK_ACME_HOME", &acme_home)
+        .env("LABBOOK_RETRY_SECONDS", "0")
+        .env("LABBOOK_IMAGE_ROOT", &root)
+        .status()
+        .unwrap();
+    BakeRun {
+        code: status.code(),
+        console: std::fs::read_to_string(dir.join("console")).unwrap_or_default(),
+        root,
+        logs,
+        dir,
+    }
+}
+
+#[test]
+fn the_image_bake_installs_marks_and_seals_the_machine() {
+    let run = run_image_bake(true);
+    assert_eq!(run.code, Some(0), "{}", run.console);
+    assert_eq!(run.console.trim(), labbook::ec2::userdata::IMAGE_REPORT_OK);
+    // TLJH's installer ran, with no admin.
+    let python = run.calls("python3");
+    assert!(
+        python.contains("tljh-bootstrap.py --user-requirements-txt-url"),
+        "{python}"
+    );
+    assert!(!python.contains("--admin"), "{python}");
+    let marker = std::fs::read_to_string(run.root.join("etc/labbook/baked")).unwrap();
+    assert!(
+        marker.contains(&format!("labbook_version={}\n", env!("CARGO_PKG_VERSION"))),
+        "{marker}"
+    );
+    assert!(marker.contains("holds=tljh,certbot 5.8.0\n"), "{marker}");
+    // Sealed: cloud-init's state, the machine id, host keys, logs and history cleared.
+    assert_eq!(run.calls("cloud-init").trim(), "clean --logs --machine-id");
+    assert!(run.calls("journalctl").contains("--vacuum-time=1s"));
+    let read = |p: &str| std::fs::read_to_string(run.root.join(p));
+    assert_eq!(read("etc/machine-id").unwrap(), "");
+    assert!(read("etc/ssh/ssh_host_ed25519_key").is_err());
+    assert!(read("etc/ssh/ssh_host_ed25519_key.pub").is_err());
+    assert!(
+        read("etc/ssh/sshd_config").is_ok(),
+        "sshd's own configuration stays"
+    );
+    assert_eq!(read("var/log/syslog").unwrap(), "");
+    assert!(read("var/log/syslog.1").is_err());
+    assert_eq!(read("var/log/journal/system.journal").unwrap(), "");
+    assert!(read("root/.bash_history").is_err());
+    assert!(
+        !run.dir.join("tljh-bootstrap.py").exists(),
+        "the installer is removed"
+    );
+    assert!(!run.dir.join("bake").exists(), "the script removes itself");
+}
+
+#[test]
+fn an_image_bake_that_cannot_install_fails_naming_the_step_and_seals_nothing() {
+    let run = run_image_bake(false);
+    assert_ne!(run.code, Some(0));
+    assert_eq!(
+        run.console.trim(),
+        "labbook-image: failed: install the ACME client (certbot 5.8.0) (exit 1)"
+    );
+    assert!(
+        run.console
+            .trim()
+            .starts_with(labbook::ec2::userdata::IMAGE_REPORT_FAILED)
+    );
+    assert!(!run.root.join("etc/labbook/baked").exists());
+    assert!(run.calls("cloud-init").is_empty());
+    assert!(run.root.join("etc/ssh/ssh_host_ed25519_key").exists());
+}
