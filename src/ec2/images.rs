@@ -123,39 +123,13 @@ impl Ec2 {
                 .set_values(Some(LIVE_STATES.map(str::to_owned).to_vec()))
                 .build(),
         ];
-        let request = self.client.describe_instances().set_filters(Some(filters));
-        let mut out = Vec::new();
-        let mut next_token = None;
-        loop {
-            let page = self
-                .call("DescribeInstances", || {
-                    let request = request.clone().set_next_token(next_token.clone());
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map_err(|e| classify("DescribeInstances", e))
-                    }
-                })
-                .await?;
-            for r in page.reservations() {
-                out.extend(
-                    r.instances()
-                        .iter()
-                        .filter_map(info)
-                        .filter(|i| !i.is_gone()),
-                );
-            }
-            next_token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if next_token.is_none() {
-                break;
-            }
-        }
-        ok("DescribeInstances");
-        Ok(out)
+        Ok(self
+            .instances_matching(filters)
+            .await?
+            .iter()
+            .filter_map(info)
+            .filter(|i| !i.is_gone())
+            .collect())
     }
 
     /// Stops an instance (its EBS volumes stay, for an image to be made of them).

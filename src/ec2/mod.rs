@@ -537,6 +537,20 @@ impl Ec2 {
                 .set_values(Some(LIVE_STATES.map(str::to_owned).to_vec()))
                 .build(),
         );
+        Ok(self
+            .instances_matching(filters)
+            .await?
+            .iter()
+            .filter_map(info)
+            .filter(|i| !i.is_gone() && i.belongs_to(installation))
+            .collect())
+    }
+
+    /// Every instance `DescribeInstances` gives for `filters`, all its pages.
+    pub(crate) async fn instances_matching(
+        &self,
+        filters: Vec<Filter>,
+    ) -> Result<Vec<aws_sdk_ec2::types::Instance>, Ec2Error> {
         let request = self.client.describe_instances().set_filters(Some(filters));
         let mut out = Vec::new();
         let mut next_token = None;
@@ -553,12 +567,7 @@ impl Ec2 {
                 })
                 .await?;
             for r in page.reservations() {
-                out.extend(
-                    r.instances()
-                        .iter()
-                        .filter_map(info)
-                        .filter(|i| !i.is_gone() && i.belongs_to(installation)),
-                );
+                out.extend(r.instances().iter().cloned());
             }
             next_token = page
                 .next_token()

@@ -112,51 +112,32 @@ impl Ec2 {
     /// machines (those are counted from its bookings).
     async fn other_running_vcpus(&self) -> Result<i64, QuotaError> {
         let installation = self.settings.installation.as_str();
-        let request = self.client.describe_instances().set_filters(Some(vec![
+        let running = vec![
             Filter::builder()
                 .name("instance-state-name")
                 .set_values(Some(vec!["pending".into(), "running".into()]))
                 .build(),
-        ]));
-        let (mut vcpus, mut next_token) = (0i64, None);
-        loop {
-            let page = self
-                .call("DescribeInstances", || {
-                    let request = request.clone().set_next_token(next_token.clone());
-                    async move {
-                        request
-                            .send()
-                            .await
-                            .map_err(|e| classify("DescribeInstances", e))
-                    }
-                })
-                .await?;
-            for i in page.reservations().iter().flat_map(|r| r.instances()) {
-                let ours = tag(i, TAG_MANAGED) == Some("true")
-                    && info(i).is_some_and(|i| i.belongs_to(installation));
-                // The quota is for On-Demand instances of the standard families only: Spot
-                // and other families (G, P, X, F, …) count against quotas of their own.
-                let on_demand = i.instance_lifecycle().is_none();
-                let standard = i
-                    .instance_type()
-                    .is_some_and(|t| counts_against_standard_quota(t.as_str()));
-                if ours || !on_demand || !standard {
-                    continue;
-                }
-                let cpu = i.cpu_options();
-                let n = cpu
-                    .and_then(|c| Some(c.core_count()? * c.threads_per_core().unwrap_or(1)))
-                    .unwrap_or(1);
-                vcpus += i64::from(n.max(1));
+        ];
+        let mut vcpus = 0i64;
+        for i in self.instances_matching(running).await? {
+            let ours = tag(&i, TAG_MANAGED) == Some("true")
+                && info(&i).is_some_and(|i| i.belongs_to(installation));
+            // The quota is for On-Demand instances of the standard families only: Spot and
+            // other families (G, P, X, F, …) count against quotas of their own.
+            let on_demand = i.instance_lifecycle().is_none();
+            let standard = i
+                .instance_type()
+                .is_some_and(|t| counts_against_standard_quota(t.as_str()));
+            if ours || !on_demand || !standard {
+                continue;
             }
-            next_token = page
-                .next_token()
-                .filter(|t| !t.is_empty())
-                .map(str::to_owned);
-            if next_token.is_none() {
-                return Ok(vcpus);
-            }
+            let cpu = i.cpu_options();
+            let n = cpu
+                .and_then(|c| Some(c.core_count()? * c.threads_per_core().unwrap_or(1)))
+                .unwrap_or(1);
+            vcpus += i64::from(n.max(1));
         }
+        Ok(vcpus)
     }
 }
 
