@@ -502,6 +502,8 @@ pub struct Settings {
     /// error; on the default address, several workers on one host just skip it.
     pub metrics_addr_explicit: bool,
     pub json_logs: bool,
+    /// Where spans are exported (`None`: not exported).
+    pub traces: Option<TraceExport>,
     pub console: ConsoleSettings,
     secret_key: Option<SecretKey>,
 }
@@ -544,6 +546,7 @@ impl Settings {
             metrics_addr: telemetry.metrics_addr,
             metrics_addr_explicit: telemetry.metrics_addr_explicit,
             json_logs: telemetry.json_logs,
+            traces: trace_export(&v)?,
             console: ConsoleSettings::from_vars(&v)?,
             secret_key: secret_key(&v)?,
         })
@@ -600,6 +603,26 @@ pub struct ConsoleSettings {
     /// endpoints (`LABBOOK_METRICS_ADDR`), whose `/readyz` the health page shows; checked by
     /// the console when it starts.
     pub workers: Vec<String>,
+    /// `LABBOOK_TRACE_URL`: a trace viewer's page of one trace, `{trace_id}` standing for the
+    /// trace id (e.g. Jaeger's `http://jaeger:16686/trace/{trace_id}`); a booking's page links
+    /// to it.
+    pub trace_url: Option<String>,
+}
+
+fn trace_url(v: &Vars<'_>) -> Result<Option<String>, ConfigError> {
+    let Some(template) = v.get("LABBOOK_TRACE_URL") else {
+        return Ok(None);
+    };
+    let sample = template.replace("{trace_id}", "0af7651916cd43dd8448eb211c80319c");
+    let web = url::Url::parse(&sample)
+        .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
+    if !template.contains("{trace_id}") || !web {
+        return Err(ConfigError::new(
+            "LABBOOK_TRACE_URL",
+            "must be an http(s) URL holding {trace_id}, e.g. http://jaeger:16686/trace/{trace_id}",
+        ));
+    }
+    Ok(Some(template.to_owned()))
 }
 
 /// The shortest `LABBOOK_CONSOLE_TOKEN` the console accepts.
@@ -627,6 +650,7 @@ impl ConsoleSettings {
                 })
                 .transpose()?,
             workers: v.list("LABBOOK_CONSOLE_WORKERS"),
+            trace_url: trace_url(v)?,
         })
     }
 
@@ -756,6 +780,171 @@ impl TelemetrySettings {
             )?,
         })
     }
+}
+
+/// Where spans go: OTLP over HTTP, from the standard `OTEL_*` variables (docs/contract.md §4).
+/// `Settings::traces` is `None` (nothing exported, no cost) unless
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, and also when
+/// `OTEL_SDK_DISABLED=true` or `OTEL_TRACES_EXPORTER=none`. The sampler
+/// (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`) and `OTEL_RESOURCE_ATTRIBUTES` are read
+/// by the OpenTelemetry SDK itself.
+#[derive(Clone)]
+pub struct TraceExport {
+    /// The URL spans are sent to: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` as it is, or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` with `/v1/traces` appended.
+    pub endpoint: String,
+    /// `http/json` rather than `http/protobuf` (the default).
+    pub json: bool,
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`: often a backend's API key, so never logged.
+    pub headers: Vec<(String, secrecy::SecretString)>,
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`, milliseconds (default 10 s).
+    pub timeout: Duration,
+    /// `OTEL_SERVICE_NAME`; unset: the binary's name (`labbook-provisioner`, …).
+    pub service_name: Option<String>,
+}
+
+impl std::fmt::Debug for TraceExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("TraceExport")
+            .field("endpoint", &redacted_endpoint(&self.endpoint))
+            .field("json", &self.json)
+            .field("headers", &names)
+            .field("timeout", &self.timeout)
+            .field("service_name", &self.service_name)
+            .finish()
+    }
+}
+
+/// `scheme://host:port/path` of an endpoint, without user information or query.
+fn redacted_endpoint(endpoint: &str) -> String {
+    match url::Url::parse(endpoint) {
+        Ok(u) => format!(
+            "{}://{}{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or(""),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Err(_) => "(unparsable)".to_owned(),
+    }
+}
+
+/// The first of `keys` that is set, with its name.
+fn first_set<'v>(v: &'v Vars<'_>, keys: [&'static str; 2]) -> Option<(&'static str, &'v str)> {
+    keys.into_iter()
+        .find_map(|k| v.get(k).map(|value| (k, value)))
+}
+
+fn trace_export(v: &Vars<'_>) -> Result<Option<TraceExport>, ConfigError> {
+    if v.get("OTEL_SDK_DISABLED")
+        .is_some_and(|d| d.eq_ignore_ascii_case("true"))
+    {
+        return Ok(None);
+    }
+    match v.get("OTEL_TRACES_EXPORTER") {
+        None | Some("otlp") => {}
+        Some("none") => return Ok(None),
+        Some(other) => {
+            return Err(ConfigError::new(
+                "OTEL_TRACES_EXPORTER",
+                format!(
+                    "must be otlp or none: labbook exports traces over OTLP only (got {other:?})"
+                ),
+            ));
+        }
+    }
+    let endpoint = if let Some(url) = v.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url.to_owned())
+    } else if let Some(base) = v.get("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            format!("{}/v1/traces", base.trim_end_matches('/')),
+        )
+    } else {
+        return Ok(None);
+    };
+    let (var, endpoint) = endpoint;
+    match url::Url::parse(&endpoint) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
+        _ => {
+            return Err(ConfigError::new(
+                var,
+                "must be an http:// or https:// URL, e.g. http://otel-collector:4318",
+            ));
+        }
+    }
+    let json = match first_set(
+        v,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ],
+    ) {
+        None | Some((_, "http/protobuf")) => false,
+        Some((_, "http/json")) => true,
+        Some((var, "grpc")) => {
+            return Err(ConfigError::new(
+                var,
+                "grpc is not built into labbook: use http/protobuf (a collector's port 4318)",
+            ));
+        }
+        Some((var, other)) => {
+            return Err(ConfigError::new(
+                var,
+                format!("must be http/protobuf or http/json (got {other:?})"),
+            ));
+        }
+    };
+    let mut headers = Vec::new();
+    if let Some((var, raw)) = first_set(
+        v,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ],
+    ) {
+        for (n, pair) in raw.split(',').filter(|p| !p.trim().is_empty()).enumerate() {
+            // The value may be a secret: the error names the entry by its place only.
+            let bad = || ConfigError::new(var, format!("entry {} is not key=value", n + 1));
+            let (key, value) = pair.split_once('=').ok_or_else(bad)?;
+            let decode = |s: &str| {
+                url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+                    .next()
+                    .map(|(_, v)| v.trim().to_owned())
+            };
+            let (key, value) = (decode(key).ok_or_else(bad)?, decode(value).ok_or_else(bad)?);
+            if key.is_empty() {
+                return Err(bad());
+            }
+            headers.push((key, value.into()));
+        }
+    }
+    let timeout = match first_set(
+        v,
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ],
+    ) {
+        None => Duration::from_secs(10),
+        Some((var, raw)) => match raw.parse::<u64>() {
+            Ok(ms) if (1..=600_000).contains(&ms) => Duration::from_millis(ms),
+            _ => {
+                return Err(ConfigError::new(
+                    var,
+                    format!("must be milliseconds from 1 to 600000 (got {raw:?})"),
+                ));
+            }
+        },
+    };
+    Ok(Some(TraceExport {
+        endpoint,
+        json,
+        headers,
+        timeout,
+        service_name: v.string("OTEL_SERVICE_NAME"),
+    }))
 }
 
 /// Reads a `LABBOOK_CONFIG` file. A malformed line is reported by its number only: it may
@@ -953,6 +1142,91 @@ mod tests {
         assert_eq!(s.ec2.bootstrap, Bootstrap::JupyterHub);
         assert_eq!(s.broker.max_attempts, 5);
         assert!(s.require_secret_key().is_err());
+    }
+
+    #[test]
+    fn traces_are_exported_only_when_an_otlp_endpoint_is_set() {
+        assert!(with(&[]).unwrap().traces.is_none(), "off by default");
+        let on = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
+        let t = on.traces.unwrap();
+        assert_eq!(t.endpoint, "http://collector:4318/v1/traces");
+        assert!(!t.json, "http/protobuf by default");
+        assert_eq!(t.timeout, Duration::from_secs(10));
+        let own = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "https://traces.example/otlp",
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "x-api-key=s3cr%3Dt,tenant=labs",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_SERVICE_NAME", "labbook-eu"),
+        ])
+        .unwrap()
+        .traces
+        .unwrap();
+        assert_eq!(
+            own.endpoint, "https://traces.example/otlp",
+            "the signal's own, as it is"
+        );
+        assert!(own.json);
+        assert_eq!(own.timeout, Duration::from_millis(2500));
+        assert_eq!(own.service_name.as_deref(), Some("labbook-eu"));
+        use secrecy::ExposeSecret;
+        let headers: Vec<(&str, &str)> = own
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose_secret()))
+            .collect();
+        assert_eq!(headers, [("x-api-key", "s3cr=t"), ("tenant", "labs")]);
+        let shown = format!("{own:?}");
+        assert!(
+            !shown.contains("s3cr") && shown.contains("x-api-key"),
+            "{shown}"
+        );
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            let s = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), off]).unwrap();
+            assert!(s.traces.is_none(), "{off:?}");
+        }
+        for (var, bad) in [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign-secret"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+        ] {
+            let err =
+                with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), (var, bad)]).unwrap_err();
+            assert_eq!(err.var, var);
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        let err = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")]).unwrap_err();
+        assert_eq!(err.var, "OTEL_EXPORTER_OTLP_ENDPOINT");
+    }
+
+    #[test]
+    fn the_trace_viewer_url_needs_the_trace_id() {
+        assert!(with(&[]).unwrap().console.trace_url.is_none());
+        let ok = with(&[(
+            "LABBOOK_TRACE_URL",
+            "https://grafana.example/explore?traceId={trace_id}",
+        )]);
+        assert!(ok.unwrap().console.trace_url.is_some());
+        for bad in [
+            "http://jaeger:16686/trace/",
+            "javascript:alert({trace_id})",
+            "{trace_id}",
+        ] {
+            let err = with(&[("LABBOOK_TRACE_URL", bad)]).unwrap_err();
+            assert_eq!(err.var, "LABBOOK_TRACE_URL", "{bad}");
+        }
     }
 
     #[test]

@@ -302,12 +302,33 @@ where
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(settings.json_logs, log_filter, std::io::stderr);
+    let service = service_name();
+    let traces = settings.traces.as_ref().map(|t| (t, service.as_str()));
+    let telemetry =
+        match crate::telemetry::init(settings.json_logs, log_filter, std::io::stderr, traces) {
+            Ok(t) => t,
+            Err(err) => {
+                eprintln!("{err}");
+                return ExitCode::from(2);
+            }
+        };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(main(settings))
+    let code = runtime.block_on(main(settings));
+    // The last spans are sent before the process exits.
+    drop(telemetry);
+    code
+}
+
+/// The service a process's spans are exported under: its binary's name (`labbook-notifier`).
+fn service_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .filter(|s| s.starts_with("labbook"))
+        .unwrap_or_else(|| "labbook".to_owned())
 }
 
 /// The whole life of a worker process: run `workers` until SIGTERM/SIGINT.

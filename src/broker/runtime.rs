@@ -31,6 +31,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::connection::{reconnect_delays, retry_until_cancelled};
 use super::error::StageError;
@@ -169,20 +170,44 @@ impl Outgoing {
         channel: &Channel,
         timeout: Duration,
     ) -> Result<(), super::PublishError> {
-        let props = match &self.trace {
-            Some(trace) => trace.child().stamp(json_properties(&self.message_id)),
-            None => json_properties(&self.message_id),
+        let route = match &self.route {
+            Route::Stage(queue) => (EXCHANGE, queue.name()),
+            Route::Event(key) => (EVENTS_EXCHANGE, key.as_str()),
         };
-        match &self.route {
-            Route::Stage(queue) => {
-                let route = (EXCHANGE, queue.name());
-                publish_confirmed(channel, route, &self.body, props, timeout).await
-            }
-            Route::Event(key) => {
-                let route = (EVENTS_EXCHANGE, key.as_str());
-                publish_event_confirmed(channel, route, &self.body, props, timeout).await
-            }
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format_args!("publish {}", route.1),
+            otel.kind = "producer",
+        );
+        trace::messaging(
+            &span,
+            "send",
+            format!("{}:{}", route.0, route.1),
+            route.1,
+            &self.message_id,
+        );
+        // Outside a delivery (the timer, the boot watch): under the booking's trace.
+        if let Some(stored) = &self.trace {
+            let _ = span.set_parent(stored.to_otel());
         }
+        let publishing = async {
+            let props = match (
+                &self.trace,
+                TraceContext::of_span(&tracing::Span::current()),
+            ) {
+                (Some(stored), None) => stored.child().stamp(json_properties(&self.message_id)),
+                _ => json_properties(&self.message_id),
+            };
+            match &self.route {
+                Route::Stage(_) => {
+                    publish_confirmed(channel, route, &self.body, props, timeout).await
+                }
+                Route::Event(_) => {
+                    publish_event_confirmed(channel, route, &self.body, props, timeout).await
+                }
+            }
+        };
+        publishing.instrument(span).await
     }
 }
 
@@ -476,22 +501,56 @@ async fn consume<S: Stage>(
 
 async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
     let queue = S::QUEUE;
+    let (exchange, routing_key) = (
+        delivery.exchange.to_string(),
+        delivery.routing_key.to_string(),
+    );
     let msg = Incoming::new(delivery.data, delivery.properties);
-    // The trace the message carries (an upstream's, or labbook's own), else a new one.
-    let trace = TraceContext::of(&msg.properties).unwrap_or_else(TraceContext::new_root);
+    let message_id = msg
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str())
+        .unwrap_or("");
+    let carried = TraceContext::of(&msg.properties);
     let span = tracing::info_span!(
         "message",
+        otel.name = %format_args!("process {queue}"),
+        otel.kind = "consumer",
         stage = %queue,
         booking_id = field::Empty,
         attempt = msg.attempt,
-        message_id = msg.properties.message_id().as_ref().map(|s| s.as_str()).unwrap_or(""),
-        trace_id = trace.trace_id(),
+        message_id,
+        trace_id = field::Empty,
     );
+    // semconv: a consumer's destination is `{exchange}:{routing key}:{queue}`.
+    let destination = format!("{exchange}:{routing_key}:{queue}");
+    trace::messaging(&span, "process", destination, &routing_key, message_id);
+    span.set_attribute("labbook.attempt", i64::from(msg.attempt));
+    if let Some(carried) = &carried {
+        let _ = span.set_parent(carried.to_otel());
+        if headers::is_replay(&msg.properties) {
+            // A replay continues the trace and points at the handling that dead-lettered it.
+            span.add_link(carried.span_context());
+            span.set_attribute("labbook.replayed", true);
+        }
+    }
+    // The exported span, else the trace the message carries (an upstream's, or labbook's
+    // own), else a new one.
+    let trace = TraceContext::of_span(&span)
+        .or(carried)
+        .unwrap_or_else(TraceContext::new_root);
+    span.record("trace_id", trace.trace_id());
     let acker = delivery.acker;
     let handling = async move {
         let started = Instant::now();
         let outcome = decide(ctx, &msg).await;
         let label = outcome.label();
+        let span = tracing::Span::current();
+        span.set_attribute("labbook.outcome", label);
+        if let Outcome::DeadLetter { reason, .. } = &outcome {
+            span.set_status(opentelemetry::trace::Status::error(reason.clone()));
+        }
         let result = outcome.publish(ctx, &msg).await;
         metrics::histogram!("labbook_handler_seconds", "stage" => queue.name())
             .record(started.elapsed().as_secs_f64());
@@ -597,12 +656,12 @@ async fn decide<S: Stage>(ctx: &Ctx<S>, msg: &Incoming) -> Outcome {
         Ok(m) => m,
         Err(bad) => {
             if let Some(subject) = &bad.subject {
-                tracing::Span::current().record("booking_id", subject.as_str());
+                trace::record_booking(&tracing::Span::current(), subject);
             }
             return dead_letter(ctx, msg, bad.subject.as_deref(), bad.reason, Vec::new()).await;
         }
     };
-    tracing::Span::current().record("booking_id", message.subject());
+    trace::record_booking(&tracing::Span::current(), message.subject());
     let redeliveries = headers::int_header(&msg.properties, "x-delivery-count").unwrap_or(0);
     let result = if redeliveries >= MAX_REDELIVERIES && !ctx.unpublished.contains(msg) {
         Err(StageError::Permanent(format!(

@@ -5,10 +5,19 @@
 //! outcome is published, so every follow-up, retry copy and dead letter carries the same trace
 //! id; what is published outside a delivery (the timer, the boot watch) continues the trace the
 //! booking was stored with.
+//!
+//! With trace export on (`OTEL_EXPORTER_OTLP_ENDPOINT`, [`crate::telemetry`]) each handling is
+//! an OpenTelemetry span whose parent is the context the message carried, and what it publishes
+//! names that span (or the producer span that publishes it) as its parent, so the spans of a
+//! booking join into one trace. Without it the same headers are written by hand, at no cost.
+
+use std::str::FromStr;
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use rand::RngCore;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
@@ -114,6 +123,42 @@ impl TraceContext {
         properties.with_headers(headers)
     }
 
+    /// This context as OpenTelemetry's, a remote parent for the span that handles it.
+    pub fn to_otel(&self) -> opentelemetry::Context {
+        opentelemetry::Context::new().with_remote_span_context(self.span_context())
+    }
+
+    /// The span this context names (the one that published the message).
+    pub fn span_context(&self) -> SpanContext {
+        // `parse` and `new_root` made the ids valid hex of the right length.
+        let trace_id = TraceId::from_hex(&self.trace_id).unwrap_or(TraceId::INVALID);
+        let span_id = SpanId::from_hex(&self.parent_id).unwrap_or(SpanId::INVALID);
+        let flags = u8::from_str_radix(&self.flags, 16).unwrap_or(1);
+        let state = self
+            .tracestate
+            .as_deref()
+            .and_then(|s| TraceState::from_str(s).ok())
+            .unwrap_or_default();
+        SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, state)
+    }
+
+    /// The context of `span` when it is exported (the trace export is on and its filter keeps
+    /// the span); `None` otherwise.
+    pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        if !sc.is_valid() {
+            return None;
+        }
+        let state = sc.trace_state().header();
+        Some(Self {
+            trace_id: sc.trace_id().to_string(),
+            parent_id: sc.span_id().to_string(),
+            flags: format!("{:02x}", sc.trace_flags().to_u8()),
+            tracestate: (!state.is_empty()).then_some(state),
+        })
+    }
+
     /// Runs `work` with this context current.
     pub async fn scope<F: Future>(self, work: F) -> F::Output {
         CURRENT.scope(self, work).await
@@ -125,13 +170,47 @@ pub fn current() -> Option<TraceContext> {
     CURRENT.try_with(Clone::clone).ok()
 }
 
-/// `properties` of a message published now: a child of the current context (or of the
-/// delivery's own, which retry copies and dead letters keep), else a new trace.
+/// The context a message published now names: the exported span publishing it, else a child
+/// of the current context.
+pub fn outgoing() -> Option<TraceContext> {
+    TraceContext::of_span(&tracing::Span::current()).or_else(|| current().map(|c| c.child()))
+}
+
+/// `properties` of a message published now: [`outgoing`], else a child of the delivery's own
+/// context (which retry copies and dead letters keep), else a new trace.
 pub fn stamp_outgoing(properties: BasicProperties) -> BasicProperties {
-    let ctx = current()
-        .or_else(|| TraceContext::of(&properties))
-        .map_or_else(TraceContext::new_root, |c| c.child());
+    let ctx = outgoing()
+        .or_else(|| TraceContext::of(&properties).map(|c| c.child()))
+        .unwrap_or_else(TraceContext::new_root);
     ctx.stamp(properties)
+}
+
+/// The messaging attributes of OpenTelemetry's semantic conventions for RabbitMQ on `span`
+/// (a no-op when the trace export is off).
+pub fn messaging(
+    span: &tracing::Span,
+    operation: &'static str,
+    destination: String,
+    routing_key: &str,
+    message_id: &str,
+) {
+    span.set_attribute("messaging.system", "rabbitmq");
+    span.set_attribute("messaging.operation.type", operation);
+    span.set_attribute("messaging.destination.name", destination);
+    span.set_attribute(
+        "messaging.rabbitmq.destination.routing_key",
+        routing_key.to_owned(),
+    );
+    if !message_id.is_empty() {
+        span.set_attribute("messaging.message.id", message_id.to_owned());
+    }
+}
+
+/// Records the booking a span is about: as the `booking_id` field of its log lines and the
+/// `labbook.booking_id` attribute of the exported span.
+pub fn record_booking(span: &tracing::Span, booking_id: &str) {
+    span.record("booking_id", booking_id);
+    span.set_attribute("labbook.booking_id", booking_id.to_owned());
 }
 
 /// `properties` of a copy of a delivery (a retry, a dead letter): the delivery's own context
@@ -141,6 +220,30 @@ pub fn keep(properties: BasicProperties) -> BasicProperties {
         (None, Some(ctx)) => ctx.stamp(properties),
         _ => properties,
     }
+}
+
+/// A span that has already happened, from `start` to now, under `parent` (a booking's stored
+/// trace): what a loop saw over many ticks, like a machine's boot. A no-op when the trace export
+/// is off.
+pub fn record_span(
+    name: &'static str,
+    parent: Option<&TraceContext>,
+    start: std::time::SystemTime,
+    attributes: Vec<opentelemetry::KeyValue>,
+    error: Option<String>,
+) {
+    use opentelemetry::trace::{Span, Status, Tracer};
+    let tracer = opentelemetry::global::tracer("labbook");
+    let parent = parent.map(TraceContext::to_otel).unwrap_or_default();
+    let mut span = tracer
+        .span_builder(name)
+        .with_start_time(start)
+        .with_attributes(attributes)
+        .start_with_context(&tracer, &parent);
+    if let Some(why) = error {
+        span.set_status(Status::error(why));
+    }
+    span.end();
 }
 
 #[cfg(test)]

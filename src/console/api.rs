@@ -218,6 +218,26 @@ pub struct BookingDetail {
     pub timeline: Vec<Event>,
     /// Its machines' running time and estimated cost (`LABBOOK_PRICES`).
     pub cost: crate::domain::Cost,
+    /// Its trace, and where to see it.
+    pub trace: Option<TraceLink>,
+}
+
+/// A booking's trace: its id, and its page in the trace viewer `LABBOOK_TRACE_URL` names.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceLink {
+    pub trace_id: String,
+    pub url: Option<String>,
+}
+
+impl TraceLink {
+    fn of(traceparent: Option<&str>, template: Option<&str>) -> Option<Self> {
+        let ctx = crate::broker::trace::TraceContext::parse(traceparent?, None)?;
+        let trace_id = ctx.trace_id().to_owned();
+        Some(Self {
+            url: template.map(|t| t.replace("{trace_id}", &trace_id)),
+            trace_id,
+        })
+    }
 }
 
 /// Loads a booking's story; `None` if it was never stored.
@@ -241,6 +261,10 @@ pub async fn booking_detail(state: &AppState, id: &str) -> ApiResult<Option<Book
         }
     };
     Ok(Some(BookingDetail {
+        trace: TraceLink::of(
+            stored.booking.traceparent.as_deref(),
+            state.trace_url.as_deref().map(String::as_str),
+        ),
         cost: crate::domain::Cost::of(&stored.usage, &state.prices),
         machines: machines(&stored),
         schedule: stored.schedule.iter().map(schedule_item).collect(),

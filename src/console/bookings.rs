@@ -279,6 +279,8 @@ pub struct BookingRow {
     pub failure_reason: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The trace it was stored under (W3C `traceparent`).
+    pub traceparent: Option<String>,
 }
 
 impl BookingRow {
@@ -345,7 +347,7 @@ pub struct Stored {
 pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sqlx::Error> {
     let booking: Option<BookingRow> = sqlx::query_as(
         "SELECT booking_id, email, booking_time, number_of_users, duration_minutes, state,
-                failure_reason, created_at, updated_at
+                failure_reason, created_at, updated_at, traceparent
            FROM bookings WHERE booking_id = $1",
     )
     .bind(booking_id)

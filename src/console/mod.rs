@@ -54,6 +54,8 @@ pub struct AppState {
     pub workers: Arc<Vec<health::WorkerEndpoint>>,
     /// `LABBOOK_PRICES`, for the machines' estimated cost.
     pub prices: Arc<crate::domain::Prices>,
+    /// `LABBOOK_TRACE_URL`: a booking's trace in the trace viewer.
+    pub trace_url: Option<Arc<String>>,
 }
 
 /// The console, bound to its address and ready to serve.
@@ -95,6 +97,7 @@ impl Console {
                 &settings.console.workers,
             )?),
             prices: Arc::new(settings.ec2.prices.clone()),
+            trace_url: settings.console.trace_url.clone().map(Arc::new),
         };
         Ok(Self { listener, state })
     }

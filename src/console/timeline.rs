@@ -333,6 +333,7 @@ mod tests {
                 failure_reason: Some("InvalidSubnetID.NotFound".into()),
                 created_at: at(1),
                 updated_at: at(5),
+                traceparent: None,
             },
             usernames: vec!["ua".into(), "ub".into()],
             usage: Default::default(),

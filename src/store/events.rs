@@ -28,7 +28,7 @@ pub struct HistoryEntry {
 pub async fn record_in(tx: &mut PgConnection, event: &Event) -> Result<(), sqlx::Error> {
     super::intake::lock(tx, &event.booking_id).await?;
     let body = serde_json::to_string(event).expect("events serialize");
-    let traceparent = crate::broker::trace::current().map(|c| c.child().traceparent());
+    let traceparent = crate::broker::trace::current().map(|c| c.traceparent());
     sqlx::query(
         "INSERT INTO booking_events
              (booking_id, event, revision, state, detail, body, traceparent, booking_seq)

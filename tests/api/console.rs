@@ -547,6 +547,20 @@ fn the_console_refuses_to_start_without_a_long_token() {
 }
 
 impl Served {
+    /// A page of the console, as a logged-in operator sees it.
+    pub(crate) async fn page(&self, path: &str) -> String {
+        let session = log_in(self).await;
+        let r = self
+            .http
+            .get(self.url(path))
+            .header(COOKIE, session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        r.text().await.unwrap()
+    }
+
     /// A POST to the API as the operator `who` (an ingress's `X-Forwarded-User`).
     async fn act(&self, path: &str, who: &str, body: Value) -> (StatusCode, Value) {
         let r = self

@@ -133,7 +133,13 @@ fn init_test_logs() {
     LOGS.call_once(|| {
         if std::env::var_os("TEST_LOG").is_some() {
             let filter = "debug,lapin=info,sqlx=info,aws_config=warn,aws_smithy_runtime=warn";
-            labbook::telemetry::init(false, filter, std::io::stdout);
+            // Kept for the life of the test process.
+            std::mem::forget(labbook::telemetry::init(
+                false,
+                filter,
+                std::io::stdout,
+                None,
+            ));
         }
     });
 }

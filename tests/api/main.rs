@@ -22,4 +22,5 @@ mod runtime;
 mod shutdown;
 mod throttling;
 mod trace_context;
+mod traces;
 mod userdata;

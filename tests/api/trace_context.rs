@@ -32,7 +32,7 @@ async fn bind_events(env: &TestEnv, queue: &str) {
     conn.close(200, "done".into()).await.ok();
 }
 
-fn with_traceparent(traceparent: &str) -> BasicProperties {
+pub(crate) fn with_traceparent(traceparent: &str) -> BasicProperties {
     let mut headers = FieldTable::default();
     headers.insert(
         "traceparent".into(),

@@ -18,6 +18,7 @@ use sqlx::PgConnection;
 
 use super::Provisioner;
 use super::ready::{Boot, Pace, Seen, Step, boot_outcome, decide};
+use crate::broker::trace::{self, TraceContext};
 use crate::broker::{Outgoing, StageQueue, Tick, TickError};
 use crate::config::Readiness;
 use crate::domain::{BookingRef, EmailKind, NotifyMessage};
@@ -265,6 +266,7 @@ impl BootWatch {
                 boots::looked(tx, slot, look, at).await?;
             }
             Step::Ready { http_only } => {
+                trace_boot(tx, slot, "ready", http_only.clone()).await?;
                 let boot = boot_time(slot, look);
                 boots::ready(tx, slot, look, boot, http_only.as_deref()).await?;
                 metrics::histogram!("labbook_boot_seconds").record(boot.as_secs_f64());
@@ -272,6 +274,7 @@ impl BootWatch {
                 after.finish.insert(booking);
             }
             Step::Replace { why, counts } => {
+                trace_boot(tx, slot, "replaced", Some(why.to_string())).await?;
                 tracing::warn!(booking_id = %booking, slot = slot.slot, instance_id = id, reason = %why, "the machine did not become ready; it is replaced");
                 // Retired first, then forgotten by its slot: whatever stops here, the machine
                 // is terminated (by the provision-due below, or the sweep).
@@ -281,6 +284,7 @@ impl BootWatch {
                 after.relaunch.insert(booking);
             }
             Step::Fail(why) => {
+                trace_boot(tx, slot, "failed", Some(why.to_string())).await?;
                 tracing::warn!(booking_id = %booking, slot = slot.slot, instance_id = id, reason = %why, "the slot's second machine did not become ready; the booking fails");
                 if bookings::transition(&mut *tx, &booking, BookingState::Failed, Some(&why))
                     .await?
@@ -382,6 +386,50 @@ impl FollowUps {
             }
         }
     }
+}
+
+/// A machine's boot, from its launch to now, as a span of its booking's trace (when traces are
+/// exported): how long it took and how it ended. `note`: why it was replaced or failed, or why
+/// it serves HTTP only (an error status unless it became ready).
+async fn trace_boot(
+    tx: &mut PgConnection,
+    slot: &Slot,
+    outcome: &'static str,
+    note: Option<String>,
+) -> Result<(), sqlx::Error> {
+    use opentelemetry::KeyValue;
+    if !crate::telemetry::exporting() {
+        return Ok(());
+    }
+    let parent = bookings::trace(&mut *tx, &slot.booking_id).await?;
+    let parent = parent
+        .as_deref()
+        .and_then(|tp| TraceContext::parse(tp, None));
+    let mut attributes = vec![
+        KeyValue::new("labbook.booking_id", slot.booking_id.clone()),
+        KeyValue::new("labbook.slot", i64::from(slot.slot)),
+        KeyValue::new("labbook.boot.outcome", outcome),
+        KeyValue::new("labbook.console_reads", i64::from(slot.console_reads)),
+    ];
+    if let Some(id) = &slot.instance_id {
+        attributes.push(KeyValue::new("cloud.resource_id", id.clone()));
+    }
+    let (error, note) = match outcome {
+        "ready" => (None, note),
+        _ => (note, None),
+    };
+    if let Some(note) = note {
+        attributes.push(KeyValue::new("labbook.http_only", note));
+    }
+    let start = slot.launched_at.unwrap_or_else(Utc::now);
+    trace::record_span(
+        "machine boot",
+        parent.as_ref(),
+        start.into(),
+        attributes,
+        error,
+    );
+    Ok(())
 }
 
 /// The machine's time from launch to ready: to when EC2 says its console was last written,
