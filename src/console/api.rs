@@ -186,6 +186,15 @@ pub struct Machine {
     pub usernames: Vec<String>,
     pub admin_username: String,
     pub launched_at: Option<String>,
+    /// The image (AMI) it booted from.
+    pub image_id: Option<String>,
+    /// When it became ready; `None` while it boots or before its launch.
+    pub ready_at: Option<String>,
+    /// Launch to ready, in whole seconds (what the scheduler's expected boot is made of).
+    pub boot_seconds: Option<i64>,
+    /// `ready`, `booting` (launched, not ready yet), `never ready` (gone before it was) or
+    /// `not launched`.
+    pub boot: &'static str,
 }
 
 #[derive(Serialize)]
@@ -312,6 +321,18 @@ fn machines(stored: &Stored) -> Vec<Machine> {
                 .collect(),
             admin_username: m.admin_username.clone(),
             launched_at: m.launched_at.map(format_time),
+            image_id: m.image_id.clone(),
+            ready_at: m.ready_at.map(format_time),
+            boot_seconds: m
+                .ready_at
+                .and(m.boot_seconds)
+                .map(|s| s.max(0.0).round() as i64),
+            boot: match (&m.instance_id, m.ready_at, m.instance_state.as_deref()) {
+                (_, Some(_), _) => "ready",
+                (None, None, _) => "not launched",
+                (Some(_), None, Some("shutting-down" | "terminated")) => "never ready",
+                (Some(_), None, _) => "booting",
+            },
         })
         .collect()
 }

@@ -302,6 +302,12 @@ pub struct MachineRow {
     pub public_ip: Option<String>,
     pub launched_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,
+    /// The image the slot's machine booted from (its `machines` row, else the slot's).
+    pub image_id: Option<String>,
+    /// When the boot watch saw it ready; `None` while it boots (or before its launch).
+    pub ready_at: Option<DateTime<Utc>>,
+    /// Launch to ready, as recorded for the image's boot times.
+    pub boot_seconds: Option<f64>,
 }
 
 impl MachineRow {
@@ -363,9 +369,12 @@ pub async fn find(pool: &PgPool, booking_id: &str) -> Result<Option<Stored>, sql
     .fetch_all(pool)
     .await?;
     let machines = sqlx::query_as(
-        "SELECT slot, first_user, user_count, admin_username, instance_id, instance_state,
-                public_dns, public_ip, launched_at, updated_at
-           FROM slots WHERE booking_id = $1 ORDER BY slot",
+        "SELECT s.slot, s.first_user, s.user_count, s.admin_username, s.instance_id,
+                s.instance_state, s.public_dns, s.public_ip, s.launched_at, s.updated_at,
+                COALESCE(m.image_id, s.image_id) AS image_id,
+                COALESCE(m.ready_at, s.ready_at) AS ready_at, m.boot_seconds
+           FROM slots s LEFT JOIN machines m ON m.instance_id = s.instance_id
+          WHERE s.booking_id = $1 ORDER BY s.slot",
     )
     .bind(booking_id)
     .fetch_all(pool)

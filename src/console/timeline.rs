@@ -348,6 +348,9 @@ mod tests {
                 public_ip: Some("203.0.113.9".into()),
                 launched_at: Some(at(4)),
                 updated_at: at(5),
+                image_id: Some("ami-1".into()),
+                ready_at: None,
+                boot_seconds: None,
             }],
             schedule: vec![
                 ScheduleRow {

@@ -15,6 +15,12 @@
 //! account key is made on the machine; the user-data holds only the directory URL and the
 //! optional contact address. A machine that cannot get a certificate still serves its lab over
 //! HTTP and says why in its report: `labbook-bootstrap: ok (http only: <why>)`.
+//!
+//! The same user-data boots a plain base image and a baked one (`labbook image build`, whose
+//! bake script [`render_image`] renders). On a plain image the script installs the packages
+//! (apt, with retries) and The Littlest JupyterHub; on a baked image ([`BAKED_MARKER`]) it
+//! says so on the console (`labbook-baked: ...`, a line of its own, so the report keeps its
+//! form) and skips both: it only sets the booking's logins, the certificate, and reloads.
 
 use serde::Serialize;
 
@@ -218,11 +224,54 @@ const SCRIPT_TLJH_INSTALL: &str = r#"  step="download The Littlest JupyterHub's 
   timeout 1500 python3 "$installer" ${admin:+--admin "$admin"} --user-requirements-txt-url ''
 "#;
 
-/// The JupyterHub part: install TLJH ([`SCRIPT_TLJH_INSTALL`]), allow exactly the slot's
-/// logins, then serve HTTPS if a certificate was had.
+/// The slow path's packages (`packages`, an array), installed by the script rather than by
+/// cloud-init's `packages:` so that a machine from a baked image, which holds them, asks apt for
+/// nothing. Three tries with backoff, apt's lock waited for (unattended upgrades may hold it at
+/// a first boot). A failure is logged and the bootstrap goes on, as cloud-init's did: what is
+/// missing fails its own step.
+const SCRIPT_PACKAGES: &str = r#"install_packages() {
+  local try pause=${LABBOOK_RETRY_SECONDS:-10} lock=DPkg::Lock::Timeout=300
+  step="install the packages (${packages[*]})"
+  for try in 1 2 3; do
+    if timeout 600 apt-get -q -o "$lock" update >>"$log" 2>&1 &&
+      DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -q -y -o "$lock" install \
+        "${packages[@]}" >>"$log" 2>&1; then
+      return 0
+    fi
+    if [ "$try" -lt 3 ]; then sleep $((pause * try)); fi
+  done
+  printf '%s could not install %s\n' "$(date -u +%FT%TZ)" "${packages[*]}" >>"$log"
+}
+"#;
+
+/// The JupyterHub part. On a machine from a baked image (its [`BAKED_MARKER`];
+/// `LABBOOK_BAKED_MARKER` exists for tests of the script) the fast path: no package, no
+/// installer; the image's hub and proxy are stopped until the booking's logins are set (the
+/// ACME challenge needs port 80 too), then started and enabled. Elsewhere the packages, then
+/// TLJH's install ([`SCRIPT_TLJH_INSTALL`]). Both then allow exactly the slot's logins and
+/// serve HTTPS if a certificate was had.
 const SCRIPT_JUPYTERHUB_START: &str = r#"if [ "$mode" = jupyterhub ]; then
+  baked=${LABBOOK_BAKED_MARKER:-/etc/labbook/baked} fast=""
+  if [ -f "$baked" ]; then
+    fast=1
+    printf 'labbook-baked: %s- the install is skipped\n' "$(tr '\n' ' ' <"$baked")" |
+      tee -a "$log" >>"$console" 2>/dev/null || true
+    step="stop the image's JupyterHub until it is set up"
+    systemctl stop jupyterhub traefik
+  else
+    install_packages
+  fi
   # Before TLJH's proxy listens on port 80, which the ACME challenge needs.
   if [ "$https" = on ]; then obtain_certificate; fi
+  if [ -z "$fast" ]; then
+"#;
+
+/// Between the install and the logins: on the fast path, TLJH's proxy is started first (the
+/// hub's reload waits until it answers through it).
+const SCRIPT_JUPYTERHUB_PROXY: &str = r#"  else
+    step="start The Littlest JupyterHub's proxy"
+    tljh-config reload proxy
+  fi
 "#;
 
 const SCRIPT_JUPYTERHUB_END: &str = r#"  step="allow the booking's logins"
@@ -231,6 +280,10 @@ const SCRIPT_JUPYTERHUB_END: &str = r#"  step="allow the booking's logins"
   tljh-config add-item users.admin "$admin"
   tljh-config reload
   if [ -n "$tls_ready" ]; then serve_https; fi
+  if [ -n "$fast" ]; then
+    step="start JupyterHub at every boot"
+    systemctl enable jupyterhub traefik
+  fi
 fi
 "#;
 
@@ -274,13 +327,16 @@ step="install the ACME client (certbot $certbot_version)"
 install_certbot
 "#;
 
-/// The marker, then the seal: a machine made from the image must be a new machine to
-/// cloud-init (its state, logs and machine id cleared), with SSH host keys of its own
-/// (cloud-init makes them at its first boot). The rest of this boot's cloud-init run writes a
+/// JupyterHub's services off (a machine from the image serves no login before its bootstrap has
+/// set the booking's; the bootstrap enables them), the marker, then the seal: a machine made
+/// from the image must be a new machine to cloud-init (its state, logs and machine id cleared),
+/// with SSH host keys of its own (cloud-init makes them at its first boot). The rest of this boot's cloud-init run writes a
 /// little state again after the clean; a machine from the image has another instance id, so
 /// cloud-init runs its first-boot modules all the same. `LABBOOK_IMAGE_ROOT` and
 /// `LABBOOK_BAKED_MARKER` exist for tests of the script.
 const IMAGE_BAKE_END: &str = r#"root=${LABBOOK_IMAGE_ROOT:-}
+step="keep JupyterHub off until a machine's bootstrap sets it up"
+systemctl disable jupyterhub traefik >>"$log" 2>&1
 baked=${LABBOOK_BAKED_MARKER:-$root/etc/labbook/baked}
 step="write the marker $baked"
 mkdir -p "$(dirname "$baked")"
@@ -399,8 +455,16 @@ pub fn render(
         script.push_str(SCRIPT_HTTPS);
     }
     if bootstrap == Bootstrap::JupyterHub {
+        let packages = if acme.is_some() {
+            [JUPYTERHUB_PACKAGES, HTTPS_PACKAGES].concat()
+        } else {
+            JUPYTERHUB_PACKAGES.to_vec()
+        };
+        script.push_str(&format!("packages=({})\n", packages.join(" ")));
+        script.push_str(SCRIPT_PACKAGES);
         script.push_str(SCRIPT_JUPYTERHUB_START);
         script.push_str(SCRIPT_TLJH_INSTALL);
+        script.push_str(SCRIPT_JUPYTERHUB_PROXY);
         script.push_str(SCRIPT_JUPYTERHUB_END);
     }
     script.push_str(SCRIPT_TAIL);
@@ -426,16 +490,14 @@ pub fn render(
             write_files,
             runcmd: vec![run],
         },
+        // The packages are the script's (SCRIPT_PACKAGES): cloud-init's would reach apt's
+        // mirrors on a baked image too.
         Bootstrap::JupyterHub => CloudConfig {
             users: accounts,
             ssh_pwauth: false,
-            package_update: Some(true),
+            package_update: None,
             package_upgrade: None,
-            packages: if acme.is_some() {
-                [JUPYTERHUB_PACKAGES, HTTPS_PACKAGES].concat()
-            } else {
-                JUPYTERHUB_PACKAGES.to_vec()
-            },
+            packages: Vec::new(),
             write_files,
             runcmd: vec![run],
         },
@@ -631,14 +693,13 @@ mod tests {
             );
         }
         assert!(!script.contains("To update:"));
+        // The packages are the script's, not cloud-init's (none on a baked image).
         let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
-        let packages: Vec<&str> = v["packages"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .filter_map(|p| p.as_str())
-            .collect();
-        assert!(packages.contains(&"python3-venv"), "{packages:?}");
+        assert!(v["packages"].is_null() && v["package_update"].is_null());
+        assert!(
+            lines.contains(&"packages=(curl python3 python3-dev git python3-venv openssl)"),
+            "{script}"
+        );
     }
 
     #[test]
@@ -723,5 +784,376 @@ mod tests {
                 .unwrap_err()
                 .contains("LABBOOK_USERS_PER_INSTANCE")
         );
+    }
+}
+
+/// The bootstrap script as cloud-init runs it, by real `bash`, every outside tool it calls
+/// stubbed on `PATH`: each stub appends `<name> <arguments>` to one log, so that the order of
+/// the calls across tools shows. The baked image's marker is there or not
+/// (`LABBOOK_BAKED_MARKER`).
+#[cfg(test)]
+mod script_runs {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    const HASH: &str = "$6$saltsalt$abcdefghijklmnopqrstuvwxyz";
+
+    /// Each stub logs its call; its name is `$0`'s.
+    const STUB_HEAD: &str = "#!/bin/bash\nprintf '%s %s\\n' \"${0##*/}\" \"$*\" >>\"$STUB_LOG\"\n";
+
+    /// The tools the bootstrap calls, as a machine has them (with what each must do).
+    const STUBS: &[(&str, &str)] = &[
+        ("tljh-config", ""),
+        ("systemctl", ""),
+        ("apt-get", "[ -z \"${STUB_APT_FAILS:-}\" ] || exit 100\n"),
+        // IMDSv2's token and address; any other URL is a download to the file `-o` names.
+        (
+            "curl",
+            r#"for a in "$@"; do
+  case $a in
+  */latest/api/token) echo token; exit 0 ;;
+  */latest/meta-data/public-ipv4) echo 203.0.113.7; exit 0 ;;
+  esac
+done
+while [ $# -gt 0 ]; do if [ "$1" = -o ]; then echo '# the installer' >"$2"; fi; shift; done
+"#,
+        ),
+        // `python3 -m venv` fails (certbot cannot be installed here); the installer only logs.
+        ("python3", "[ \"$1\" != -m ] || exit 1\n"),
+    ];
+
+    /// certbot as a baked image holds it: it saves a certificate for the address it is asked.
+    const CERTBOT_STUB: &str = r#"while [ $# -gt 0 ]; do
+  case $1 in
+  --config-dir) state=$2 ;;
+  --ip-address) ip=$2 ;;
+  esac
+  shift
+done
+live=$state/live/labbook
+mkdir -p "$live"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 7 -subj / \
+  -addext "subjectAltName=IP:$ip" -keyout "$live/privkey.pem" -out "$live/cert.pem" 2>/dev/null
+cp "$live/cert.pem" "$live/fullchain.pem"
+"#;
+
+    struct Run {
+        code: Option<i32>,
+        console: String,
+        calls: Vec<String>,
+        installer: PathBuf,
+        dir: PathBuf,
+    }
+
+    impl Drop for Run {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    impl Run {
+        /// One tool's calls (its arguments), in order.
+        fn of(&self, tool: &str) -> Vec<&str> {
+            let head = format!("{tool} ");
+            self.calls
+                .iter()
+                .filter_map(|c| c.strip_prefix(&head))
+                .collect()
+        }
+
+        /// Where `call` (`<tool> <arguments>`) is in the log of every call.
+        fn at(&self, call: &str) -> usize {
+            self.calls
+                .iter()
+                .position(|c| c == call)
+                .unwrap_or_else(|| panic!("{call:?} in {:#?}", self.calls))
+        }
+
+        /// The console's last line: the bootstrap's report.
+        fn report(&self) -> &str {
+            self.console.trim().lines().last().unwrap_or_default()
+        }
+    }
+
+    struct Machine {
+        bootstrap: Bootstrap,
+        https: Https,
+        baked: bool,
+        certbot_installed: bool,
+        apt_fails: bool,
+    }
+
+    impl Machine {
+        fn jupyterhub(baked: bool) -> Self {
+            Machine {
+                bootstrap: Bootstrap::JupyterHub,
+                https: Https::Off,
+                baked,
+                certbot_installed: false,
+                apt_fails: false,
+            }
+        }
+
+        /// Renders the user-data for the admin and two trainees, then runs its script as its
+        /// `runcmd` says.
+        fn boot(&self) -> Run {
+            let admin = Account {
+                username: "labadmin",
+                password_hash: HASH,
+            };
+            let users = [
+                Account {
+                    username: "ualice",
+                    password_hash: HASH,
+                },
+                Account {
+                    username: "ubob",
+                    password_hash: HASH,
+                },
+            ];
+            let out = render(self.bootstrap, &self.https, &admin, &users).unwrap();
+            let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
+            let script = v["write_files"][0]["content"].as_str().unwrap();
+            let run: Vec<&str> = v["runcmd"][0]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap())
+                .collect();
+            assert_eq!(run[0], BOOTSTRAP_PATH);
+
+            let dir = std::env::temp_dir().join(format!("labbook-run-{}", uuid::Uuid::new_v4()));
+            let (bin, acme_home) = (dir.join("bin"), dir.join("certbot"));
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::create_dir_all(acme_home.join("bin")).unwrap();
+            let stub = |path: PathBuf, body: &str| {
+                std::fs::write(&path, format!("{STUB_HEAD}{body}")).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            };
+            for (name, body) in STUBS {
+                stub(bin.join(name), body);
+            }
+            if self.certbot_installed {
+                std::fs::write(
+                    acme_home.join("labbook-version"),
+                    format!("{CERTBOT_VERSION}\n"),
+                )
+                .unwrap();
+                stub(acme_home.join("bin/certbot"), CERTBOT_STUB);
+            }
+            let marker = dir.join("baked");
+            if self.baked {
+                std::fs::write(
+                    &marker,
+                    "labbook_version=0.1.0\nholds=tljh,certbot 5.8.0\nbaked_at=2026-12-01T08:00:00Z\n",
+                )
+                .unwrap();
+            }
+            std::fs::write(dir.join("bootstrap"), script).unwrap();
+            let installer = dir.join("tljh-bootstrap.py");
+            let log = dir.join("calls");
+            let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+            let mut command = std::process::Command::new("bash");
+            command
+                .arg(dir.join("bootstrap"))
+                .args(&run[1..])
+                .env("PATH", path)
+                .env("STUB_LOG", &log)
+                .env("LABBOOK_CONSOLE", dir.join("console"))
+                .env("LABBOOK_BOOTSTRAP_LOG", dir.join("log"))
+                .env("LABBOOK_BAKED_MARKER", &marker)
+                .env("LABBOOK_TLJH_URL", "https://tljh.invalid/bootstrap.py")
+                .env("LABBOOK_TLJH_INSTALLER", &installer)
+                .env("LABBOOK_IMDS_URL", "http://imds.invalid")
+                .env("LABBOOK_ACME_HOME", &acme_home)
+                .env("LABBOOK_ACME_STATE", dir.join("acme"))
+                .env("LABBOOK_TLS_DIR", dir.join("tls"))
+                .env("LABBOOK_RETRY_SECONDS", "0");
+            if self.apt_fails {
+                command.env("STUB_APT_FAILS", "1");
+            }
+            let status = command.status().unwrap();
+            Run {
+                code: status.code(),
+                console: std::fs::read_to_string(dir.join("console")).unwrap_or_default(),
+                calls: std::fs::read_to_string(&log)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect(),
+                installer,
+                dir,
+            }
+        }
+    }
+
+    /// What every JupyterHub machine tells TLJH: exactly the booking's logins and the admin.
+    const LOGINS: [&str; 6] = [
+        "set auth.type jupyterhub.auth.PAMAuthenticator",
+        "add-item users.allowed labadmin",
+        "add-item users.allowed ualice",
+        "add-item users.allowed ubob",
+        "add-item users.admin labadmin",
+        "reload",
+    ];
+
+    #[test]
+    fn a_baked_machine_sets_the_logins_and_installs_nothing() {
+        let run = Machine::jupyterhub(true).boot();
+        assert_eq!(run.code, Some(0), "{}", run.console);
+        assert_eq!(run.report(), REPORT_OK);
+        // The proxy first (the hub's reload waits for it to answer), then the logins.
+        let mut expected = vec!["reload proxy"];
+        expected.extend(LOGINS);
+        assert_eq!(run.of("tljh-config"), expected);
+        // No installer fetched or run, no apt.
+        assert_eq!(run.of("curl"), Vec::<&str>::new());
+        assert_eq!(run.of("python3"), Vec::<&str>::new());
+        assert_eq!(run.of("apt-get"), Vec::<&str>::new());
+        assert!(!run.installer.exists());
+        // The image's hub and proxy serve nothing before the logins are set, then start at
+        // each boot.
+        assert_eq!(
+            run.of("systemctl"),
+            ["stop jupyterhub traefik", "enable jupyterhub traefik"]
+        );
+        assert!(run.at("systemctl stop jupyterhub traefik") < run.at("tljh-config reload proxy"));
+        assert!(run.at("tljh-config reload") < run.at("systemctl enable jupyterhub traefik"));
+        // The fast path says so on a line of its own, which is not a report.
+        let note = run
+            .console
+            .lines()
+            .find(|l| l.starts_with("labbook-baked: "))
+            .unwrap_or_else(|| panic!("the fast path's line in {:?}", run.console));
+        assert_eq!(
+            note,
+            "labbook-baked: labbook_version=0.1.0 holds=tljh,certbot 5.8.0 \
+             baked_at=2026-12-01T08:00:00Z - the install is skipped"
+        );
+        assert!(!note.contains(REPORT_OK) && !note.contains(REPORT_FAILED.trim()));
+    }
+
+    #[test]
+    fn a_plain_machine_installs_the_packages_then_the_littlest_jupyterhub() {
+        let run = Machine::jupyterhub(false).boot();
+        assert_eq!(run.code, Some(0), "{}", run.console);
+        assert_eq!(run.report(), REPORT_OK);
+        assert!(!run.console.contains("labbook-baked"), "{}", run.console);
+        let lock = "-o DPkg::Lock::Timeout=300";
+        assert_eq!(
+            run.of("apt-get"),
+            [
+                format!("-q {lock} update"),
+                format!("-q -y {lock} install curl python3 python3-dev git"),
+            ]
+        );
+        assert_eq!(
+            run.of("curl"),
+            [format!(
+                "-fsSL --connect-timeout 20 --max-time 300 -o {} https://tljh.invalid/bootstrap.py",
+                run.installer.display()
+            )]
+        );
+        assert_eq!(
+            run.of("python3"),
+            [format!(
+                "{} --admin labadmin --user-requirements-txt-url ",
+                run.installer.display()
+            )]
+        );
+        // The packages, then the installer, then the logins; TLJH's installer starts its own
+        // services.
+        assert!(
+            run.at(&format!(
+                "apt-get -q -y {lock} install curl python3 python3-dev git"
+            )) < run.at(&format!("curl {}", run.of("curl")[0]))
+        );
+        assert_eq!(run.of("tljh-config"), LOGINS);
+        assert_eq!(run.of("systemctl"), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_plain_machine_whose_packages_cannot_be_had_retries_then_goes_on() {
+        let run = Machine {
+            apt_fails: true,
+            ..Machine::jupyterhub(false)
+        }
+        .boot();
+        // As when cloud-init's install failed: the rest runs, and a missing tool fails its own
+        // step (here the stubs stand in for them).
+        assert_eq!(run.code, Some(0), "{}", run.console);
+        let updates = run.of("apt-get");
+        assert_eq!(updates.len(), 3, "{updates:?}");
+        assert!(updates.iter().all(|c| c.ends_with(" update")));
+        assert_eq!(
+            run.of("python3").len(),
+            1,
+            "the installer runs all the same"
+        );
+        let log = std::fs::read_to_string(run.dir.join("log")).unwrap();
+        assert!(
+            log.contains("could not install curl python3 python3-dev git"),
+            "{log}"
+        );
+    }
+
+    #[test]
+    fn a_baked_machine_with_https_keeps_its_certbot_and_frees_port_80_for_it() {
+        let run = Machine {
+            https: Https::Acme(AcmeSettings {
+                directory: crate::config::LETS_ENCRYPT_DIRECTORY.into(),
+                email: None,
+            }),
+            certbot_installed: true,
+            ..Machine::jupyterhub(true)
+        }
+        .boot();
+        assert_eq!(run.code, Some(0), "{}", run.console);
+        assert_eq!(run.report(), REPORT_OK);
+        // The image's certbot is kept: no venv made, nothing installed.
+        assert_eq!(run.of("python3"), Vec::<&str>::new());
+        assert_eq!(run.of("apt-get"), Vec::<&str>::new());
+        let certbot: Vec<&String> = run
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("certbot "))
+            .collect();
+        assert_eq!(certbot.len(), 1, "{:#?}", run.calls);
+        assert!(
+            certbot[0].contains("--ip-address 203.0.113.7"),
+            "{}",
+            certbot[0]
+        );
+        // The image's proxy is stopped before certbot's challenge on port 80, started after.
+        let order = [
+            run.at("systemctl stop jupyterhub traefik"),
+            run.at(certbot[0]),
+            run.at("tljh-config reload proxy"),
+            run.at("tljh-config add-item users.admin labadmin"),
+            run.at("tljh-config reload"),
+            run.at("tljh-config set https.enabled true"),
+            run.at("systemctl enable jupyterhub traefik"),
+        ];
+        assert!(order.is_sorted(), "{order:?} in {:#?}", run.calls);
+        assert_eq!(
+            run.of("tljh-config").last(),
+            Some(&"reload proxy"),
+            "HTTPS is served"
+        );
+        assert!(run.dir.join("tls/fullchain.pem").exists());
+    }
+
+    #[test]
+    fn an_ssh_machine_does_as_before_on_a_baked_image() {
+        let run = Machine {
+            bootstrap: Bootstrap::Ssh,
+            ..Machine::jupyterhub(true)
+        }
+        .boot();
+        assert_eq!(run.code, Some(0), "{}", run.console);
+        assert_eq!(run.console.trim(), REPORT_OK);
+        assert_eq!(run.calls, Vec::<String>::new());
     }
 }

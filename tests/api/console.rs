@@ -223,6 +223,42 @@ async fn the_api_tells_a_failed_booking_and_replays_its_dead_letter_after_a_dry_
     let url = detail["machines"][0]["url"].as_str().unwrap();
     assert!(url.starts_with("http://"), "{detail}");
     answers.push(detail.to_string());
+    // Each machine: the image it booted from and how long it took to be ready, from its
+    // `machines` row.
+    let ami = env.vars["LABBOOK_AMI_ID"].clone();
+    for m in detail["machines"].as_array().unwrap() {
+        assert_eq!(m["image_id"], ami.as_str(), "{m}");
+        assert_eq!(m["boot"], "ready", "{m}");
+        assert!(
+            m["ready_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{m}"
+        );
+        assert!(m["boot_seconds"].as_i64().is_some_and(|s| s >= 0), "{m}");
+    }
+    // A machine the boot watch has not seen ready yet is booting, with no boot time.
+    let pool = env.store().await.pool;
+    sqlx::query("UPDATE machines SET ready_at = NULL, boot_seconds = NULL WHERE booking_id = $1")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE slots SET ready_at = NULL WHERE booking_id = $1 AND slot = 0")
+        .bind(&id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, booting) = served.api(&format!("/api/bookings/{id}")).await;
+    let m = &booting["machines"][0];
+    assert_eq!(
+        (
+            &m["boot"],
+            &m["ready_at"],
+            &m["boot_seconds"],
+            &m["image_id"]
+        ),
+        (&json!("booting"), &Value::Null, &Value::Null, &json!(ami)),
+        "{booting}"
+    );
     let passwords = passwords_of(&env, &id).await;
     for answer in &answers {
         assert_no_password(answer, &passwords);
@@ -369,6 +405,14 @@ async fn the_pages_show_the_story_and_replay_only_with_a_csrf_token() {
     env.wait_state(&id, "provisioned").await;
     pages.push(page(format!("/bookings/{id}")).await);
     assert!(pages[4].contains("Machine #0 launched"));
+    // Each machine's image and boot time.
+    let ami = format!("<td class=\"mono\">{}</td>", env.vars["LABBOOK_AMI_ID"]);
+    assert!(pages[4].contains(&ami), "{}", pages[4]);
+    assert!(
+        pages[4].contains("<span class=\"badge ok\">ready</span> in "),
+        "{}",
+        pages[4]
+    );
     let passwords = passwords_of(&env, &id).await;
     for p in &pages {
         assert_no_password(p, &passwords);

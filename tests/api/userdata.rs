@@ -103,7 +103,7 @@ fn the_schema_rejects_invalid_user_data() {
     let jupyterhub = render_sample(Bootstrap::JupyterHub);
     assert!(schema_errors(&jupyterhub).is_empty());
     assert!(jupyterhub.contains("lock_passwd: false"));
-    assert!(jupyterhub.contains("package_update: true"));
+    assert!(jupyterhub.contains("ssh_pwauth: false"));
 
     let cases = [
         (
@@ -112,7 +112,7 @@ fn the_schema_rejects_invalid_user_data() {
         ),
         (
             "a string where a boolean is expected",
-            jupyterhub.replace("package_update: true", "package_update: 'true'"),
+            jupyterhub.replace("ssh_pwauth: false", "ssh_pwauth: 1"),
         ),
         (
             "no #cloud-config header",
@@ -128,9 +128,23 @@ fn the_schema_rejects_invalid_user_data() {
     }
 }
 
+/// A directory of stubs for the tools a test's bootstrap must not run for real (apt on this
+/// machine), each doing nothing.
+fn stub_bin(dir: &std::path::Path, names: &[&str]) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for name in names {
+        let path = bin.join(name);
+        std::fs::write(&path, "#!/bin/bash\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    format!("{}:{}", bin.display(), std::env::var("PATH").unwrap())
+}
+
 /// Runs the bootstrap script the user-data writes, as cloud-init's `runcmd` would, with the
-/// console and the installer's address pointed at this machine; returns its exit code and
-/// what it wrote to the console.
+/// console and the installer's address pointed at this machine (apt stubbed, no baked image);
+/// returns its exit code and what it wrote to the console.
 fn run_bootstrap(bootstrap: Bootstrap, installer_url: &str) -> (Option<i32>, String) {
     let user_data = render_sample(bootstrap);
     let config: serde_yaml_ng::Value = serde_yaml_ng::from_str(&user_data).unwrap();
@@ -147,6 +161,8 @@ fn run_bootstrap(bootstrap: Bootstrap, installer_url: &str) -> (Option<i32>, Str
     let status = std::process::Command::new("bash")
         .arg(dir.join("bootstrap"))
         .args(&args[1..])
+        .env("PATH", stub_bin(&dir, &["apt-get"]))
+        .env("LABBOOK_BAKED_MARKER", dir.join("baked"))
         .env("LABBOOK_CONSOLE", dir.join("console"))
         .env("LABBOOK_BOOTSTRAP_LOG", dir.join("log"))
         .env("LABBOOK_TLJH_URL", installer_url)
@@ -290,6 +306,7 @@ fn run_https_bootstrap(acme: Acme, public_ip: Option<&str>, certbot_installed: b
     let log_args =
         |name: &str| format!("#!/bin/bash\nprintf '%s\\n' \"$*\" >>\"$STUB_LOG/{name}\"\n");
     stub(bin.join("tljh-config"), &log_args("tljh-config"));
+    stub(bin.join("apt-get"), &log_args("apt-get"));
     // `python3 -m venv` fails (no venv here); the installer only says it ran.
     stub(
         bin.join("python3"),
@@ -319,6 +336,7 @@ fn run_https_bootstrap(acme: Acme, public_ip: Option<&str>, certbot_installed: b
         )
         .env("LABBOOK_TLJH_INSTALLER", dir.join("tljh-bootstrap.py"))
         .env("LABBOOK_IMDS_URL", format!("file://{}", imds.display()))
+        .env("LABBOOK_BAKED_MARKER", dir.join("baked"))
         .env("LABBOOK_ACME_HOME", &acme_home)
         .env("LABBOOK_ACME_STATE", dir.join("acme"))
         .env("LABBOOK_TLS_DIR", dir.join("tls"))
@@ -544,6 +562,7 @@ fn run_image_bake(certbot_installed: bool) -> BakeRun {
     stub("python3", "[ \"$1\" != -m ] || exit 1\n");
     stub("cloud-init", "");
     stub("journalctl", "");
+    stub("systemctl", "");
     put(dir.join("installer.py"), "# TLJH's installer, stubbed\n");
     put(dir.join("bake"), script);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
@@ -591,6 +610,8 @@ fn the_image_bake_installs_marks_and_seals_the_machine() {
     );
     assert!(marker.contains("holds=tljh,certbot 5.8.0\n"), "{marker}");
     // Sealed: cloud-init's state, the machine id, host keys, logs and history cleared.
+    // The image's hub serves nothing before a machine's bootstrap has set its logins.
+    assert_eq!(run.calls("systemctl").trim(), "disable jupyterhub traefik");
     assert_eq!(run.calls("cloud-init").trim(), "clean --logs --machine-id");
     assert!(run.calls("journalctl").contains("--vacuum-time=1s"));
     let read = |p: &str| std::fs::read_to_string(run.root.join(p));
