@@ -493,8 +493,14 @@ def check_compose():
     require(out.returncode == 0, f"docker-compose config failed: {out.stderr.strip()}")
     services = yaml.safe_load(out.stdout)["services"]
     expected = {"rabbitmq", "postgres", "moto", "mailpit", "migrate", "console", *WORKERS,
-                "prometheus", "grafana"}
+                "prometheus", "grafana", "jaeger"}
     require(set(services) == expected, f"compose services {sorted(services)}")
+    # The trace collector is optional: only with `--profile tracing`, and the workers export
+    # nothing unless OTEL_EXPORTER_OTLP_ENDPOINT is set (empty by default).
+    require(services["jaeger"].get("profiles") == ["tracing"], "compose: jaeger is in the tracing profile")
+    for w in WORKERS:
+        require(services[w]["environment"].get("OTEL_EXPORTER_OTLP_ENDPOINT") in ("", None),
+                f"compose: {w} exports no traces by default")
     for infra in ("rabbitmq", "postgres"):
         require("healthcheck" in services[infra], f"compose: {infra} healthcheck")
     mig = services["migrate"]

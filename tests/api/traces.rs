@@ -197,6 +197,7 @@ async fn a_booking_published_with_a_traceparent_is_one_trace_of_every_stage() {
         "process teardown-due",
         "EC2.TerminateInstances",
         "publish booking.provisioned",
+        "publish booking.ended",
     ] {
         assert!(
             names.contains(stage),
