@@ -531,6 +531,13 @@ impl Settings {
         let database = DatabaseSettings::from_vars(&v)?;
         let mail = MailSettings::from_vars(&v)?;
         let ec2 = Ec2Settings::from_vars(&v)?;
+        crate::ec2::userdata::check_room(
+            ec2.bootstrap,
+            &ec2.https,
+            ec2.admin_username.as_str(),
+            ec2.users_per_instance,
+        )
+        .map_err(|problem| ConfigError::new("LABBOOK_USERS_PER_INSTANCE", problem))?;
         let schedule = ScheduleSettings::from_vars(&v)?;
         let telemetry = TelemetrySettings::from_vars(&v)?;
         Ok(Self {
@@ -842,10 +849,16 @@ fn trace_export(v: &Vars<'_>) -> Result<Option<TraceExport>, ConfigError> {
     {
         return Ok(None);
     }
-    match v.get("OTEL_TRACES_EXPORTER") {
-        None | Some("otlp") => {}
-        Some("none") => return Ok(None),
-        Some(other) => {
+    // A list, case-insensitive (the SDK's rule); labbook has one exporter: otlp.
+    if let Some(raw) = v.get("OTEL_TRACES_EXPORTER") {
+        let names: Vec<String> = raw
+            .split(',')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
+        if names.iter().any(|n| n == "none") {
+            return Ok(None);
+        }
+        if let Some(other) = names.iter().find(|n| *n != "otlp") {
             return Err(ConfigError::new(
                 "OTEL_TRACES_EXPORTER",
                 format!(
@@ -866,6 +879,12 @@ fn trace_export(v: &Vars<'_>) -> Result<Option<TraceExport>, ConfigError> {
     };
     let (var, endpoint) = endpoint;
     match url::Url::parse(&endpoint) {
+        Ok(u) if !u.username().is_empty() || u.password().is_some() => {
+            return Err(ConfigError::new(
+                var,
+                "must not hold credentials: give them as OTEL_EXPORTER_OTLP_HEADERS",
+            ));
+        }
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => {}
         _ => {
             return Err(ConfigError::new(
@@ -909,9 +928,10 @@ fn trace_export(v: &Vars<'_>) -> Result<Option<TraceExport>, ConfigError> {
             let bad = || ConfigError::new(var, format!("entry {} is not key=value", n + 1));
             let (key, value) = pair.split_once('=').ok_or_else(bad)?;
             let decode = |s: &str| {
-                url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-                    .next()
-                    .map(|(_, v)| v.trim().to_owned())
+                percent_encoding::percent_decode_str(s.trim())
+                    .decode_utf8()
+                    .ok()
+                    .map(|d| d.trim().to_owned())
             };
             let (key, value) = (decode(key).ok_or_else(bad)?, decode(value).ok_or_else(bad)?);
             if key.is_empty() {
@@ -943,7 +963,18 @@ fn trace_export(v: &Vars<'_>) -> Result<Option<TraceExport>, ConfigError> {
         json,
         headers,
         timeout,
-        service_name: v.string("OTEL_SERVICE_NAME"),
+        // OTEL_SERVICE_NAME, else a service.name among the resource attributes.
+        service_name: v.string("OTEL_SERVICE_NAME").or_else(|| {
+            let attributes = v.get("OTEL_RESOURCE_ATTRIBUTES")?;
+            attributes.split(',').find_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                let value = percent_encoding::percent_decode_str(value.trim())
+                    .decode_utf8()
+                    .ok()?;
+                (key.trim() == "service.name" && !value.trim().is_empty())
+                    .then(|| value.trim().to_owned())
+            })
+        }),
     }))
 }
 
@@ -1161,7 +1192,7 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
             (
                 "OTEL_EXPORTER_OTLP_HEADERS",
-                "x-api-key=s3cr%3Dt,tenant=labs",
+                "x-api-key=s3cr%3Dt&x+y,tenant=labs",
             ),
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
             ("OTEL_SERVICE_NAME", "labbook-eu"),
@@ -1182,15 +1213,31 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_str(), v.expose_secret()))
             .collect();
-        assert_eq!(headers, [("x-api-key", "s3cr=t"), ("tenant", "labs")]);
+        assert_eq!(headers, [("x-api-key", "s3cr=t&x+y"), ("tenant", "labs")]);
         let shown = format!("{own:?}");
         assert!(
             !shown.contains("s3cr") && shown.contains("x-api-key"),
             "{shown}"
         );
+        let named = with(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment=prod,service.name=labbook%20eu",
+            ),
+            ("OTEL_TRACES_EXPORTER", "OTLP"),
+        ])
+        .unwrap();
+        assert_eq!(
+            named.traces.unwrap().service_name.as_deref(),
+            Some("labbook eu")
+        );
+        let err = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://user:pw@c:4318")]).unwrap_err();
+        assert!(!err.to_string().contains("pw@"), "{err}");
         for off in [
             ("OTEL_SDK_DISABLED", "true"),
             ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_TRACES_EXPORTER", "otlp, None"),
         ] {
             let s = with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"), off]).unwrap();
             assert!(s.traces.is_none(), "{off:?}");

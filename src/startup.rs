@@ -317,7 +317,8 @@ where
         .build()
         .expect("tokio runtime");
     let code = runtime.block_on(main(settings));
-    // The last spans are sent before the process exits.
+    // The tasks still held end first (their spans close), then the last spans are sent.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     drop(telemetry);
     code
 }

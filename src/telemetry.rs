@@ -6,8 +6,8 @@
 //!
 //! Exported: labbook's own spans (each message handled, each message published, each machine's
 //! boot, each email sent) and the AWS SDK's operation spans (`EC2.RunInstances`, …) beneath
-//! them, with the events logged inside them. Never the SDK's or the database driver's inner
-//! spans, nor OpenTelemetry's own logs (they would export themselves).
+//! them, with the events logged inside them, the database's statements among them. Never the
+//! SDK's inner spans, nor OpenTelemetry's own logs (they would export themselves).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,7 +16,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing::level_filters::LevelFilter;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{DynFilterFn, Targets};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::{EnvFilter, Layer, fmt, prelude::*};
 
@@ -97,9 +97,16 @@ where
         .map(|(export, service)| provider(export, service))
         .transpose()?;
     let spans = provider.as_ref().map(|p| {
+        let targets = exported();
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("labbook"))
-            .with_filter(exported())
+            .with_filter(DynFilterFn::new(move |meta, cx| {
+                // The AWS SDK's calls only inside one of labbook's spans: a loop's own calls
+                // (the boot watch's looks, the sweep) are not traces of their own.
+                let sdk_span = meta.is_span() && meta.target().starts_with("aws_sdk_");
+                targets.would_enable(meta.target(), meta.level())
+                    && (!sdk_span || cx.lookup_current().is_some())
+            }))
     });
     let installed = tracing_subscriber::registry()
         .with(logs.with_filter(filter))
@@ -126,12 +133,15 @@ where
 }
 
 /// What the export keeps: labbook's spans and the events inside them from `info`, the AWS
-/// SDK's one span per operation (`debug`), nothing of OpenTelemetry itself.
+/// SDK's one span per operation (`debug`), the database driver's one event per statement (its
+/// SQL with `$n` placeholders, never the values bound to them; rows and time), as events of
+/// the span that ran it; nothing of OpenTelemetry itself.
 fn exported() -> Targets {
     Targets::new()
         .with_target("labbook", LevelFilter::INFO)
         .with_target("aws_sdk_ec2", LevelFilter::DEBUG)
         .with_target("aws_sdk_servicequotas", LevelFilter::DEBUG)
+        .with_target("sqlx::query", LevelFilter::DEBUG)
         .with_default(LevelFilter::OFF)
 }
 

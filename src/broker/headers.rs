@@ -15,6 +15,9 @@ pub const WAITS: &str = "x-labbook-waits";
 /// Set on a message `labbook dlq replay` put back: the operator fixed the cause and asks for
 /// the work again.
 pub const REPLAYED_AT: &str = "x-labbook-replayed-at";
+/// On a dead letter: the `traceparent` of the handling that gave up on it, which its replay's
+/// handling links to.
+pub const FAILED_IN: &str = "x-labbook-failed-in";
 
 /// Longest `x-labbook-error` value.
 pub const MAX_ERROR_CHARS: usize = 500;
@@ -189,12 +192,22 @@ pub fn for_refresh(props: &BasicProperties) -> BasicProperties {
 /// replayed at `at`.
 pub fn for_replay(props: &BasicProperties, at: DateTime<Utc>) -> BasicProperties {
     let mut headers = original_headers(props);
+    if let Some(failed_in) = str_header(props, FAILED_IN) {
+        headers.insert(FAILED_IN.into(), long_string(&failed_in));
+    }
     // Milliseconds: the provisioner compares it with when the booking failed.
     headers.insert(
         REPLAYED_AT.into(),
         long_string(&at.to_rfc3339_opts(SecondsFormat::Millis, true)),
     );
     carried_over(props, headers)
+}
+
+/// `props` with [`FAILED_IN`] set to `traceparent`.
+pub fn with_failed_in(props: BasicProperties, traceparent: &str) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(FAILED_IN.into(), long_string(traceparent));
+    props.with_headers(headers)
 }
 
 /// `text` on one line, control characters replaced, at most `max` characters.

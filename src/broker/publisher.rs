@@ -90,13 +90,17 @@ async fn publish(
     }
 }
 
-/// Properties of a message labbook publishes: JSON, persistent, with an id and a time.
+/// Properties of a message labbook publishes: JSON, persistent, with an id and a time, and the
+/// trace it continues ([`super::trace::stamp_outgoing`]).
 pub fn json_properties(message_id: &str) -> BasicProperties {
-    super::trace::stamp_outgoing(
-        BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(message_id.into())
-            .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64),
-    )
+    super::trace::stamp_outgoing(unstamped_properties(message_id))
+}
+
+/// [`json_properties`] without the trace headers.
+pub fn unstamped_properties(message_id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(message_id.into())
+        .with_timestamp(chrono::Utc::now().timestamp().max(0) as u64)
 }

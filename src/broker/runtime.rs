@@ -36,7 +36,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::connection::{reconnect_delays, retry_until_cancelled};
 use super::error::StageError;
 use super::headers;
-use super::publisher::{json_properties, publish_confirmed, publish_event_confirmed};
+use super::publisher::{publish_confirmed, publish_event_confirmed};
 use super::topology::{EVENTS_EXCHANGE, EXCHANGE, StageQueue, Topology};
 use super::trace::{self, TraceContext};
 use crate::config::BrokerSettings;
@@ -174,30 +174,12 @@ impl Outgoing {
             Route::Stage(queue) => (EXCHANGE, queue.name()),
             Route::Event(key) => (EVENTS_EXCHANGE, key.as_str()),
         };
-        let span = tracing::info_span!(
-            "publish",
-            otel.name = %format_args!("publish {}", route.1),
-            otel.kind = "producer",
-        );
-        trace::messaging(
-            &span,
-            "send",
-            format!("{}:{}", route.0, route.1),
-            route.1,
-            &self.message_id,
-        );
-        // Outside a delivery (the timer, the boot watch): under the booking's trace.
-        if let Some(stored) = &self.trace {
-            let _ = span.set_parent(stored.to_otel());
-        }
+        let span = trace::producer_span(route.0, route.1, &self.message_id, self.trace.as_ref());
         let publishing = async {
-            let props = match (
-                &self.trace,
-                TraceContext::of_span(&tracing::Span::current()),
-            ) {
-                (Some(stored), None) => stored.child().stamp(json_properties(&self.message_id)),
-                _ => json_properties(&self.message_id),
-            };
+            let props = trace::stamp_published(
+                super::publisher::unstamped_properties(&self.message_id),
+                self.trace.as_ref(),
+            );
             match &self.route {
                 Route::Stage(_) => {
                     publish_confirmed(channel, route, &self.body, props, timeout).await
@@ -515,14 +497,19 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
     let carried = TraceContext::of(&msg.properties);
     let span = tracing::info_span!(
         "message",
-        otel.name = %format_args!("process {queue}"),
-        otel.kind = "consumer",
+        otel.name = field::Empty,
+        otel.kind = field::Empty,
         stage = %queue,
         booking_id = field::Empty,
         attempt = msg.attempt,
         message_id,
         trace_id = field::Empty,
     );
+    if crate::telemetry::exporting() {
+        // Only for the trace: the log lines keep their own fields.
+        span.record("otel.name", format!("process {queue}"));
+        span.record("otel.kind", "consumer");
+    }
     // semconv: a consumer's destination is `{exchange}:{routing key}:{queue}`.
     let destination = format!("{exchange}:{routing_key}:{queue}");
     trace::messaging(&span, "process", destination, &routing_key, message_id);
@@ -531,7 +518,9 @@ async fn process<S: Stage>(ctx: &Ctx<S>, delivery: lapin::message::Delivery) {
         let _ = span.set_parent(carried.to_otel());
         if headers::is_replay(&msg.properties) {
             // A replay continues the trace and points at the handling that dead-lettered it.
-            span.add_link(carried.span_context());
+            let failed_in = headers::str_header(&msg.properties, headers::FAILED_IN)
+                .and_then(|tp| TraceContext::parse(&tp, None));
+            span.add_link(failed_in.as_ref().unwrap_or(carried).span_context());
             span.set_attribute("labbook.replayed", true);
         }
     }
@@ -634,13 +623,16 @@ impl Outcome {
             Outcome::DeadLetter { reason, follow_up } => {
                 tracing::error!(error = %reason, "giving up; dead-lettering the message");
                 publish_all(ctx, &follow_up).await?;
-                let props = trace::keep(headers::for_dead_letter(
+                let mut props = trace::keep(headers::for_dead_letter(
                     &msg.properties,
                     S::QUEUE.name(),
                     msg.attempt,
                     &reason,
                     chrono::Utc::now(),
                 ));
+                if let Some(handling) = TraceContext::of_span(&tracing::Span::current()) {
+                    props = headers::with_failed_in(props, &handling.traceparent());
+                }
                 let dlq = S::QUEUE.dlq();
                 let route = ("", dlq.as_str());
                 publish_confirmed(&ctx.channel, route, &msg.body, props, ctx.publish_timeout).await

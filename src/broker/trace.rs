@@ -185,6 +185,45 @@ pub fn stamp_outgoing(properties: BasicProperties) -> BasicProperties {
     ctx.stamp(properties)
 }
 
+/// The producer span of a message published to `exchange` with `routing_key`: a child of the
+/// current span, or of `stored` (a booking's trace) when it is published outside a handling (the
+/// timer, the boot watch, the console, the CLI); a new trace when neither. Publish inside it
+/// with properties from [`stamp_published`].
+pub fn producer_span(
+    exchange: &str,
+    routing_key: &str,
+    message_id: &str,
+    stored: Option<&TraceContext>,
+) -> tracing::Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = tracing::field::Empty,
+        otel.kind = tracing::field::Empty,
+    );
+    if crate::telemetry::exporting() {
+        span.record("otel.name", format!("publish {routing_key}"));
+        span.record("otel.kind", "producer");
+    }
+    let destination = format!("{exchange}:{routing_key}");
+    messaging(&span, "send", destination, routing_key, message_id);
+    if let Some(stored) = stored {
+        let _ = span.set_parent(stored.to_otel());
+    }
+    span
+}
+
+/// `properties` of a message published inside its [`producer_span`]: that span when it is
+/// exported, else a child of `stored` or of the current context, else a new trace.
+pub fn stamp_published(
+    properties: BasicProperties,
+    stored: Option<&TraceContext>,
+) -> BasicProperties {
+    match (stored, TraceContext::of_span(&tracing::Span::current())) {
+        (Some(stored), None) => stored.child().stamp(properties),
+        _ => stamp_outgoing(properties),
+    }
+}
+
 /// The messaging attributes of OpenTelemetry's semantic conventions for RabbitMQ on `span`
 /// (a no-op when the trace export is off).
 pub fn messaging(

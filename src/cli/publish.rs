@@ -7,7 +7,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use tracing::Instrument;
+
 use crate::broker::json_properties;
+use crate::broker::trace;
 use crate::broker::{EXCHANGE, StageQueue, publish_confirmed};
 use crate::config::Settings;
 use crate::domain::{BookingMessage, parse_message};
@@ -57,9 +60,15 @@ pub async fn run(settings: &Settings, file: &Path) -> anyhow::Result<ExitCode> {
     let (conn, channel) = super::open_broker(settings, "labbook publish").await?;
     let queue = StageQueue::BookingCreated.name();
     let message_id = format!("booking/{id}");
-    let props = json_properties(&message_id);
     let timeout = settings.broker.publish_timeout;
-    publish_confirmed(&channel, (EXCHANGE, queue), &body, props, timeout).await?;
+    // A booking from the command line starts its trace here.
+    let span = trace::producer_span(EXCHANGE, queue, &message_id, None);
+    async {
+        let props = json_properties(&message_id);
+        publish_confirmed(&channel, (EXCHANGE, queue), &body, props, timeout).await
+    }
+    .instrument(span)
+    .await?;
     super::close_broker(conn, channel).await;
     println!(
         "published {what} to exchange {EXCHANGE}, routing key {queue}: confirmed by the broker"

@@ -16,6 +16,8 @@ use crate::store::{BookingRecord, Store, bookings, emails, machines, schedule, s
 struct Status {
     booking: BookingRecord,
     ends_at: String,
+    /// The trace it was stored under (W3C Trace Context), if it has one.
+    trace_id: Option<String>,
     usernames: Vec<String>,
     schedule: Vec<Entry>,
     instances: Vec<Instance>,
@@ -83,7 +85,13 @@ pub async fn run(settings: &Settings, booking_id: &str, json: bool) -> anyhow::R
         .collect();
     let usage = machines::usage(pool, booking_id).await?;
     let cost = Cost::of(&usage, &settings.ec2.prices);
+    let trace_id = booking
+        .traceparent
+        .as_deref()
+        .and_then(|tp| crate::broker::trace::TraceContext::parse(tp, None))
+        .map(|ctx| ctx.trace_id().to_owned());
     let status = Status {
+        trace_id,
         ends_at: crate::format_time(booking.ends_at()),
         usernames: creds.into_iter().map(|c| c.username).collect(),
         schedule: schedule::for_booking(pool, booking_id).await?,
@@ -119,6 +127,9 @@ fn print_text(s: &Status) {
         s.usernames.join(", ")
     );
     println!("received   {}", t(b.created_at));
+    if let Some(trace_id) = &s.trace_id {
+        println!("trace      {trace_id}");
+    }
     for e in &s.schedule {
         let done = e
             .published_at

@@ -144,12 +144,15 @@ pub async fn resend(
     .await?;
     let detail = format!("copy {copy} of the instance details email of revision {revision}");
     insert(&mut *tx, id, operator, (RESEND, Some(revision)), &detail).await?;
+    // Under the booking's trace: the resend is one more step of its story.
+    let trace = crate::store::bookings::trace(&mut *tx, id).await?;
     let message = NotifyMessage::resend(
         id,
         EmailKind::InstanceDetails,
         revision.max(0) as u32,
         copy as u32,
-    );
+    )
+    .traced(trace.as_deref());
     state
         .broker
         .publish_outgoing(&message)

@@ -8,6 +8,7 @@ use lapin::Connection;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::broker::{
     EXCHANGE, PublishError, StageQueue, Topology, confirmed_channel, connect, json_properties,
@@ -110,8 +111,13 @@ impl BrokerLink {
         let conn = self.connection().await?;
         let channel = confirmed_channel(&conn, &self.topology).await?;
         let route = (EXCHANGE, StageQueue::BookingCreated.name());
-        let props = json_properties(message_id);
-        let sent = publish_confirmed(&channel, route, body, props, self.publish_timeout).await;
+        let span = crate::broker::trace::producer_span(route.0, route.1, message_id, None);
+        let sent = async {
+            let props = json_properties(message_id);
+            publish_confirmed(&channel, route, body, props, self.publish_timeout).await
+        }
+        .instrument(span)
+        .await;
         let _ = channel.close(200, "done".into()).await;
         sent.map_err(|e: PublishError| anyhow::Error::new(e))
     }

@@ -83,6 +83,9 @@ fn meaning(name: &str) -> Option<&'static str> {
             "times it waited for a dependency that was down (these never spend attempts)"
         }
         "x-labbook-replayed-at" => "when an operator last replayed it",
+        "x-labbook-failed-in" => {
+            "the span of the handling that gave up (W3C Trace Context): its replay links to it"
+        }
         "traceparent" => "the booking's trace (W3C Trace Context)",
         "x-death" => "the broker's record of each time the message was dead-lettered or expired",
         "x-first-death-queue" | "x-last-death-queue" => "the queue it was dead-lettered from",

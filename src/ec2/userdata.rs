@@ -231,10 +231,12 @@ const SCRIPT_TLJH_INSTALL: &str = r#"  step="download The Littlest JupyterHub's 
 /// missing fails its own step.
 const SCRIPT_PACKAGES: &str = r#"install_packages() {
   local try pause=${LABBOOK_RETRY_SECONDS:-10} lock=DPkg::Lock::Timeout=300
+  # As cloud-init's installs: a changed configuration file is kept, never asked about.
+  local keep="-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold"
   step="install the packages (${packages[*]})"
   for try in 1 2 3; do
     if timeout 600 apt-get -q -o "$lock" update >>"$log" 2>&1 &&
-      DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -q -y -o "$lock" install \
+      DEBIAN_FRONTEND=noninteractive timeout 900 apt-get -q -y -o "$lock" $keep install \
         "${packages[@]}" >>"$log" 2>&1; then
       return 0
     fi
@@ -284,6 +286,14 @@ const SCRIPT_JUPYTERHUB_END: &str = r#"  step="allow the booking's logins"
     step="start JupyterHub at every boot"
     systemctl enable jupyterhub traefik
   fi
+fi
+"#;
+
+/// SSH mode on a machine from a baked image: the image's JupyterHub (enabled in images baked
+/// before the bake disabled it) must not serve a login page nobody set up.
+const SCRIPT_SSH: &str = r#"if [ "$mode" = ssh ] && [ -f "${LABBOOK_BAKED_MARKER:-/etc/labbook/baked}" ]; then
+  step="keep the image's JupyterHub off"
+  systemctl disable --now jupyterhub traefik >>"$log" 2>&1 || true
 fi
 "#;
 
@@ -348,6 +358,8 @@ cloud-init clean --logs --machine-id >>"$log" 2>&1 || cloud-init clean --logs
 : >"$root/etc/machine-id"
 rm -f "$root"/etc/ssh/ssh_host_*
 rm -f "$root"/root/.bash_history "$root"/home/*/.bash_history
+# Each machine's hub makes its own cookie secret at its first start.
+rm -f "$root"/opt/tljh/state/jupyterhub_cookie_secret
 journalctl --rotate >/dev/null 2>&1 || true
 journalctl --vacuum-time=1s >/dev/null 2>&1 || true
 find "$root/var/log" -type f \( -name '*.gz' -o -name '*.[0-9]' -o -name '*.old' \) -delete
@@ -467,6 +479,9 @@ pub fn render(
         script.push_str(SCRIPT_JUPYTERHUB_PROXY);
         script.push_str(SCRIPT_JUPYTERHUB_END);
     }
+    if bootstrap == Bootstrap::Ssh {
+        script.push_str(SCRIPT_SSH);
+    }
     script.push_str(SCRIPT_TAIL);
     let mut run = vec![
         BOOTSTRAP_PATH.to_owned(),
@@ -516,6 +531,46 @@ pub fn render(
 }
 
 /// The HTTPS settings as shell assignments, each value single-quoted.
+/// How many trainees one machine's user-data holds within EC2's 16 KiB, with the longest names
+/// and hashes labbook makes: `Err` says how many fit when `users` do not, so a setting that
+/// could only fail at launch is refused when the process starts.
+pub fn check_room(
+    bootstrap: Bootstrap,
+    https: &Https,
+    admin: &str,
+    users: u32,
+) -> Result<(), String> {
+    // A generated login (`u` and 13 characters), a SHA-512-crypt hash (16 characters of salt).
+    let hash = format!("$6${}${}", "s".repeat(16), "h".repeat(86));
+    let names: Vec<String> = (0..users).map(|i| format!("u{i:013}")).collect();
+    let fits = |n: usize| {
+        let accounts: Vec<Account<'_>> = names[..n]
+            .iter()
+            .map(|name| Account {
+                username: name,
+                password_hash: &hash,
+            })
+            .collect();
+        let admin = Account {
+            username: admin,
+            password_hash: &hash,
+        };
+        render(bootstrap, https, &admin, &accounts).is_ok()
+    };
+    if fits(names.len()) {
+        return Ok(());
+    }
+    // The most that fit: a binary search (fits(0) holds unless the script alone is too big).
+    let (mut lo, mut hi) = (0, names.len());
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid) { lo = mid } else { hi = mid }
+    }
+    Err(format!(
+        "{users} trainees per machine make its user-data larger than EC2's 16 KiB: at most {lo} fit with these settings"
+    ))
+}
+
 fn https_settings(acme: &AcmeSettings) -> String {
     let email = acme.email.as_ref().map_or("", |e| e.as_str());
     format!(
@@ -762,6 +817,25 @@ mod tests {
         );
         // A lab machine's report is not the image's.
         assert_eq!(image_outcome(&format!("{REPORT_OK}\n")), None);
+    }
+
+    #[test]
+    fn too_many_trainees_per_machine_are_refused_at_start() {
+        let https = lets_encrypt();
+        assert!(check_room(Bootstrap::JupyterHub, &https, "labadmin", 2).is_ok());
+        let err = check_room(Bootstrap::JupyterHub, &https, "labadmin", 200).unwrap_err();
+        let most: u32 = err
+            .rsplit("at most ")
+            .next()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((2..200).contains(&most), "{err}");
+        assert!(check_room(Bootstrap::JupyterHub, &https, "labadmin", most).is_ok());
+        assert!(check_room(Bootstrap::JupyterHub, &https, "labadmin", most + 1).is_err());
     }
 
     #[test]
@@ -1046,7 +1120,10 @@ cp "$live/cert.pem" "$live/fullchain.pem"
             run.of("apt-get"),
             [
                 format!("-q {lock} update"),
-                format!("-q -y {lock} install curl python3 python3-dev git"),
+                format!(
+                    "-q -y {lock} -o Dpkg::Options::=--force-confdef \
+                     -o Dpkg::Options::=--force-confold install curl python3 python3-dev git"
+                ),
             ]
         );
         assert_eq!(
@@ -1067,7 +1144,7 @@ cp "$live/cert.pem" "$live/fullchain.pem"
         // services.
         assert!(
             run.at(&format!(
-                "apt-get -q -y {lock} install curl python3 python3-dev git"
+                "apt-get -q -y {lock} -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold install curl python3 python3-dev git"
             )) < run.at(&format!("curl {}", run.of("curl")[0]))
         );
         assert_eq!(run.of("tljh-config"), LOGINS);
@@ -1146,7 +1223,7 @@ cp "$live/cert.pem" "$live/fullchain.pem"
     }
 
     #[test]
-    fn an_ssh_machine_does_as_before_on_a_baked_image() {
+    fn an_ssh_machine_keeps_a_baked_images_jupyterhub_off() {
         let run = Machine {
             bootstrap: Bootstrap::Ssh,
             ..Machine::jupyterhub(true)
@@ -1154,6 +1231,17 @@ cp "$live/cert.pem" "$live/fullchain.pem"
         .boot();
         assert_eq!(run.code, Some(0), "{}", run.console);
         assert_eq!(run.console.trim(), REPORT_OK);
-        assert_eq!(run.calls, Vec::<String>::new());
+        assert_eq!(run.calls, ["systemctl disable --now jupyterhub traefik"]);
+        let plain = Machine {
+            bootstrap: Bootstrap::Ssh,
+            ..Machine::jupyterhub(false)
+        }
+        .boot();
+        assert_eq!(plain.code, Some(0), "{}", plain.console);
+        assert_eq!(
+            plain.calls,
+            Vec::<String>::new(),
+            "a plain image: nothing to stop"
+        );
     }
 }

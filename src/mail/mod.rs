@@ -134,18 +134,35 @@ impl Mailer {
             }
             Err(err) if err.is_permanent() => {
                 metrics::counter!("labbook_emails_total", "outcome" => "refused").increment(1);
-                Err(SendError::Permanent(err.to_string()))
+                Err(SendError::Permanent(without_addresses(&err.to_string())))
             }
             Err(err) => {
                 metrics::counter!("labbook_emails_total", "outcome" => "failed").increment(1);
                 if err.is_transient() {
-                    Err(SendError::Transient(err.to_string()))
+                    Err(SendError::Transient(without_addresses(&err.to_string())))
                 } else {
-                    Err(SendError::Unreachable(err.to_string()))
+                    Err(SendError::Unreachable(without_addresses(&err.to_string())))
                 }
             }
         }
     }
+}
+
+/// `reply` with every word holding an `@` replaced by `<address>`: an SMTP server's refusal
+/// often quotes the recipient (`550 5.1.1 <ana@example.org>: Recipient address rejected`), and
+/// the reason goes on to logs, dead letters, the console and traces.
+fn without_addresses(reply: &str) -> String {
+    reply
+        .split(' ')
+        .map(|word| {
+            if word.contains('@') {
+                "<address>"
+            } else {
+                word
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// The async SMTP transport for `url`: `smtp://host:port` (plain, for local sinks),
@@ -199,4 +216,19 @@ fn builder(url: &str) -> Result<lettre::transport::smtp::AsyncSmtpTransportBuild
             "is not a usable SMTP URL (smtp://host:port, smtps://user:pass@host:465)",
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_keeps_its_code_and_loses_the_address() {
+        let reply =
+            "permanent error (550): 5.1.1 <ana.lopez@example.org>: Recipient address rejected";
+        assert_eq!(
+            without_addresses(reply),
+            "permanent error (550): 5.1.1 <address> Recipient address rejected"
+        );
+    }
 }

@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use lapin::Channel;
 
-use crate::broker::{EXCHANGE, PublishError, StageQueue, json_properties, publish_confirmed};
+use tracing::Instrument;
+
+use crate::broker::publisher::unstamped_properties;
+use crate::broker::trace::{self, TraceContext};
+use crate::broker::{EXCHANGE, PublishError, StageQueue, publish_confirmed};
 use crate::domain::booking::{MAX_DURATION_MINUTES, MIN_DURATION_MINUTES};
 use crate::domain::{BookingId, BookingRules};
 use crate::domain::{BookingMessage, parse_message};
@@ -160,8 +164,17 @@ impl Planned {
     /// the broker's confirm.
     pub async fn publish(&self, channel: &Channel, timeout: Duration) -> Result<(), PublishError> {
         let route = (EXCHANGE, StageQueue::BookingCreated.name());
-        let props = json_properties(&self.message_id);
-        publish_confirmed(channel, route, &self.body, props, timeout).await
+        // Under the booking's own trace: the change is one more step of its story.
+        let stored = self.booking.traceparent.as_deref();
+        let stored = stored.and_then(|tp| TraceContext::parse(tp, None));
+        let span = trace::producer_span(route.0, route.1, &self.message_id, stored.as_ref());
+        async {
+            let props =
+                trace::stamp_published(unstamped_properties(&self.message_id), stored.as_ref());
+            publish_confirmed(channel, route, &self.body, props, timeout).await
+        }
+        .instrument(span)
+        .await
     }
 
     /// What the change will do to the booking, in a sentence for the operator.

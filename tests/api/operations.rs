@@ -327,15 +327,21 @@ async fn publish_validates_first_and_status_shows_the_booking() {
         out.contains("state      scheduled") && out.contains("provision"),
         "{out}"
     );
-    let (code, out, _) = cli(&env, &["status", "cli", "--json"]);
+    let (code, json, _) = cli(&env, &["status", "cli", "--json"]);
     assert_eq!(code, Some(0));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    // The trace the booking was stored under (labbook publish gave it one), by its id.
+    let trace_id = v["trace_id"].as_str().unwrap();
+    assert_eq!(trace_id.len(), 32);
+    assert!(out.contains(&format!("trace      {trace_id}")), "{out}");
     assert_eq!(v["booking"]["number_of_users"], 3);
     assert_eq!(v["usernames"].as_array().unwrap().len(), 3);
-    assert!(
-        !out.to_lowercase().contains("password"),
-        "status never shows a password"
-    );
+    for shown in [&out, &json] {
+        assert!(
+            !shown.to_lowercase().contains("password"),
+            "status never shows a password"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     env.stop().await;
 }

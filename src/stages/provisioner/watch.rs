@@ -114,6 +114,8 @@ impl BootWatch {
             kept.push(outbox::put(&mut tx, message).await?);
         }
         tx.commit().await?;
+        // Once committed: a tick that fails before records its boots again.
+        after.trace_boots(&self.p.store.pool).await;
         // A failed booking's machines are terminated before its failure email is asked for.
         after.terminate(&self.p).await;
         for message in &out {
@@ -266,7 +268,7 @@ impl BootWatch {
                 boots::looked(tx, slot, look, at).await?;
             }
             Step::Ready { http_only } => {
-                trace_boot(tx, slot, "ready", http_only.clone()).await?;
+                after.boot(slot, "ready", http_only.clone());
                 let boot = boot_time(slot, look);
                 boots::ready(tx, slot, look, boot, http_only.as_deref()).await?;
                 metrics::histogram!("labbook_boot_seconds").record(boot.as_secs_f64());
@@ -274,7 +276,7 @@ impl BootWatch {
                 after.finish.insert(booking);
             }
             Step::Replace { why, counts } => {
-                trace_boot(tx, slot, "replaced", Some(why.to_string())).await?;
+                after.boot(slot, "replaced", Some(why.to_string()));
                 tracing::warn!(booking_id = %booking, slot = slot.slot, instance_id = id, reason = %why, "the machine did not become ready; it is replaced");
                 // Retired first, then forgotten by its slot: whatever stops here, the machine
                 // is terminated (by the provision-due below, or the sweep).
@@ -284,7 +286,7 @@ impl BootWatch {
                 after.relaunch.insert(booking);
             }
             Step::Fail(why) => {
-                trace_boot(tx, slot, "failed", Some(why.to_string())).await?;
+                after.boot(slot, "failed", Some(why.to_string()));
                 tracing::warn!(booking_id = %booking, slot = slot.slot, instance_id = id, reason = %why, "the slot's second machine did not become ready; the booking fails");
                 if bookings::transition(&mut *tx, &booking, BookingState::Failed, Some(&why))
                     .await?
@@ -333,6 +335,8 @@ impl Tick for BootWatch {
 struct FollowUps {
     /// A machine became ready: maybe every machine is.
     finish: BTreeSet<String>,
+    /// Boots that ended (ready, replaced, failed), for the trace: the slot, how, why.
+    boots: Vec<(Slot, &'static str, Option<String>)>,
     /// A machine was replaced: launch its slot anew.
     relaunch: BTreeSet<String>,
     /// The booking failed: terminate its machines, send the failure email.
@@ -340,6 +344,25 @@ struct FollowUps {
 }
 
 impl FollowUps {
+    /// Notes a boot that ended, for the trace (only when traces are exported).
+    fn boot(&mut self, slot: &Slot, outcome: &'static str, note: Option<String>) {
+        if crate::telemetry::exporting() {
+            self.boots.push((slot.clone(), outcome, note));
+        }
+    }
+
+    /// Each boot noted as a span of its booking's trace; a booking whose trace cannot be read
+    /// now has its boot in a trace of its own (the boot watch goes on).
+    async fn trace_boots(&self, pool: &sqlx::PgPool) {
+        for (slot, outcome, note) in &self.boots {
+            let parent = bookings::trace(pool, &slot.booking_id).await.ok().flatten();
+            let parent = parent
+                .as_deref()
+                .and_then(|tp| TraceContext::parse(tp, None));
+            trace_boot(slot, parent.as_ref(), outcome, note.clone());
+        }
+    }
+
     /// The messages to publish once the claim commits, each continuing the trace its booking
     /// was stored under.
     async fn messages(&self, tx: &mut PgConnection) -> Result<Vec<Outgoing>, sqlx::Error> {
@@ -388,31 +411,22 @@ impl FollowUps {
     }
 }
 
-/// A machine's boot, from its launch to now, as a span of its booking's trace (when traces are
-/// exported): how long it took and how it ended. `note`: why it was replaced or failed, or why
-/// it serves HTTP only (an error status unless it became ready).
-async fn trace_boot(
-    tx: &mut PgConnection,
-    slot: &Slot,
-    outcome: &'static str,
-    note: Option<String>,
-) -> Result<(), sqlx::Error> {
+/// A machine's boot, from its launch to now, as a span of its booking's trace: how long it
+/// took and how it ended. `note`: why it was replaced or failed (an error status), or why it
+/// serves HTTP only.
+fn trace_boot(slot: &Slot, parent: Option<&TraceContext>, outcome: &str, note: Option<String>) {
     use opentelemetry::KeyValue;
-    if !crate::telemetry::exporting() {
-        return Ok(());
-    }
-    let parent = bookings::trace(&mut *tx, &slot.booking_id).await?;
-    let parent = parent
-        .as_deref()
-        .and_then(|tp| TraceContext::parse(tp, None));
     let mut attributes = vec![
         KeyValue::new("labbook.booking_id", slot.booking_id.clone()),
         KeyValue::new("labbook.slot", i64::from(slot.slot)),
-        KeyValue::new("labbook.boot.outcome", outcome),
+        KeyValue::new("labbook.boot.outcome", outcome.to_owned()),
         KeyValue::new("labbook.console_reads", i64::from(slot.console_reads)),
     ];
     if let Some(id) = &slot.instance_id {
         attributes.push(KeyValue::new("cloud.resource_id", id.clone()));
+    }
+    if let Some(image) = &slot.image_id {
+        attributes.push(KeyValue::new("labbook.image_id", image.clone()));
     }
     let (error, note) = match outcome {
         "ready" => (None, note),
@@ -422,14 +436,7 @@ async fn trace_boot(
         attributes.push(KeyValue::new("labbook.http_only", note));
     }
     let start = slot.launched_at.unwrap_or_else(Utc::now);
-    trace::record_span(
-        "machine boot",
-        parent.as_ref(),
-        start.into(),
-        attributes,
-        error,
-    );
-    Ok(())
+    trace::record_span("machine boot", parent, start.into(), attributes, error);
 }
 
 /// The machine's time from launch to ready: to when EC2 says its console was last written,
