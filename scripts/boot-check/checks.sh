@@ -140,7 +140,7 @@ check_jupyterhub_boot() {
   local name=$1 slot0=$2/slot-0
   read_logins "$slot0"
   vm_wait "$name" "$REPORT_ERE" "$BOOT_TIMEOUT" "the bootstrap's report on the console"
-  FIG_JH_FAILED=$(vm_elapsed "$name")
+  FIG_JH_FAILED=$(vm_seen_at "$name" "$REPORT_ERE")
   say "[$name] console at $FIG_JH_FAILED s: $VM_MATCH"
   case $VM_MATCH in
   "labbook-bootstrap: failed: download The Littlest JupyterHub's installer (exit "*)
@@ -149,8 +149,46 @@ check_jupyterhub_boot() {
   *) die "[$name] expected the installer's download to fail, the console says: $VM_MATCH" ;;
   esac
   vm_wait "$name" "$CLOUD_INIT_DONE_ERE" $((FIG_JH_FAILED + 300)) "cloud-init's final message"
-  FIG_JH_DONE=$(vm_elapsed "$name")
+  FIG_JH_DONE=$(vm_seen_at "$name" "$CLOUD_INIT_DONE_ERE")
   pass "cloud-init finished ($FIG_JH_DONE s)"
   expect_refused "$name" "${TRAINEES[0]}" "${TRAINEES[1]}" "password SSH login (off in jupyterhub mode)"
   FIGURES[$name]="'labbook-bootstrap: failed' at $FIG_JH_FAILED s, cloud-init done at $FIG_JH_DONE s"
+}
+
+# The jupyterhub user-data on the stand-in for a baked image (image.sh): the fast path.
+check_baked_boot() {
+  local name=$1 slot0=$2/slot-0 text allowed expected report i
+  read_logins "$slot0"
+  vm_wait "$name" "labbook-baked: [^[:cntrl:]]*" "$BOOT_TIMEOUT" "the bootstrap's fast-path line"
+  pass "the bootstrap found the baked image's marker: $VM_MATCH"
+  vm_wait "$name" "$REPORT_ERE" "$BOOT_TIMEOUT" "the bootstrap's report on the console"
+  FIG_BAKED_REPORT=$(vm_seen_at "$name" "$REPORT_ERE")
+  # The console as read now (grep -q in a pipe would fail it under pipefail).
+  text=$(tr -d '\r' <"${VM_DIR[$name]}/console.log")
+  report=$(grep -aoE 'labbook-bootstrap: [^[:cntrl:]]*' <<<"$text" | tail -n1)
+  say "[$name] console at $FIG_BAKED_REPORT s: $report"
+  case $report in
+  "labbook-bootstrap: ok"*) pass "the fast path reports ok ($FIG_BAKED_REPORT s after QEMU started)" ;;
+  *) die "[$name] expected the fast path to succeed, the console says: $report" ;;
+  esac
+  ! grep -aq "download The Littlest JupyterHub" <<<"$text" ||
+    die "[$name] the fast path tried TLJH's installer"
+  # The logins TLJH was given, as the stand-in's tljh-config wrote them on the console.
+  allowed=$(grep -aoE 'boot-check tljh-config: add-item users\.allowed [^[:space:]]+' <<<"$text" |
+    awk '{ print $NF }' | sort | tr '\n' ' ')
+  expected=${ADMIN[0]}
+  for ((i = 0; i < ${#TRAINEES[@]}; i += 2)); do expected+=$'\n'${TRAINEES[i]}; done
+  expected=$(sort <<<"$expected" | tr '\n' ' ')
+  [ "$allowed" = "$expected" ] ||
+    die "[$name] TLJH was given the logins '$allowed', the booking's instance 0 has '$expected'"
+  pass "TLJH was given exactly instance 0's logins and its admin: $allowed"
+  grep -aq 'boot-check tljh-config: add-item users.admin '"${ADMIN[0]}" <<<"$text" ||
+    die "[$name] the admin ${ADMIN[0]} was not made TLJH's admin"
+  grep -aqE '^boot-check tljh-config: reload$' <<<"$text" ||
+    die "[$name] TLJH was not reloaded"
+  pass "the admin made TLJH's admin, and TLJH reloaded"
+  vm_wait "$name" "$CLOUD_INIT_DONE_ERE" $((FIG_BAKED_REPORT + 300)) "cloud-init's final message"
+  FIG_BAKED_DONE=$(vm_seen_at "$name" "$CLOUD_INIT_DONE_ERE")
+  pass "cloud-init finished ($FIG_BAKED_DONE s)"
+  FIGURES[$name]="'$report' at $FIG_BAKED_REPORT s, cloud-init done at $FIG_BAKED_DONE s"
 }

@@ -17,8 +17,16 @@
 #   configuration is Debian's; systemd-networkd runs the network cloud-init writes;
 # - curl and e2fsprogs, as on every cloud image (the JupyterHub bootstrap needs curl before
 #   cloud-init's packages are in; cloud-init's resizefs needs resize2fs).
+#
+# A second disk from the same root stands in for a baked image (`labbook image build`): the
+# marker /etc/labbook/baked as the bake writes it, JupyterHub's two services disabled as the
+# bake leaves them (each a placeholder that sleeps), and a `tljh-config` that does nothing but
+# write each call to the console (`boot-check tljh-config: ...`). The Littlest JupyterHub
+# itself cannot be installed without the internet; what the check shows is the bootstrap's fast
+# path under a real cloud-init and systemd: no package or installer fetched, the services
+# stopped and enabled, exactly the booking's logins given to TLJH, the report.
 
-IMAGE_RECIPE=1
+IMAGE_RECIPE=2
 IMAGE_SUITE=trixie
 IMAGE_PACKAGES=(
   linux-image-amd64 initramfs-tools systemd-sysv udev dbus
@@ -29,6 +37,7 @@ IMAGE_SIZE=4G
 VM_CACHE="${LABBOOK_VM_CACHE:-/var/cache/labbook/vm}"
 IMAGE_DIR="$VM_CACHE/$IMAGE_SUITE-r$IMAGE_RECIPE"
 IMAGE_DISK="$IMAGE_DIR/disk.raw"
+IMAGE_BAKED_DISK="$IMAGE_DIR/disk-baked.raw"
 IMAGE_KERNEL="$IMAGE_DIR/vmlinuz"
 IMAGE_INITRD="$IMAGE_DIR/initrd.img"
 IMAGE_DONE="$IMAGE_DIR/.done"
@@ -144,8 +153,38 @@ image_assemble() {
   truncate -s "$IMAGE_SIZE" "$IMAGE_DISK"
   mkfs.ext4 -q -F -L labbook-root -d "$r" "$IMAGE_DISK" ||
     die "mkfs.ext4 -d failed (e2fsprogs 1.43 or later is needed)"
+  image_bake_stand_in
+  say "mkfs.ext4 -d: the baked image's stand-in"
+  truncate -s "$IMAGE_SIZE" "$IMAGE_BAKED_DISK"
+  mkfs.ext4 -q -F -L labbook-root -d "$r" "$IMAGE_BAKED_DISK" ||
+    die "mkfs.ext4 -d failed for the baked image's stand-in"
   printf 'recipe %s, %s, kernel %s, built %s\n' "$IMAGE_RECIPE" "$IMAGE_SUITE" \
     "$(basename "$kernel")" "$(date -u +%FT%TZ)" >"$IMAGE_DIR/version"
+}
+
+# What `labbook image build` leaves on an image, in the build root (after the plain disk is
+# made from it): see the top of this file.
+image_bake_stand_in() {
+  local r=$IMAGE_BUILD_ROOT unit
+  mkdir -p "$r/etc/labbook" "$r/usr/local/bin" "$r/etc/systemd/system"
+  printf 'labbook_version=boot-check\nholds=tljh,certbot (stand-in)\nbaked_at=%s\n' \
+    "$(date -u +%FT%TZ)" >"$r/etc/labbook/baked"
+  cat >"$r/usr/local/bin/tljh-config" <<'EOF'
+#!/bin/sh
+# The boot check's stand-in for The Littlest JupyterHub's tljh-config: says each call.
+printf 'boot-check tljh-config: %s\n' "$*" >/dev/console
+EOF
+  chmod 755 "$r/usr/local/bin/tljh-config"
+  for unit in jupyterhub traefik; do
+    cat >"$r/etc/systemd/system/$unit.service" <<EOF
+[Unit]
+Description=the boot check's stand-in for TLJH's $unit
+[Service]
+ExecStart=/bin/sleep infinity
+[Install]
+WantedBy=multi-user.target
+EOF
+  done
 }
 
 # The image of this recipe: made when missing (or left unfinished), else reused. Sets

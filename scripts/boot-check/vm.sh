@@ -6,21 +6,21 @@
 # restrict=on: the guest reaches nothing, not even the host, and only SSH is forwarded to it,
 # from 127.0.0.1.
 
-declare -A VM_PID VM_PORT VM_T0 VM_DIR
+declare -A VM_PID VM_PORT VM_T0 VM_DIR VM_STAMPER
 VM_MEMORY=1024
 
 vm_free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# vm_boot NAME SLOT_DIR: starts QEMU for the instance whose user-data and meta-data are in
-# SLOT_DIR; returns at once.
+# vm_boot NAME SLOT_DIR [DISK]: starts QEMU for the instance whose user-data and meta-data are
+# in SLOT_DIR, from DISK (the plain image by default); returns at once.
 vm_boot() {
-  local name=$1 slot=$2 dir port
+  local name=$1 slot=$2 disk=${3:-$IMAGE_DISK} dir port
   dir=$WORK/vm-$name
   rm -rf "$dir"
   mkdir -p "$dir"
-  qemu-img create -q -f qcow2 -b "$IMAGE_DISK" -F raw "$dir/disk.qcow2"
+  qemu-img create -q -f qcow2 -b "$disk" -F raw "$dir/disk.qcow2"
   genisoimage -quiet -output "$dir/seed.iso" -volid cidata -joliet -rock \
     "$slot/user-data" "$slot/meta-data"
   port=$(vm_free_port)
@@ -40,6 +40,33 @@ vm_boot() {
   VM_PORT[$name]=$port
   VM_T0[$name]=$(date +%s)
   VM_DIR[$name]=$dir
+  # Each console line with the second (after QEMU started) it was first seen: the machines boot
+  # at once but are checked one after the other, so a check may read a line long after it came.
+  python3 -u - "$dir/console.log" "${VM_T0[$name]}" >"$dir/console.times" 2>/dev/null <<'PY' &
+import sys, time
+path, t0, pos, buf = sys.argv[1], float(sys.argv[2]), 0, b""
+while True:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            data = f.read()
+    except FileNotFoundError:
+        data = b""
+    pos += len(data)
+    *lines, buf = (buf + data).split(b"\n")
+    now = int(time.time() - t0)
+    for line in lines:
+        print(now, line.decode("utf-8", "replace").replace("\r", ""))
+    time.sleep(1)
+PY
+  VM_STAMPER[$name]=$!
+}
+
+# vm_seen_at NAME ERE: the second after QEMU started at which a console line first matched ERE.
+vm_seen_at() {
+  local at
+  at=$(grep -aE -m1 "^[0-9]+ .*($2)" "${VM_DIR[$1]}/console.times" | cut -d' ' -f1)
+  echo "${at:-$(vm_elapsed "$1")}"
 }
 
 vm_elapsed() { echo $(($(date +%s) - ${VM_T0[$1]})); }
@@ -77,6 +104,10 @@ vm_wait() {
 
 vm_stop() {
   local name=$1 pid=${VM_PID[$1]:-}
+  if [ -n "${VM_STAMPER[$name]:-}" ]; then
+    kill "${VM_STAMPER[$name]}" 2>/dev/null || true
+    unset "VM_STAMPER[$name]"
+  fi
   [ -n "$pid" ] || return 0
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM "$pid" 2>/dev/null || true
