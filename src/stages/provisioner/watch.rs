@@ -45,7 +45,7 @@ const RETRY_LOOK: Duration = Duration::from_secs(5);
 /// The boot watch of one provisioner replica.
 pub struct BootWatch {
     p: Arc<Provisioner>,
-    boot_times: Mutex<Option<(Instant, Duration)>>,
+    boot_times: Mutex<Option<(Instant, Option<machines::BootTimes>)>>,
     census_at: Mutex<Option<Instant>>,
 }
 
@@ -59,25 +59,26 @@ impl BootWatch {
         }
     }
 
-    /// The waits and the pace of looks, with the image's expected boot: the median of its
-    /// recorded boots, else `LABBOOK_EXPECTED_BOOT_SECONDS`.
+    /// The waits and the pace of looks for the image ([`Pace::for_image`]: its recorded boots,
+    /// else `LABBOOK_EXPECTED_BOOT_SECONDS`), read again every [`BOOT_TIMES_TTL`].
     async fn pace(&self) -> Result<Pace, sqlx::Error> {
         let cached = *self.boot_times.lock().expect("boot times lock");
-        let expected = match cached {
-            Some((at, expected)) if at.elapsed() < BOOT_TIMES_TTL => expected,
+        let recorded = match cached {
+            Some((at, recorded)) if at.elapsed() < BOOT_TIMES_TTL => recorded,
             _ => {
                 let recorded = machines::boot_times(&self.p.store.pool, &self.p.ami_id).await?;
-                let expected = recorded.map_or(self.p.settings.expected_boot, |t| t.median);
                 *self.boot_times.lock().expect("boot times lock") =
-                    Some((Instant::now(), expected));
-                expected
+                    Some((Instant::now(), recorded));
+                recorded
             }
         };
-        Ok(Pace {
-            running_timeout: self.p.settings.running_timeout,
-            ready_timeout: self.p.settings.ready_timeout,
-            expected_boot: expected,
-        })
+        let s = &self.p.settings;
+        Ok(Pace::for_image(
+            s.running_timeout,
+            s.ready_timeout,
+            s.expected_boot,
+            recorded,
+        ))
     }
 
     /// One claim of `phase`: look, decide, record, publish, commit. Returns how many machines
