@@ -11,7 +11,9 @@ use labbook::startup::Worker;
 use labbook::store::{bookings, emails, slots};
 use lapin::BasicProperties;
 
-use crate::helpers::{TestEnv, booking_for, emails_to, unique_id, user_data_of, wait_emails};
+use crate::helpers::{
+    METRICS_ON, TestEnv, booking_for, emails_to, unique_id, user_data_of, wait_emails, wait_waiting,
+};
 
 fn text_lines(email: &serde_json::Value) -> Vec<String> {
     email["text"]
@@ -275,7 +277,9 @@ async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_b
         ("LABBOOK_MAX_ATTEMPTS", "30"),
     ])
     .await;
-    env.spawn(&[Worker::Credentials, Worker::Notifier]).await;
+    let metrics = env
+        .spawn_with(&[Worker::Credentials, Worker::Notifier], &[METRICS_ON])
+        .await;
     let id = unique_id("smtp-down");
     let to = format!("{id}@example.org");
     env.publish_booking(&booking_for(
@@ -286,7 +290,8 @@ async fn the_notifier_keeps_running_while_smtp_is_down_and_delivers_once_it_is_b
         60,
     ))
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The confirmation waits for the relay, again and again, and nothing goes out.
+    wait_waiting(metrics, "notify", 3).await;
     assert!(emails_to(&to).await.is_empty());
     let store = env.store().await;
     let log = emails::for_booking(&store.pool, &id).await.unwrap();

@@ -14,8 +14,8 @@ use labbook::store::{bookings, emails};
 use lapin::BasicProperties;
 
 use crate::helpers::{
-    TestEnv, booking_for, booking_json, eventually, header, instances_for, publish_ref, state_of,
-    unique_id,
+    METRICS_ON, TestEnv, booking_for, booking_json, eventually, header, instances_for, publish_ref,
+    state_of, unique_id, wait_waiting,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,7 +52,9 @@ async fn a_relay_outage_then_greylisting_still_delivers_the_email() {
         ("LABBOOK_MAX_ATTEMPTS", "2"),
     ])
     .await;
-    env.spawn(&[Worker::Credentials, Worker::Notifier]).await;
+    let metrics = env
+        .spawn_with(&[Worker::Credentials, Worker::Notifier], &[METRICS_ON])
+        .await;
     let id = unique_id("outage-451");
     let to = format!("{id}@example.org");
     let at = Utc::now() + chrono::Duration::days(1);
@@ -61,7 +63,7 @@ async fn a_relay_outage_then_greylisting_still_delivers_the_email() {
     // The relay is down for a while: the confirmation waits, many times more than its
     // attempts (the delays are 100 and 200 ms).
     env.wait_state(&id, "received").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_waiting(metrics, "notify", 5).await;
     let store = env.store().await;
     assert_eq!(
         env.depth("notify.dlq").await,
@@ -306,13 +308,17 @@ async fn an_ec2_outage_then_recovery_provisions_without_spending_attempts() {
         ("LABBOOK_MAX_ATTEMPTS", "2"),
     ])
     .await;
-    env.spawn(&[Worker::Credentials, Worker::Scheduler, Worker::Provisioner])
+    let metrics = env
+        .spawn_with(
+            &[Worker::Credentials, Worker::Scheduler, Worker::Provisioner],
+            &[METRICS_ON],
+        )
         .await;
     let id = unique_id("ec2-away");
     env.publish_booking(&booking_json(&id, 2, -1)).await;
     env.wait_state(&id, "provisioning").await;
-    // Waiting, far longer than two attempts would last.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Waiting, more times than its two attempts.
+    wait_waiting(metrics, "provision-due", 4).await;
     assert_eq!(env.depth("provision-due.dlq").await, 0);
     let moto = crate::helpers::moto_url();
     let _ec2 = crate::helpers::Relay::start(port, moto.trim_start_matches("http://")).await;

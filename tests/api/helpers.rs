@@ -790,6 +790,49 @@ async fn smtp_session(
     }
 }
 
+/// The sum of the samples of `name` on a worker's `/metrics` at `addr` whose labels include
+/// every one of `labels`.
+pub async fn metric(addr: std::net::SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the stage consuming `stage` has waited `n` times for a dependency that is down
+/// (`labbook_messages_total{outcome="waiting"}` on the metrics endpoint at `addr`): a message
+/// that waited more times than its attempts allow and is not dead-lettered was not charged
+/// for them. No fixed sleep: the count says when.
+pub async fn wait_waiting(addr: Option<std::net::SocketAddr>, stage: &str, n: u32) {
+    let addr = addr.expect("the workers' metrics endpoint is on");
+    let labels = [("stage", stage), ("outcome", "waiting")];
+    eventually(
+        Duration::from_secs(60),
+        &format!("{n} waits at {stage}"),
+        || async move {
+            (metric(addr, "labbook_messages_total", &labels).await >= f64::from(n)).then_some(())
+        },
+    )
+    .await
+}
+
+/// Metrics on a port of its own, for [`wait_waiting`].
+pub const METRICS_ON: (&str, &str) = ("LABBOOK_METRICS_ADDR", "127.0.0.1:0");
+
 /// The offering a test's machines launch as by default (`t3.small`, the default VPC).
 pub fn default_offering() -> labbook::ec2::Offering {
     labbook::ec2::Offering {

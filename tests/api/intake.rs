@@ -7,7 +7,10 @@ use labbook::domain::{BookingRef, EmailKind, NotifyMessage};
 use labbook::startup::Worker;
 use labbook::store::bookings;
 
-use crate::helpers::{Relay, TestEnv, attempts, booking_json, eventually, header, pg_host_port};
+use crate::helpers::{
+    METRICS_ON, Relay, TestEnv, attempts, booking_json, eventually, header, pg_host_port,
+    wait_waiting,
+};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -225,15 +228,15 @@ async fn a_database_outage_is_waited_out_without_spending_attempts() {
         ("LABBOOK_MAX_ATTEMPTS", "2"),
     ])
     .await;
-    env.spawn(&[Worker::Credentials]).await;
+    let metrics = env.spawn_with(&[Worker::Credentials], &[METRICS_ON]).await;
     env.publish_booking(&booking_json("later", 2, 24)).await;
     // Each attempt fails (no database) and the message waits in a retry tier...
     eventually(WAIT, "a message in a retry tier", || async {
         (env.depth("booking-created.retry.600ms").await == 1).then_some(())
     })
     .await;
-    // ...for longer than its two attempts would last, and is not dead-lettered.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // ...more times than its two attempts, and is not dead-lettered.
+    wait_waiting(metrics, "booking-created", 4).await;
     assert_eq!(env.depth("booking-created.dlq").await, 0);
     let _db = Relay::start(port, &pg_host_port()).await;
     let ready = env.take("credentials-ready", 1, WAIT).await;

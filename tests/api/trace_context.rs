@@ -13,7 +13,7 @@ use crate::helpers::{TestEnv, booking_json, header, unique_id};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-async fn bind_events(env: &TestEnv, queue: &str) {
+pub(crate) async fn bind_events(env: &TestEnv, queue: &str) {
     let (conn, channel) = env.channel().await;
     let durable = QueueDeclareOptions {
         durable: true,

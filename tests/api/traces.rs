@@ -27,7 +27,7 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message;
 
 use crate::helpers::{TestEnv, booking_at, booking_for, eventually, unique_id, wait_emails};
-use crate::trace_context::with_traceparent;
+use crate::trace_context::{bind_events, with_traceparent};
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const UPSTREAM_SPAN: &str = "b7ad6b7169203331";
@@ -164,6 +164,7 @@ fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
 async fn a_booking_published_with_a_traceparent_is_one_trace_of_every_stage() {
     let (telemetry, received) = export().await;
     let mut env = TestEnv::new().await;
+    bind_events(&env, "span-events").await;
     env.spawn(&Worker::ALL).await;
     let id = unique_id("spans");
     let to = format!("{id}@example.org");
@@ -178,6 +179,18 @@ async fn a_booking_published_with_a_traceparent_is_one_trace_of_every_stage() {
     .await;
     let emails = wait_emails(&to, 2).await;
     env.wait_state(&id, "ended").await;
+    // The `ended` event is published by the events relay after the state changed: it is out
+    // once it reaches the upstream's queue.
+    eventually(Duration::from_secs(30), "the ended event", || async {
+        let events = env
+            .take("span-events", 10, Duration::from_millis(300))
+            .await;
+        events
+            .iter()
+            .any(|d| d.routing_key.as_str() == "booking.ended")
+            .then_some(())
+    })
+    .await;
     env.stop().await;
     telemetry.flush();
 
