@@ -8,8 +8,6 @@ use chrono::{DateTime, SubsecRound, Utc};
 use labbook::startup::Worker;
 use labbook::store::schedule::{self, Action};
 use labbook::store::{BookingRecord, bookings, slots};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::helpers::{TestEnv, all_terminated, eventually, header, instances_for, unique_id};
@@ -30,26 +28,7 @@ impl Changes {
         let mut vars = vec![("SMTP_URL", smtp.as_str())];
         vars.extend_from_slice(extra);
         let env = TestEnv::with(&vars).await;
-        let (conn, channel) = env.channel().await;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        channel
-            .queue_declare("test-events".into(), durable, FieldTable::default())
-            .await
-            .unwrap();
-        channel
-            .queue_bind(
-                "test-events".into(),
-                "labbook.events".into(),
-                "booking.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        conn.close(200, "done".into()).await.ok();
+        crate::trace_context::bind_events(&env, "test-events").await;
         Self { env, outbox }
     }
 

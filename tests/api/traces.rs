@@ -360,17 +360,7 @@ async fn a_retried_and_a_replayed_message_keep_their_trace() {
     )
     .await;
     let (conn, _channel) = env.channel().await;
-    eventually(
-        Duration::from_secs(30),
-        "the refused booking's dead letter",
-        || async {
-            let n = labbook::broker::dlq::depth(&conn, "booking-created.dlq")
-                .await
-                .unwrap();
-            (n == 1).then_some(())
-        },
-    )
-    .await;
+    one_dead_letter(&env, "the refused booking's dead letter").await;
     let replay =
         labbook::broker::dlq::replay(&conn, StageQueue::BookingCreated, None, None, |_| {
             ControlFlow::Continue(())
@@ -378,17 +368,7 @@ async fn a_retried_and_a_replayed_message_keep_their_trace() {
         .await
         .unwrap();
     assert_eq!(replay.replayed, 1);
-    eventually(
-        Duration::from_secs(30),
-        "dead-lettered again after the replay",
-        || async {
-            let n = labbook::broker::dlq::depth(&conn, "booking-created.dlq")
-                .await
-                .unwrap();
-            (n == 1).then_some(())
-        },
-    )
-    .await;
+    one_dead_letter(&env, "dead-lettered again after the replay").await;
     env.stop().await;
     relay.abort();
     telemetry.flush();
@@ -444,6 +424,14 @@ async fn a_retried_and_a_replayed_message_keep_their_trace() {
         vec![(refused_trace.to_owned(), first.span_id.clone())],
         "the replay links to the handling that dead-lettered it"
     );
+}
+
+/// Waits until `booking-created.dlq` holds one message.
+async fn one_dead_letter(env: &TestEnv, what: &str) {
+    eventually(Duration::from_secs(30), what, || async {
+        (env.depth("booking-created.dlq").await == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
