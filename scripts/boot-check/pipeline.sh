@@ -33,7 +33,8 @@ pipeline_psql() {
 
 pipeline_setup() {
   say "services (scripts/services.sh), database $PIPELINE_DB, vhost $PIPELINE_VHOST"
-  scripts/services.sh >&2
+  # The services outlive the check: they must not hold its lock (fd 6).
+  scripts/services.sh >&2 6>&-
   # What an interrupted run may have left.
   rabbitmqctl -q delete_vhost "$PIPELINE_VHOST" >/dev/null 2>&1 || true
   pipeline_psql "DROP DATABASE IF EXISTS $PIPELINE_DB WITH (FORCE)"
