@@ -17,10 +17,13 @@
 #    instance 1 are refused; cloud-init is done; /etc/shadow holds the user-data's hashes.
 #    jupyterhub: the installer cannot be downloaded, and the console says
 #    `labbook-bootstrap: failed: ...` within a bounded time.
-#    baked: the jupyterhub user-data again, on a stand-in for a baked image (image.sh): the
-#    bootstrap takes its fast path (`labbook-baked: ...`), fetches nothing, gives TLJH exactly
-#    the booking's logins and reports `labbook-bootstrap: ok (http only: ...)` (no instance
-#    metadata, so no certificate), sooner than the plain image's failure.
+#    baked: the jupyterhub user-data again, on a stand-in for a baked image on EC2 (image.sh):
+#    the bootstrap takes its fast path (`labbook-baked: ...`), fetches no package or installer,
+#    reads its address from an IMDSv2 stand-in, installs the pinned certbot from the host's copy
+#    of its wheels (hashes checked), gets a certificate for the address from an ACME server on
+#    the host (Debian's pebble: acme.sh), gives TLJH exactly the booking's logins and the
+#    certificate, and reports `labbook-bootstrap: ok`; the machine's port 443 then serves that
+#    certificate, verified for the address up to pebble's root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -35,20 +38,27 @@ and checks it: with LABBOOK_BOOTSTRAP=ssh the trainees and the admin log in over
 passwords labbook emailed (and only they, and only the admin has sudo); with
 LABBOOK_BOOTSTRAP=jupyterhub and no way out to the internet, the bootstrap reports its
 failure on the serial console; the same user-data on a stand-in for a baked image takes the
-fast path: nothing fetched, exactly the booking's logins given to TLJH, its report "ok". Prints the image build time, each boot's time to login (or to
-the failure report) and the total. Exits non-zero, saying which check failed, on any failure.
+fast path (nothing fetched but certbot's pinned wheels), gets a certificate for its address
+from an ACME server on the host (pebble), gives TLJH exactly the booking's logins and the
+certificate, reports "ok" and serves HTTPS verified for its address. Prints the image build
+time, each boot's times (report, certificate, login or failure) and the total. Exits non-zero,
+saying which check failed, on any failure.
 
-Both machines boot at once. On 2 cores without KVM: the image takes about 4 minutes to make
-(once), the ssh machine about 1.5 minutes to its first login, the jupyterhub one about 4
-minutes to its failure report (its download retries alone sleep 150 s); about 4.5 minutes in
+The machines boot at once. On 2 cores without KVM: the image takes about 2.5 minutes to make
+(once), the ssh machine about 2 minutes to its first login, the baked one about 3 minutes to
+its report (its certificate step about 1 minute), the jupyterhub one about 5.5 minutes to its
+failure report (its package and download retries alone sleep about 180 s); about 6 minutes in
 all with the image cached.
 
 Runs as root (debootstrap, chroot, apt-get for missing tools: qemu-system-x86, debootstrap,
-genisoimage, sshpass). Uses the services of scripts/services.sh (PostgreSQL, RabbitMQ, moto,
-maildev; started if down) with its own database and vhost; sends nothing beyond 127.0.0.0/8.
+genisoimage, sshpass, socat, openssl, pebble). Uses the services of scripts/services.sh
+(PostgreSQL, RabbitMQ, moto, maildev; started if down) with its own database and vhost. The
+image's packages and certbot's wheels are fetched once, from Debian's mirror and PyPI; the
+checks send nothing beyond 127.0.0.0/8.
 
 Options:
-  --only MODE    check one bootstrap only: ssh (about 3 minutes), jupyterhub or baked
+  --only MODE    check one machine only: ssh, jupyterhub or baked (about 2.5 minutes each
+                 but jupyterhub's 5.5)
   --image-only   make (or find cached) the VM image, then stop
   --keep         keep the work directory (user-data, seeds, console logs) after success;
                  it is always kept after a failure
@@ -110,6 +120,9 @@ need_tools() {
   command -v qemu-img >/dev/null || missing+=(qemu-utils)
   command -v genisoimage >/dev/null || missing+=(genisoimage)
   command -v sshpass >/dev/null || missing+=(sshpass)
+  command -v socat >/dev/null || missing+=(socat)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v pebble >/dev/null || missing+=(pebble)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
   command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
   command -v ssh >/dev/null || missing+=(openssh-client)
@@ -125,6 +138,8 @@ need_tools() {
 . "$HERE/image.sh"
 # shellcheck source=scripts/boot-check/pipeline.sh
 . "$HERE/pipeline.sh"
+# shellcheck source=scripts/boot-check/acme.sh
+. "$HERE/acme.sh"
 # shellcheck source=scripts/boot-check/vm.sh
 . "$HERE/vm.sh"
 # shellcheck source=scripts/boot-check/checks.sh
@@ -173,6 +188,7 @@ on_exit() {
   local console
   set +e
   vm_stop_all
+  acme_stop
   pipeline_cleanup
   if [ -n "$SUCCEEDED" ] && [ -z "$KEEP" ]; then
     rm -rf "$WORK"
@@ -207,13 +223,15 @@ pipeline_cleanup
 # The machines boot at once (each QEMU runs its one virtual CPU on a thread of its own).
 for mode in "${MODES[@]}"; do
   if [ "$mode" = baked ]; then
-    vm_boot baked "$WORK/jupyterhub/slot-0" "$IMAGE_BAKED_DISK"
+    acme_start
+    vm_boot baked "$WORK/jupyterhub/slot-0" "$IMAGE_BAKED_DISK" "$(acme_guestfwd)"
   else
     vm_boot "$mode" "$WORK/$mode/slot-0"
   fi
 done
 for mode in "${MODES[@]}"; do "check_${mode}_boot" "$mode" "$WORK/$(bootstrap_of "$mode")"; done
 vm_stop_all
+acme_stop
 
 T_TOTAL=$(($(date +%s) - T_START))
 SUCCEEDED=1

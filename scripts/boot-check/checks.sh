@@ -155,7 +155,8 @@ check_jupyterhub_boot() {
   FIGURES[$name]="'labbook-bootstrap: failed' at $FIG_JH_FAILED s, cloud-init done at $FIG_JH_DONE s"
 }
 
-# The jupyterhub user-data on the stand-in for a baked image (image.sh): the fast path.
+# The jupyterhub user-data on the stand-in for a baked image (image.sh), with the ACME server
+# and certbot's wheels on the host (acme.sh): the fast path, and HTTPS.
 check_baked_boot() {
   local name=$1 slot0=$2/slot-0 text allowed expected report i
   read_logins "$slot0"
@@ -167,10 +168,9 @@ check_baked_boot() {
   text=$(tr -d '\r' <"${VM_DIR[$name]}/console.log")
   report=$(grep -aoE 'labbook-bootstrap: [^[:cntrl:]]*' <<<"$text" | tail -n1)
   say "[$name] console at $FIG_BAKED_REPORT s: $report"
-  case $report in
-  "labbook-bootstrap: ok"*) pass "the fast path reports ok ($FIG_BAKED_REPORT s after QEMU started)" ;;
-  *) die "[$name] expected the fast path to succeed, the console says: $report" ;;
-  esac
+  [ "$report" = "labbook-bootstrap: ok" ] ||
+    die "[$name] expected the fast path to succeed with HTTPS, the console says: $report"
+  pass "the fast path reports ok, with HTTPS ($FIG_BAKED_REPORT s after QEMU started)"
   ! grep -aq "download The Littlest JupyterHub" <<<"$text" ||
     die "[$name] the fast path tried TLJH's installer"
   # The logins TLJH was given, as the stand-in's tljh-config wrote them on the console.
@@ -187,8 +187,67 @@ check_baked_boot() {
   grep -aqE '^boot-check tljh-config: reload$' <<<"$text" ||
     die "[$name] TLJH was not reloaded"
   pass "the admin made TLJH's admin, and TLJH reloaded"
+  check_baked_https "$name" "$text"
   vm_wait "$name" "$CLOUD_INIT_DONE_ERE" $((FIG_BAKED_REPORT + 300)) "cloud-init's final message"
   FIG_BAKED_DONE=$(vm_seen_at "$name" "$CLOUD_INIT_DONE_ERE")
   pass "cloud-init finished ($FIG_BAKED_DONE s)"
-  FIGURES[$name]="'$report' at $FIG_BAKED_REPORT s, cloud-init done at $FIG_BAKED_DONE s"
+  FIGURES[$name]="'$report' at $FIG_BAKED_REPORT s (certificate at $FIG_CERT_AT s, its step $FIG_CERT_STEP s), cloud-init done at $FIG_BAKED_DONE s"
+}
+
+# check_baked_https NAME CONSOLE_TEXT: the address came from IMDSv2, the certificate from the
+# ACME server for that address, installed where TLJH reads it; the machine serves it on 443,
+# verified for the address up to the ACME server's root.
+check_baked_https() {
+  local name=$1 text=$2 line ip path serial issued root https_url i served
+  grep -qE '^PUT /latest/api/token -> 200' "$IMDS_LOG" ||
+    die "[$name] the bootstrap did not ask the instance metadata service for an IMDSv2 token"
+  ip=$(grep -oE '^GET /latest/meta-data/public-ipv4 -> 200 [0-9.]+' "$IMDS_LOG" | awk '{ print $NF }' | tail -n1)
+  [ "$ip" = "$ACME_PUBLIC_IPV4" ] ||
+    die "[$name] the bootstrap did not read its public IPv4 address with a token (see $IMDS_LOG)"
+  ! grep -qE ' -> 401 ' "$IMDS_LOG" ||
+    die "[$name] the bootstrap asked the instance metadata service without a token (IMDSv1)"
+  pass "the address from the instance metadata (IMDSv2, with a token): $ip"
+  line=$(grep -aoE 'labbook-https: certificate for [0-9.]+ in [0-9]+ s: [^[:space:]]+' <<<"$text" | tail -n1)
+  [ -n "$line" ] || die "[$name] no 'labbook-https: certificate for ...' line on the console"
+  FIG_CERT_STEP=$(sed -E 's/.* in ([0-9]+) s: .*/\1/' <<<"$line")
+  path=${line##*: }
+  [[ $line == "labbook-https: certificate for $ip in "* ]] ||
+    die "[$name] the certificate is for another address than the metadata's $ip: $line"
+  [ "$path" = /etc/labbook/tls/fullchain.pem ] ||
+    die "[$name] the certificate was installed at $path, not /etc/labbook/tls/fullchain.pem"
+  FIG_CERT_AT=$(vm_seen_at "$name" 'labbook-https: certificate for')
+  pass "the bootstrap's certificate step: $FIG_CERT_STEP s (certbot installed from its pinned wheels, the order), done at $FIG_CERT_AT s"
+  grep -aqE 'Issued certificate serial [0-9a-f]+ for order' "$WORK/acme/pebble.log" ||
+    die "[$name] the ACME server issued no certificate (see $WORK/acme/pebble.log)"
+  for i in 'https.enabled true' 'https.tls.cert /etc/labbook/tls/fullchain.pem' \
+    'https.tls.key /etc/labbook/tls/privkey.pem'; do
+    grep -aqx "boot-check tljh-config: set $i" <<<"$text" ||
+      die "[$name] TLJH was not told: tljh-config set $i"
+  done
+  awk '/^boot-check tljh-config: set https.tls.key/ { k = 1 } k && /^boot-check tljh-config: reload proxy$/ { r = 1 } END { exit !r }' <<<"$text" ||
+    die "[$name] TLJH's proxy was not reloaded after its certificate was set"
+  pass "TLJH was given the certificate and key in /etc/labbook/tls, HTTPS on, its proxy reloaded"
+
+  # The machine's port 443, through QEMU's forward on 127.0.0.1: curl connects there but
+  # checks the certificate for the machine's address, up to the ACME server's root.
+  root=$WORK/acme/root.pem
+  acme_root "$root"
+  https_url="https://$ip/hub/health"
+  for i in $(seq 1 30); do
+    if curl -fsS --max-time 10 --cacert "$root" --connect-to "$ip:443:127.0.0.1:${VM_HTTPS_PORT[$name]}" \
+      -o "$WORK/acme/health" "$https_url" 2>"$WORK/acme/curl.err"; then break; fi
+    [ "$i" -lt 30 ] || die "[$name] $https_url over QEMU's forward: $(cat "$WORK/acme/curl.err")"
+    sleep 2
+  done
+  pass "$https_url answers: $(tr -d '\n' <"$WORK/acme/health") (TLS verified for $ip up to the ACME server's root)"
+  served=$(openssl s_client -connect "127.0.0.1:${VM_HTTPS_PORT[$name]}" -servername "$ip" \
+    </dev/null 2>/dev/null | openssl x509 -noout -serial -ext subjectAltName -issuer -enddate 2>/dev/null) ||
+    die "[$name] cannot read the certificate the machine serves"
+  serial=$(sed -n 's/^serial=//p' <<<"$served" | tr 'A-F' 'a-f' | sed 's/^0*//')
+  issued=$(grep -aoE 'Issued certificate serial [0-9a-f]+' "$WORK/acme/pebble.log" | awk '{ print $NF }' |
+    sed 's/^0*//' | tail -n1)
+  [ -n "$serial" ] && [ "$serial" = "$issued" ] ||
+    die "[$name] the machine serves serial '$serial', the ACME server issued '$issued'"
+  say "[$name] served: $(tr '\n' ' ' <<<"$served" | tr -s ' ')"
+  pass "the certificate served is the one the ACME server issued for the order (serial $serial)"
 }

@@ -18,19 +18,27 @@
 # - curl and e2fsprogs, as on every cloud image (the JupyterHub bootstrap needs curl before
 #   cloud-init's packages are in; cloud-init's resizefs needs resize2fs).
 #
-# A second disk from the same root stands in for a baked image (`labbook image build`): the
-# marker /etc/labbook/baked as the bake writes it, JupyterHub's two services disabled as the
-# bake leaves them (each a placeholder that sleeps), and a `tljh-config` that does nothing but
-# write each call to the console (`boot-check tljh-config: ...`). The Littlest JupyterHub
-# itself cannot be installed without the internet; what the check shows is the bootstrap's fast
-# path under a real cloud-init and systemd: no package or installer fetched, the services
-# stopped and enabled, exactly the booking's logins given to TLJH, the report.
+# A second disk from the same root stands in for a baked image (`labbook image build`) on EC2:
+# - the marker /etc/labbook/baked as the bake writes it, JupyterHub's two services disabled as
+#   the bake leaves them, and a `tljh-config` that writes each call to the console
+#   (`boot-check tljh-config: ...`) and keeps the settings it is given; its `reload proxy`
+#   restarts the proxy's stand-in, which serves what TLJH's proxy would with those settings:
+#   /hub/health over HTTP, or over HTTPS with the certificate chain and key it was given;
+# - the boot check's CA in the machine's trust store (the ACME server on the host serves its
+#   API with a certificate it signed: acme.sh), and a pip that takes its wheels from the host
+#   (/etc/pip.conf) instead of PyPI, still checking the hashes the user-data pins.
+# The Littlest JupyterHub itself cannot be installed without the internet; what the check shows
+# is the bootstrap's fast path under a real cloud-init and systemd: no package or installer
+# fetched, the pinned certbot installed, a certificate for the address from a real ACME server,
+# installed where TLJH reads it and served, exactly the booking's logins given to TLJH, the
+# report.
 
-IMAGE_RECIPE=2
+IMAGE_RECIPE=4
 IMAGE_SUITE=trixie
 IMAGE_PACKAGES=(
   linux-image-amd64 initramfs-tools systemd-sysv udev dbus
   cloud-init openssh-server sudo curl ca-certificates python3 iproute2 procps less e2fsprogs
+  openssl python3-venv
 )
 IMAGE_SIZE=4G
 
@@ -40,6 +48,8 @@ IMAGE_DISK="$IMAGE_DIR/disk.raw"
 IMAGE_BAKED_DISK="$IMAGE_DIR/disk-baked.raw"
 IMAGE_KERNEL="$IMAGE_DIR/vmlinuz"
 IMAGE_INITRD="$IMAGE_DIR/initrd.img"
+# The boot check's CA (trusted by the baked stand-in) and the ACME server's certificate from it.
+IMAGE_ACME_CA_DIR="$IMAGE_DIR/acme-ca"
 IMAGE_DONE="$IMAGE_DIR/.done"
 IMAGE_BUILD_ROOT="$VM_CACHE/build-root"
 
@@ -163,28 +173,109 @@ image_assemble() {
 }
 
 # What `labbook image build` leaves on an image, in the build root (after the plain disk is
-# made from it): see the top of this file.
+# made from it), and what the check's stand-ins for the internet need: see the top of this file.
 image_bake_stand_in() {
-  local r=$IMAGE_BUILD_ROOT unit
-  mkdir -p "$r/etc/labbook" "$r/usr/local/bin" "$r/etc/systemd/system"
-  printf 'labbook_version=boot-check\nholds=tljh,certbot (stand-in)\nbaked_at=%s\n' \
+  local r=$IMAGE_BUILD_ROOT
+  mkdir -p "$r/etc/labbook" "$r/usr/local/bin" "$r/usr/local/sbin" "$r/etc/systemd/system"
+  printf 'labbook_version=boot-check\nholds=tljh (stand-in)\nbaked_at=%s\n' \
     "$(date -u +%FT%TZ)" >"$r/etc/labbook/baked"
   cat >"$r/usr/local/bin/tljh-config" <<'EOF'
 #!/bin/sh
-# The boot check's stand-in for The Littlest JupyterHub's tljh-config: says each call.
+# The boot check's stand-in for The Littlest JupyterHub's tljh-config: says each call, keeps
+# what `set` is given (one "key value" line each) for the proxy's stand-in, and restarts that
+# on `reload proxy` as TLJH restarts its proxy.
 printf 'boot-check tljh-config: %s\n' "$*" >/dev/console
+state=/run/boot-check-tljh
+case $1 in
+set)
+  { grep -v "^$2 " "$state" 2>/dev/null || true; printf '%s %s\n' "$2" "$3"; } >"$state.new"
+  mv "$state.new" "$state"
+  ;;
+reload) if [ "${2:-}" = proxy ]; then systemctl restart traefik; fi ;;
+esac
 EOF
-  chmod 755 "$r/usr/local/bin/tljh-config"
-  for unit in jupyterhub traefik; do
-    cat >"$r/etc/systemd/system/$unit.service" <<EOF
+  cat >"$r/usr/local/sbin/boot-check-proxy" <<'EOF'
+#!/usr/bin/python3
+"""The boot check's stand-in for TLJH's proxy: /hub/health with the settings tljh-config kept,
+over HTTPS on 443 with the certificate chain and key TLJH was given, or over HTTP on 80."""
+import http.server, ssl
+
+settings = {}
+try:
+    with open("/run/boot-check-tljh") as f:
+        for line in f:
+            key, _, value = line.rstrip("\n").partition(" ")
+            settings[key] = value
+except FileNotFoundError:
+    pass
+
+
+class Hub(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        found = self.path == "/hub/health"
+        body = b'{"status": "ok"}\n' if found else b"not found\n"
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+if settings.get("https.enabled") == "true":
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(settings["https.tls.cert"], settings["https.tls.key"])
+    hub = http.server.ThreadingHTTPServer(("", 443), Hub)
+    hub.socket = tls.wrap_socket(hub.socket, server_side=True)
+else:
+    hub = http.server.ThreadingHTTPServer(("", 80), Hub)
+hub.serve_forever()
+EOF
+  chmod 755 "$r/usr/local/bin/tljh-config" "$r/usr/local/sbin/boot-check-proxy"
+  cat >"$r/etc/systemd/system/jupyterhub.service" <<'EOF'
 [Unit]
-Description=the boot check's stand-in for TLJH's $unit
+Description=the boot check's stand-in for TLJH's jupyterhub
 [Service]
 ExecStart=/bin/sleep infinity
 [Install]
 WantedBy=multi-user.target
 EOF
-  done
+  cat >"$r/etc/systemd/system/traefik.service" <<'EOF'
+[Unit]
+Description=the boot check's stand-in for TLJH's proxy (traefik)
+[Service]
+ExecStart=/usr/local/sbin/boot-check-proxy
+[Install]
+WantedBy=multi-user.target
+EOF
+  image_acme_ca
+  install -D -m 0644 "$IMAGE_ACME_CA_DIR/ca.pem" "$r/usr/local/share/ca-certificates/labbook-boot-check-ca.crt"
+  image_in_root update-ca-certificates >/dev/null 2>&1 ||
+    die "update-ca-certificates failed in the image root"
+  cat >"$r/etc/pip.conf" <<EOF
+# The boot check: certbot's pinned wheels come from the host (scripts/boot-check/acme.sh).
+[global]
+no-index = true
+find-links = http://$ACME_GUEST_ADDR:$WHEELS_GUEST_PORT/
+trusted-host = $ACME_GUEST_ADDR
+EOF
+}
+
+# The boot check's CA, and the ACME server's certificate from it (for the address the guest
+# reaches it at, and 127.0.0.1 for the host): made with the image, whose stand-in trusts it.
+image_acme_ca() {
+  local d=$IMAGE_ACME_CA_DIR
+  mkdir -p "$d"
+  chmod 700 "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
+    -subj "/CN=labbook boot check CA" -keyout "$d/ca.key" -out "$d/ca.pem" \
+    -addext "basicConstraints=critical,CA:true" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    >/dev/null 2>&1 || die "openssl could not make the boot check's CA"
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=boot check ACME server" \
+    -keyout "$d/server.key" -out "$d/server.csr" >/dev/null 2>&1 ||
+    die "openssl could not make the ACME server's key"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 3650 -out "$d/server.pem" -extfile <(printf '%s\n' \
+      "subjectAltName=IP:$ACME_GUEST_ADDR,IP:127.0.0.1" "extendedKeyUsage=serverAuth") \
+    >/dev/null 2>&1 || die "openssl could not make the ACME server's certificate"
 }
 
 # The image of this recipe: made when missing (or left unfinished), else reused. Sets

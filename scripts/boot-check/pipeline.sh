@@ -54,6 +54,10 @@ pipeline_setup() {
   export LABBOOK_METRICS_ADDR=off
   export LABBOOK_INSTALLATION=$PIPELINE_INSTALLATION
   export LABBOOK_USERS_PER_INSTANCE=2
+  # JupyterHub mode's certificates come from the ACME server on the host (acme.sh), which the
+  # baked stand-in reaches at this address; the plain image has no instance metadata and asks
+  # for none.
+  export LABBOOK_ACME_DIRECTORY=$ACME_DIRECTORY_URL
   # moto's consoles stay empty: the instance email follows running machines (as `auto` does
   # with AWS_ENDPOINT_URL); the boots below read the bootstrap's report instead.
   export LABBOOK_READINESS=running

@@ -4,19 +4,22 @@
 # directly, a NoCloud seed (an ISO labelled cidata with the instance's user-data and
 # meta-data), TCG (no KVM needed), the serial console in a file, and user-mode networking with
 # restrict=on: the guest reaches nothing, not even the host, and only SSH is forwarded to it,
-# from 127.0.0.1.
+# from 127.0.0.1 (the baked stand-in also has HTTPS forwarded from 127.0.0.1, and reaches the
+# host's ACME and wheel servers: acme.sh).
 
-declare -A VM_PID VM_PORT VM_T0 VM_DIR VM_STAMPER
+declare -A VM_PID VM_PORT VM_HTTPS_PORT VM_T0 VM_DIR VM_STAMPER
 VM_MEMORY=1024
 
 vm_free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# vm_boot NAME SLOT_DIR [DISK]: starts QEMU for the instance whose user-data and meta-data are
-# in SLOT_DIR, from DISK (the plain image by default); returns at once.
+# vm_boot NAME SLOT_DIR [DISK [NIC_OPTIONS]]: starts QEMU for the instance whose user-data and
+# meta-data are in SLOT_DIR, from DISK (the plain image by default), with NIC_OPTIONS added to
+# its user network (",guestfwd=..."); returns at once. The guest's port 443 is forwarded from
+# 127.0.0.1:VM_HTTPS_PORT[NAME].
 vm_boot() {
-  local name=$1 slot=$2 disk=${3:-$IMAGE_DISK} dir port
+  local name=$1 slot=$2 disk=${3:-$IMAGE_DISK} nic=${4:-} dir port https
   dir=$WORK/vm-$name
   rm -rf "$dir"
   mkdir -p "$dir"
@@ -24,6 +27,7 @@ vm_boot() {
   genisoimage -quiet -output "$dir/seed.iso" -volid cidata -joliet -rock \
     "$slot/user-data" "$slot/meta-data"
   port=$(vm_free_port)
+  https=$(vm_free_port)
   say "[$name] booting $(cat "$slot/instance-id")'s user-data under QEMU (TCG); SSH on 127.0.0.1:$port; console: $dir/console.log"
   qemu-system-x86_64 \
     -name "labbook-boot-check-$name" -machine pc -accel tcg -smp 1 -m "$VM_MEMORY" \
@@ -32,12 +36,13 @@ vm_boot() {
     -append "root=/dev/vda rw console=ttyS0 panic=-1" \
     -drive "if=virtio,file=$dir/disk.qcow2,format=qcow2" \
     -drive "if=virtio,file=$dir/seed.iso,format=raw,readonly=on" \
-    -nic "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22" \
+    -nic "user,model=virtio-net-pci,restrict=on,hostfwd=tcp:127.0.0.1:$port-:22,hostfwd=tcp:127.0.0.1:$https-:443$nic" \
     -device virtio-rng-pci \
     -serial "file:$dir/console.log" \
     >"$dir/qemu.log" 2>&1 </dev/null &
   VM_PID[$name]=$!
   VM_PORT[$name]=$port
+  VM_HTTPS_PORT[$name]=$https
   VM_T0[$name]=$(date +%s)
   VM_DIR[$name]=$dir
   # Each console line with the second (after QEMU started) it was first seen: the machines boot
