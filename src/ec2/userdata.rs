@@ -227,8 +227,10 @@ const SCRIPT_TLJH_INSTALL: &str = r#"  step="download The Littlest JupyterHub's 
 /// The slow path's packages (`packages`, an array), installed by the script rather than by
 /// cloud-init's `packages:` so that a machine from a baked image, which holds them, asks apt for
 /// nothing. Three tries with backoff, apt's lock waited for (unattended upgrades may hold it at
-/// a first boot). A failure is logged and the bootstrap goes on, as cloud-init's did: what is
-/// missing fails its own step.
+/// a first boot); before a retry, `dpkg --configure -a` finishes what a killed try (its own
+/// timeout, or an interrupted unattended upgrade) left half-configured, without which apt
+/// refuses every later install ("dpkg was interrupted"). A failure is logged and the bootstrap
+/// goes on, as cloud-init's did: what is missing fails its own step.
 const SCRIPT_PACKAGES: &str = r#"install_packages() {
   local try pause=${LABBOOK_RETRY_SECONDS:-10} lock=DPkg::Lock::Timeout=300
   # As cloud-init's installs: a changed configuration file is kept, never asked about.
@@ -240,7 +242,11 @@ const SCRIPT_PACKAGES: &str = r#"install_packages() {
         "${packages[@]}" >>"$log" 2>&1; then
       return 0
     fi
-    if [ "$try" -lt 3 ]; then sleep $((pause * try)); fi
+    if [ "$try" -lt 3 ]; then
+      sleep $((pause * try))
+      DEBIAN_FRONTEND=noninteractive timeout 600 dpkg --force-confdef --force-confold \
+        --configure -a >>"$log" 2>&1 || true
+    fi
   done
   printf '%s could not install %s\n' "$(date -u +%FT%TZ)" "${packages[*]}" >>"$log"
 }
@@ -882,6 +888,7 @@ mod script_runs {
         ("tljh-config", ""),
         ("systemctl", ""),
         ("apt-get", "[ -z \"${STUB_APT_FAILS:-}\" ] || exit 100\n"),
+        ("dpkg", ""),
         // IMDSv2's token and address; any other URL is a download to the file `-o` names.
         (
             "curl",
@@ -1149,6 +1156,7 @@ cp "$live/cert.pem" "$live/fullchain.pem"
         );
         assert_eq!(run.of("tljh-config"), LOGINS);
         assert_eq!(run.of("systemctl"), Vec::<&str>::new());
+        assert_eq!(run.of("dpkg"), Vec::<&str>::new(), "nothing to repair");
     }
 
     #[test]
@@ -1164,6 +1172,16 @@ cp "$live/cert.pem" "$live/fullchain.pem"
         let updates = run.of("apt-get");
         assert_eq!(updates.len(), 3, "{updates:?}");
         assert!(updates.iter().all(|c| c.ends_with(" update")));
+        // Between the tries (not after the last), dpkg finishes what a killed try left.
+        let repair = "dpkg --force-confdef --force-confold --configure -a";
+        let calls: Vec<&str> = run
+            .calls
+            .iter()
+            .map(String::as_str)
+            .filter(|c| c.starts_with("apt-get ") || c.starts_with("dpkg "))
+            .collect();
+        let update = "apt-get -q -o DPkg::Lock::Timeout=300 update";
+        assert_eq!(calls, [update, repair, update, repair, update]);
         assert_eq!(
             run.of("python3").len(),
             1,
