@@ -145,7 +145,10 @@ certificate_fits() {
 # One order for the address, under the shortlived profile where the server has it (Let's
 # Encrypt issues IP certificates under it only). certbot's exit code is not the verdict: some
 # servers put the address in the subject too, which certbot trips on after saving the
-# certificate; the certificate itself is checked instead. Sets why when there is none.
+# certificate; the certificate itself is checked instead. Sets why when there is none, from
+# certbot's output and its log (certbot prints a problem's detail, not always its type): a
+# limit; a validation that failed (no retry: the order was made, and a new one fails alike);
+# a server that cannot be reached (retried).
 request_certificate() {
   local ip=$1 out=$acme_state/certbot.out contact=(--register-unsafely-without-email)
   if [ -n "$acme_email" ]; then contact=(--email "$acme_email"); fi
@@ -156,8 +159,11 @@ request_certificate() {
     --work-dir "$acme_state/work" --logs-dir "$acme_state/logs" >"$out" 2>&1 || true
   cat "$out" >>"$log"
   certificate_fits "$ip" && return 0
-  if grep -q 'rateLimited' "$out"; then
+  if grep -qiE 'rateLimited|too many (certificates|requests|new orders|failed auth|registrations)' \
+    "$out" "$acme_state/logs/letsencrypt.log" 2>/dev/null; then
     why="rate limited by the ACME server"
+  elif grep -qi 'failed to authenticate' "$out"; then
+    why="the ACME server could not reach this machine on port 80"
   elif grep -qiE 'connection|timed? ?out|resolve|unreachable' "$out"; then
     why="the ACME server could not be reached"
   else

@@ -216,8 +216,13 @@ fn lets_encrypt() -> Https {
 enum Acme {
     /// Saves a certificate for the address it was asked for (made with openssl).
     Issues,
-    /// Answers as Let's Encrypt does past its limits.
+    /// Answers as Let's Encrypt does past its limits, with the problem's type.
     RateLimited,
+    /// Past its limits as certbot prints it: the problem's detail only (the type is in
+    /// certbot's log).
+    RateLimitedDetail,
+    /// The order is made, but the validation cannot connect to the machine's port 80.
+    ValidationFails,
     /// Cannot connect to the directory.
     Unreachable,
 }
@@ -252,6 +257,13 @@ while [ $# -gt 0 ]; do
 done
 case $STUB_ACME in
 rate-limited) echo 'An unexpected error occurred: urn:ietf:params:acme:error:rateLimited :: too many certificates'; exit 1 ;;
+rate-limited-detail) echo 'An unexpected error occurred:'
+  echo 'too many certificates (5) already issued for this exact set of identifiers in the last 168h0m0s'
+  exit 1 ;;
+validation-fails) echo 'Certbot failed to authenticate some domains (authenticator: standalone).'
+  echo '  Type:   connection'
+  echo '  Detail: 203.0.113.7: Fetching http://203.0.113.7/.well-known/acme-challenge/x: Timeout during connect (likely firewall problem)'
+  exit 1 ;;
 unreachable) echo 'Failed to establish a new connection: [Errno 111] Connection refused'; exit 1 ;;
 esac
 live=$state/live/labbook
@@ -325,6 +337,8 @@ fn run_https_bootstrap(acme: Acme, public_ip: Option<&str>, certbot_installed: b
             match acme {
                 Acme::Issues => "issues",
                 Acme::RateLimited => "rate-limited",
+                Acme::RateLimitedDetail => "rate-limited-detail",
+                Acme::ValidationFails => "validation-fails",
                 Acme::Unreachable => "unreachable",
             },
         )
@@ -429,6 +443,22 @@ fn a_machine_without_a_certificate_serves_its_lab_over_http_and_says_why() {
             Some("203.0.113.7"),
             true,
             "rate limited by the ACME server",
+            1,
+        ),
+        (
+            Acme::RateLimitedDetail,
+            Some("203.0.113.7"),
+            true,
+            "rate limited by the ACME server",
+            1,
+        ),
+        // Not "could not be reached", though the detail says "connection" and "timeout": the
+        // server answered, and a new order would fail alike.
+        (
+            Acme::ValidationFails,
+            Some("203.0.113.7"),
+            true,
+            "the ACME server could not reach this machine on port 80",
             1,
         ),
         (
