@@ -2,11 +2,14 @@
 //! installation (`labbook-lab`, or `labbook-lab-<installation>`), looked for only in the VPC
 //! the machines launch into (the configured subnet's, else the default VPC), tagged
 //! `labbook:managed` and `labbook:installation` when created, and its ingress (SSH, HTTP,
-//! HTTPS from `LABBOOK_ALLOWED_CIDRS`) checked, and repaired, before it is used.
+//! HTTPS from `LABBOOK_ALLOWED_CIDRS`; HTTP from anywhere as well when JupyterHub machines get
+//! certificates, see [`Ec2::ingress`]) checked, and repaired, before it is used.
 
 use aws_sdk_ec2::types::{
     Filter, IpPermission, IpRange, ResourceType, SecurityGroup, Tag, TagSpecification,
 };
+
+use crate::config::Bootstrap;
 
 use super::{
     DEFAULT_INSTALLATION, Ec2, Ec2Error, SECURITY_GROUP_NAME, TAG_INSTALLATION, TAG_MANAGED,
@@ -16,6 +19,12 @@ use super::{
 /// What the group lets in: SSH, and HTTP(S) for JupyterHub.
 const PORTS: [i32; 3] = [22, 80, 443];
 
+/// Every IPv4 address: where an ACME server's validation may come from.
+const ANYWHERE: &str = "0.0.0.0/0";
+
+/// The port the ACME `http-01` challenge is answered on.
+const CHALLENGE_PORT: i32 = 80;
+
 impl Ec2 {
     /// This installation's group name.
     pub fn group_name(&self) -> String {
@@ -23,6 +32,26 @@ impl Ec2 {
             DEFAULT_INSTALLATION => SECURITY_GROUP_NAME.to_owned(),
             other => format!("{SECURITY_GROUP_NAME}-{other}"),
         }
+    }
+
+    /// What the group lets in, one `(port, range)` each: [`PORTS`] from `LABBOOK_ALLOWED_CIDRS`;
+    /// when JupyterHub machines get certificates (`LABBOOK_HTTPS=letsencrypt`), port 80 from
+    /// anywhere too. The ACME server validates the `http-01` challenge from networks of its own
+    /// choosing (Let's Encrypt: several, unannounced), so a narrowed list would leave every
+    /// machine on plain HTTP; port 80 serves only the challenge and TLJH's redirect to 443, and
+    /// the login page stays behind the list.
+    pub fn ingress(&self) -> Vec<(i32, &str)> {
+        let allowed = &self.settings.allowed_cidrs;
+        let mut rules: Vec<(i32, &str)> = PORTS
+            .into_iter()
+            .flat_map(|port| allowed.iter().map(move |cidr| (port, cidr.as_str())))
+            .collect();
+        let certificates = self.settings.bootstrap == Bootstrap::JupyterHub
+            && self.settings.https.acme().is_some();
+        if certificates && !rules.contains(&(CHALLENGE_PORT, ANYWHERE)) {
+            rules.push((CHALLENGE_PORT, ANYWHERE));
+        }
+        rules
     }
 
     /// labbook's group in the launch VPC, its ingress repaired; created if missing.
@@ -58,8 +87,9 @@ impl Ec2 {
             }
         };
         ok("CreateSecurityGroup");
-        self.open_ingress(&group_id, &PORTS).await?;
-        tracing::info!(group_id = %group_id, "created security group {name} (22, 80, 443)");
+        let rules = self.ingress();
+        self.open_ingress(&group_id, &rules).await?;
+        tracing::info!(group_id = %group_id, ingress = %describe(&rules), "created security group {name}");
         Ok(group_id)
     }
 
@@ -129,47 +159,30 @@ impl Ec2 {
         Ok(out.security_groups().first().cloned())
     }
 
-    /// Opens again the ports an existing group no longer lets in from every allowed range.
+    /// Opens again what an existing group no longer lets in of [`Ec2::ingress`].
     async fn repair_ingress(&self, group_id: &str, group: &SecurityGroup) -> Result<(), Ec2Error> {
-        let missing: Vec<i32> = PORTS
+        let missing: Vec<(i32, &str)> = self
+            .ingress()
             .into_iter()
-            .filter(|port| !self.lets_in(group, *port))
+            .filter(|(port, cidr)| !lets_in(group, *port, cidr))
             .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        tracing::warn!(group_id, ports = ?missing, "labbook's security group lost some of its ingress rules; opening them again");
+        tracing::warn!(group_id, missing = %describe(&missing), "labbook's security group lacks some of its ingress rules; opening them");
         self.open_ingress(group_id, &missing).await
     }
 
-    /// Whether `port` is open over TCP to every allowed range.
-    fn lets_in(&self, group: &SecurityGroup, port: i32) -> bool {
-        self.settings.allowed_cidrs.iter().all(|cidr| {
-            group.ip_permissions().iter().any(|p| {
-                p.ip_protocol() == Some("tcp")
-                    && p.from_port().is_some_and(|from| from <= port)
-                    && p.to_port().is_some_and(|to| port <= to)
-                    && p.ip_ranges().iter().any(|r| r.cidr_ip() == Some(cidr))
-            })
-        })
-    }
-
-    /// Opens `ports` on labbook's group to `LABBOOK_ALLOWED_CIDRS`.
-    async fn open_ingress(&self, group_id: &str, ports: &[i32]) -> Result<(), Ec2Error> {
-        let ranges: Vec<IpRange> = self
-            .settings
-            .allowed_cidrs
+    /// Opens each `(port, range)` of `rules` on labbook's group.
+    async fn open_ingress(&self, group_id: &str, rules: &[(i32, &str)]) -> Result<(), Ec2Error> {
+        let permissions: Vec<IpPermission> = rules
             .iter()
-            .map(|c| IpRange::builder().cidr_ip(c).build())
-            .collect();
-        let permissions: Vec<IpPermission> = ports
-            .iter()
-            .map(|port| {
+            .map(|(port, cidr)| {
                 IpPermission::builder()
                     .ip_protocol("tcp")
                     .from_port(*port)
                     .to_port(*port)
-                    .set_ip_ranges(Some(ranges.clone()))
+                    .ip_ranges(IpRange::builder().cidr_ip(*cidr).build())
                     .build()
             })
             .collect();
@@ -189,4 +202,23 @@ impl Ec2 {
         ok("AuthorizeSecurityGroupIngress");
         Ok(())
     }
+}
+
+/// Whether `group` lets TCP `port` in from `cidr`.
+fn lets_in(group: &SecurityGroup, port: i32, cidr: &str) -> bool {
+    group.ip_permissions().iter().any(|p| {
+        p.ip_protocol() == Some("tcp")
+            && p.from_port().is_some_and(|from| from <= port)
+            && p.to_port().is_some_and(|to| port <= to)
+            && p.ip_ranges().iter().any(|r| r.cidr_ip() == Some(cidr))
+    })
+}
+
+/// `22 from 198.51.100.0/24, 80 from 0.0.0.0/0, ...`, for the logs.
+fn describe(rules: &[(i32, &str)]) -> String {
+    rules
+        .iter()
+        .map(|(port, cidr)| format!("{port} from {cidr}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -541,6 +541,10 @@ async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_re
     for port in [22, 80, 443] {
         assert!(opens(&group, port, cidr), "port {port} open to {cidr}");
     }
+    // JupyterHub machines get certificates (the default): the ACME server's validation may
+    // come from anywhere, the login page (443) and SSH only from the allowed range.
+    assert!(opens(&group, 80, ANYWHERE), "port 80 open to the internet");
+    assert!(!opens(&group, 443, ANYWHERE) && !opens(&group, 22, ANYWHERE));
 
     // Someone closes HTTP; the next provisioner process opens it again before using the group.
     crate::helpers::raw_ec2()
@@ -567,6 +571,44 @@ async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_re
         "the same group, reused"
     );
     assert!(opens(&repaired, 80, cidr), "HTTP open again");
+    assert!(opens(&repaired, 80, ANYWHERE));
+}
+
+const ANYWHERE: &str = "0.0.0.0/0";
+
+#[tokio::test]
+async fn without_certificates_labbooks_security_group_keeps_http_to_the_allowed_ranges() {
+    let installation = format!("sg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let cidr = "198.51.100.0/24";
+    let env = TestEnv::with(&[
+        ("LABBOOK_INSTALLATION", installation.as_str()),
+        ("LABBOOK_ALLOWED_CIDRS", cidr),
+        ("LABBOOK_HTTPS", "off"),
+    ])
+    .await;
+    let ec2 = env.ec2().await;
+    assert_eq!(
+        ec2.ingress(),
+        [(22, cidr), (80, cidr), (443, cidr)],
+        "no rule from anywhere"
+    );
+    let request = LaunchRequest {
+        booking_id: &unique_id("sg-off"),
+        slot: 0,
+        generation: 0,
+        user_data: "#cloud-config\n{}",
+        offering: &crate::helpers::default_offering(),
+        offering_index: 0,
+    };
+    ec2.launch(&request, "ami-03cf127a").await.unwrap();
+    let group = security_group(&ec2.group_name()).await;
+    for port in [22, 80, 443] {
+        assert!(opens(&group, port, cidr), "port {port} open to {cidr}");
+        assert!(
+            !opens(&group, port, ANYWHERE),
+            "port {port} closed to the internet"
+        );
+    }
 }
 
 #[tokio::test]
