@@ -11,9 +11,9 @@
 #   (skipped) validation and no rejected nonces. It serves its API with a certificate for
 #   ACME_GUEST_ADDR signed by the boot check's own CA, which the baked stand-in trusts
 #   (image.sh).
-# - The pinned certbot's wheels (src/ec2/certbot-requirements.txt, the very file labbook puts in
-#   the user-data), downloaded once from PyPI with their hashes checked, for CPython 3.13 on
-#   x86_64 (Debian 13), served by python3's http.server: the stand-in's pip looks there instead
+# - the pinned certbot's wheels (src/ec2/certbot-requirements.txt, the very file labbook puts in
+#   the user-data), downloaded once from PyPI with their hashes checked (for every platform the
+#   pins are for), those for CPython 3.13 on x86_64 (Debian 13) served by python3's http.server: the stand-in's pip looks there instead
 #   of PyPI (/etc/pip.conf, image.sh), and still checks every hash the user-data pins.
 #
 # The machine's user network is link-local (ACME_GUEST_NET), as EC2's metadata address is, so
@@ -30,24 +30,39 @@ ACME_DIRECTORY_URL="https://$ACME_GUEST_ADDR:$ACME_GUEST_PORT/dir"
 CERTBOT_REQUIREMENTS=$REPO/src/ec2/certbot-requirements.txt
 ACME_PID="" WHEELS_PID="" IMDS_PID=""
 
-# The wheels of the pinned requirements, cached per requirements file.
+# The wheels of the pinned requirements for every Python and machine the pins are for (CPython
+# 3.12, Ubuntu 24.04's, and 3.13, Debian 13's, on x86_64 and aarch64): a pin whose hash matches
+# no wheel of PyPI's would leave every such machine without certbot, so all four are fetched and
+# checked, once per requirements file; the guest (CPython 3.13, x86_64) is served its own.
+# Sets WHEELS_DIR.
 acme_wheels_ensure() {
-  local key
+  local key root python machine glibc tags
   key=$(sha256sum "$CERTBOT_REQUIREMENTS" | cut -c1-16)
-  WHEELS_DIR=$VM_CACHE/wheels-$key
-  [ -e "$WHEELS_DIR/.done" ] && return 0
-  say "downloading certbot's pinned wheels for CPython 3.13 x86_64 from PyPI (once): $WHEELS_DIR"
-  rm -rf "$WHEELS_DIR" "$VM_CACHE/pip-venv"
+  root=$VM_CACHE/wheels-$key
+  WHEELS_DIR=$root/cp313-x86_64
+  if [ -e "$root/.done" ]; then
+    pass "certbot's pinned hashes match PyPI's wheels for CPython 3.12 and 3.13 on x86_64 and aarch64 (cached: $root)"
+    return 0
+  fi
+  say "downloading certbot's pinned wheels from PyPI, hashes checked (once): $root"
+  rm -rf "$root" "$VM_CACHE/pip-venv"
   python3 -m venv "$VM_CACHE/pip-venv" >/dev/null ||
     die "python3 -m venv failed (Debian: apt-get install python3-venv)"
-  "$VM_CACHE/pip-venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
-    --require-hashes --only-binary :all: --python-version 3.13 --implementation cp \
-    --abi cp313 --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -r "$CERTBOT_REQUIREMENTS" -d "$WHEELS_DIR" >"$VM_CACHE/pip-download.log" 2>&1 ||
-    die "pip download of $CERTBOT_REQUIREMENTS failed: see $VM_CACHE/pip-download.log"
+  for python in 3.12 3.13; do
+    for machine in x86_64 aarch64; do
+      tags=()
+      for glibc in 2_34 2_28 2_17; do tags+=(--platform "manylinux_${glibc}_$machine"); done
+      "$VM_CACHE/pip-venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+        --require-hashes --only-binary :all: --python-version "$python" --implementation cp \
+        --abi "cp${python/./}" "${tags[@]}" --platform "manylinux2014_$machine" \
+        -r "$CERTBOT_REQUIREMENTS" -d "$root/cp${python/./}-$machine" \
+        >"$VM_CACHE/pip-download.log" 2>&1 ||
+        die "pip download of $CERTBOT_REQUIREMENTS for CPython $python on $machine failed: see $VM_CACHE/pip-download.log"
+    done
+  done
   rm -rf "$VM_CACHE/pip-venv"
-  touch "$WHEELS_DIR/.done"
+  touch "$root/.done"
+  pass "certbot's pinned hashes match PyPI's wheels for CPython 3.12 and 3.13 on x86_64 and aarch64"
 }
 
 # wait_https URL CAFILE WHAT: until URL answers over TLS verified with CAFILE (30 s).

@@ -3,7 +3,8 @@
 
 BOOT_TIMEOUT="${LABBOOK_BOOT_TIMEOUT:-900}"
 # The bootstrap's report (src/ec2/userdata.rs): "ok", or the failed step and its exit code.
-REPORT_ERE='labbook-bootstrap: (ok|failed: [^(]*\(exit [0-9]+\))'
+# A step's name may hold parentheses ("install the ACME client (certbot 5.8.0)").
+REPORT_ERE='labbook-bootstrap: (ok|failed: .*\(exit [0-9]+\))'
 CLOUD_INIT_DONE_ERE='Cloud-init v\. [^ ]+ finished at .*'
 # labbook's readiness wait reads the console the same way (src/stages/provisioner/ready.rs):
 # a line that ends with the "ok" report; the login prompt may come first on that line.
@@ -11,6 +12,10 @@ report_line_ends_with() {
   tr -d '\r' <"${VM_DIR[$1]}/console.log" | grep -a 'labbook-bootstrap: ' | tail -n1 |
     sed 's/[[:space:]]*$//' | grep -q "$2\$"
 }
+
+# Under `set -e`, `v=$(grep ... | ...)` ends the script when grep finds nothing, before the
+# check can say what is missing: such assignments end with `|| true`, and the check that
+# follows says what was not found.
 
 # Each check's times, for the summary.
 declare -A FIGURES
@@ -166,7 +171,7 @@ check_baked_boot() {
   FIG_BAKED_REPORT=$(vm_seen_at "$name" "$REPORT_ERE")
   # The console as read now (grep -q in a pipe would fail it under pipefail).
   text=$(tr -d '\r' <"${VM_DIR[$name]}/console.log")
-  report=$(grep -aoE 'labbook-bootstrap: [^[:cntrl:]]*' <<<"$text" | tail -n1)
+  report=$(grep -aoE 'labbook-bootstrap: [^[:cntrl:]]*' <<<"$text" | tail -n1) || true
   say "[$name] console at $FIG_BAKED_REPORT s: $report"
   [ "$report" = "labbook-bootstrap: ok" ] ||
     die "[$name] expected the fast path to succeed with HTTPS, the console says: $report"
@@ -175,7 +180,7 @@ check_baked_boot() {
     die "[$name] the fast path tried TLJH's installer"
   # The logins TLJH was given, as the stand-in's tljh-config wrote them on the console.
   allowed=$(grep -aoE 'boot-check tljh-config: add-item users\.allowed [^[:space:]]+' <<<"$text" |
-    awk '{ print $NF }' | sort | tr '\n' ' ')
+    awk '{ print $NF }' | sort | tr '\n' ' ') || true
   expected=${ADMIN[0]}
   for ((i = 0; i < ${#TRAINEES[@]}; i += 2)); do expected+=$'\n'${TRAINEES[i]}; done
   expected=$(sort <<<"$expected" | tr '\n' ' ')
@@ -201,13 +206,15 @@ check_baked_https() {
   local name=$1 text=$2 line ip path serial issued root https_url i served
   grep -qE '^PUT /latest/api/token -> 200' "$IMDS_LOG" ||
     die "[$name] the bootstrap did not ask the instance metadata service for an IMDSv2 token"
-  ip=$(grep -oE '^GET /latest/meta-data/public-ipv4 -> 200 [0-9.]+' "$IMDS_LOG" | awk '{ print $NF }' | tail -n1)
+  ip=$(grep -oE '^GET /latest/meta-data/public-ipv4 -> 200 [0-9.]+' "$IMDS_LOG" | awk '{ print $NF }' |
+    tail -n1) || true
   [ "$ip" = "$ACME_PUBLIC_IPV4" ] ||
     die "[$name] the bootstrap did not read its public IPv4 address with a token (see $IMDS_LOG)"
   ! grep -qE ' -> 401 ' "$IMDS_LOG" ||
     die "[$name] the bootstrap asked the instance metadata service without a token (IMDSv1)"
   pass "the address from the instance metadata (IMDSv2, with a token): $ip"
-  line=$(grep -aoE 'labbook-https: certificate for [0-9.]+ in [0-9]+ s: [^[:space:]]+' <<<"$text" | tail -n1)
+  line=$(grep -aoE 'labbook-https: certificate for [0-9.]+ in [0-9]+ s: [^[:space:]]+' <<<"$text" |
+    tail -n1) || true
   [ -n "$line" ] || die "[$name] no 'labbook-https: certificate for ...' line on the console"
   FIG_CERT_STEP=$(sed -E 's/.* in ([0-9]+) s: .*/\1/' <<<"$line")
   path=${line##*: }
@@ -245,7 +252,7 @@ check_baked_https() {
     die "[$name] cannot read the certificate the machine serves"
   serial=$(sed -n 's/^serial=//p' <<<"$served" | tr 'A-F' 'a-f' | sed 's/^0*//')
   issued=$(grep -aoE 'Issued certificate serial [0-9a-f]+' "$WORK/acme/pebble.log" | awk '{ print $NF }' |
-    sed 's/^0*//' | tail -n1)
+    sed 's/^0*//' | tail -n1) || true
   [ -n "$serial" ] && [ "$serial" = "$issued" ] ||
     die "[$name] the machine serves serial '$serial', the ACME server issued '$issued'"
   say "[$name] served: $(tr '\n' ' ' <<<"$served" | tr -s ' ')"

@@ -91,7 +91,9 @@ vm_wait() {
   log=${VM_DIR[$name]}/console.log
   next=$((($(vm_elapsed "$name") / 30 + 1) * 30))
   while :; do
-    if VM_MATCH=$(tr -d '\r' 2>/dev/null <"$log" | grep -aoE -m1 "$pattern"); then
+    # Not `tr | grep -m1`: grep stops at the first match, tr dies of SIGPIPE when more than a
+    # pipe's worth of the console follows it, and pipefail would make the match a failure.
+    if VM_MATCH=$(grep -aoE -m1 "$pattern" < <(tr -d '\r' 2>/dev/null <"$log")); then
       return 0
     fi
     kill -0 "${VM_PID[$name]}" 2>/dev/null ||
