@@ -38,14 +38,15 @@ ACME_PID="" WHEELS_PID="" IMDS_PID=""
 acme_wheels_ensure() {
   local key root python machine glibc tags
   key=$(sha256sum "$CERTBOT_REQUIREMENTS" | cut -c1-16)
-  root=$VM_CACHE/wheels-$key
+  root=$VM_CACHE/certbot-wheels-$key
   WHEELS_DIR=$root/cp313-x86_64
-  if [ -e "$root/.done" ]; then
+  if [ -e "$root/.done" ] && [ -d "$WHEELS_DIR" ]; then
     pass "certbot's pinned hashes match PyPI's wheels for CPython 3.12 and 3.13 on x86_64 and aarch64 (cached: $root)"
     return 0
   fi
   say "downloading certbot's pinned wheels from PyPI, hashes checked (once): $root"
-  rm -rf "$root" "$VM_CACHE/pip-venv"
+  # Wheels of other requirements (or of an older layout) are not used any more.
+  rm -rf "$VM_CACHE"/wheels-* "$VM_CACHE"/certbot-wheels-* "$VM_CACHE/pip-venv"
   python3 -m venv "$VM_CACHE/pip-venv" >/dev/null ||
     die "python3 -m venv failed (Debian: apt-get install python3-venv)"
   for python in 3.12 3.13; do
