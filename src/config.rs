@@ -229,6 +229,43 @@ fn https(v: &Vars<'_>) -> Result<Https, ConfigError> {
     })
 }
 
+/// How long Let's Encrypt's certificates for IP addresses last (its `shortlived` profile, the
+/// only one it issues them under): 160 hours. Nothing renews a machine's certificate.
+pub const LETS_ENCRYPT_IP_CERTIFICATE: Duration = Duration::from_secs(160 * 3600);
+
+/// With certificates from Let's Encrypt (its production or staging directory), a machine started
+/// `LABBOOK_PROVISION_LEAD_SECONDS` before the longest booking must not outlive its certificate:
+/// the lead, the booking and an hour for the boot and the account's launch pace stay within
+/// [`LETS_ENCRYPT_IP_CERTIFICATE`]. Other ACME servers' lifetimes are their own.
+fn check_certificate_outlives_bookings(
+    ec2: &Ec2Settings,
+    lead: Duration,
+) -> Result<(), ConfigError> {
+    let Some(acme) = ec2.https.acme() else {
+        return Ok(());
+    };
+    let lets_encrypt = url::Url::parse(&acme.directory)
+        .ok()
+        .and_then(|u| u.host_str().map(|h| h.ends_with(".api.letsencrypt.org")))
+        .unwrap_or(false);
+    if ec2.bootstrap != Bootstrap::JupyterHub || !lets_encrypt {
+        return Ok(());
+    }
+    let longest = Duration::from_secs(u64::from(crate::domain::booking::MAX_DURATION_MINUTES) * 60);
+    let most = LETS_ENCRYPT_IP_CERTIFICATE - longest - Duration::from_secs(3600);
+    if lead <= most {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        "LABBOOK_PROVISION_LEAD_SECONDS",
+        format!(
+            "{} s is too early with LABBOOK_HTTPS=letsencrypt: Let's Encrypt's certificates for IP addresses last 160 hours and are not renewed, so a machine started that long before a 24-hour booking would lose its HTTPS during it (at most {} s, or LABBOOK_HTTPS=off)",
+            lead.as_secs(),
+            most.as_secs()
+        ),
+    ))
+}
+
 /// `LABBOOK_RUNNING_TIMEOUT_SECONDS`: how long a launched machine may take to run with a public
 /// address before it counts as not ready (and is replaced). No delivery waits through it: the
 /// boot watch follows machines as rows (docs/contract.md §1 item 9).
@@ -539,6 +576,7 @@ impl Settings {
         )
         .map_err(|problem| ConfigError::new("LABBOOK_USERS_PER_INSTANCE", problem))?;
         let schedule = ScheduleSettings::from_vars(&v)?;
+        check_certificate_outlives_bookings(&ec2, schedule.provision_lead)?;
         let telemetry = TelemetrySettings::from_vars(&v)?;
         Ok(Self {
             broker,
@@ -1386,6 +1424,34 @@ mod tests {
         assert_eq!(off.ec2.https, Https::Off);
         let err = error("LABBOOK_HTTPS", "yes").to_string();
         assert!(err.contains("letsencrypt or off"), "{err}");
+    }
+
+    #[test]
+    fn a_lead_that_would_outlive_lets_encrypts_certificate_is_refused() {
+        // 160 h - 24 h - 1 h = 135 h.
+        let most = (135 * 3600).to_string();
+        let too_early = (135 * 3600 + 1).to_string();
+        assert!(with(&[("LABBOOK_PROVISION_LEAD_SECONDS", most.as_str())]).is_ok());
+        let err = error("LABBOOK_PROVISION_LEAD_SECONDS", &too_early).to_string();
+        assert!(err.contains("at most 486000 s"), "{err}");
+        let staging = "https://acme-staging-v02.api.letsencrypt.org/directory";
+        let refused = with(&[
+            ("LABBOOK_PROVISION_LEAD_SECONDS", too_early.as_str()),
+            ("LABBOOK_ACME_DIRECTORY", staging),
+        ]);
+        assert!(refused.is_err(), "staging's certificates last as long");
+        // Without Let's Encrypt's certificates, the lead is the scheduler's alone.
+        for other in [
+            [("LABBOOK_HTTPS", "off")],
+            [("LABBOOK_BOOTSTRAP", "ssh")],
+            [("LABBOOK_ACME_DIRECTORY", "https://acme.example/directory")],
+        ] {
+            let vars = [
+                other[0],
+                ("LABBOOK_PROVISION_LEAD_SECONDS", too_early.as_str()),
+            ];
+            assert!(with(&vars).is_ok(), "{other:?}");
+        }
     }
 
     fn error(var: &str, value: &str) -> ConfigError {
