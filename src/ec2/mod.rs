@@ -273,6 +273,10 @@ pub struct InstanceInfo {
     pub generation: i32,
     pub booking_id: Option<String>,
     pub installation: Option<String>,
+    /// What it was launched as, where: recorded for a machine adopted after a crash.
+    pub image_id: Option<String>,
+    pub instance_type: Option<String>,
+    pub subnet_id: Option<String>,
 }
 
 impl InstanceInfo {
@@ -307,6 +311,9 @@ fn info(i: &aws_sdk_ec2::types::Instance) -> Option<InstanceInfo> {
             .unwrap_or(0),
         booking_id: tag(i, TAG_BOOKING).map(str::to_owned),
         installation: tag(i, TAG_INSTALLATION).map(str::to_owned),
+        image_id: non_empty(i.image_id()),
+        instance_type: i.instance_type().map(|t| t.as_str().to_owned()),
+        subnet_id: non_empty(i.subnet_id()),
     })
 }
 

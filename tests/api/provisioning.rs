@@ -162,6 +162,20 @@ async fn a_crash_between_launch_and_record_launches_nothing_new() {
     );
     let slots = slots::for_booking(&store.pool, &id).await.unwrap();
     assert_eq!(slots[1].instance_id.as_deref(), Some(orphan.as_str()));
+    // The adopted machine is recorded as EC2 describes it, like a launched one.
+    let (image, kind, subnet): (Option<String>, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT image_id, instance_type, subnet_id FROM machines WHERE instance_id = $1",
+    )
+    .bind(&orphan)
+    .fetch_one(&store.pool)
+    .await
+    .unwrap();
+    assert_eq!(image.as_deref(), Some("ami-03cf127a"));
+    assert_eq!(kind.as_deref(), Some("t3.small"));
+    assert!(
+        subnet.is_some_and(|s| s.starts_with("subnet-")),
+        "its subnet"
+    );
     env.stop().await;
 }
 

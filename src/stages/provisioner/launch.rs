@@ -8,7 +8,7 @@ use crate::broker::{Outgoing, StageError};
 use crate::crypto::admin_context;
 use crate::domain::{EmailKind, NotifyMessage, Password};
 use crate::ec2::userdata::{self, Account};
-use crate::ec2::{Ec2Error, LaunchRequest, Offering, intent};
+use crate::ec2::{Ec2Error, InstanceInfo, LaunchRequest, Offering, intent};
 use crate::store::slots::{self, NewSlot, Slot};
 use crate::store::{
     BookingRecord, BookingState, StoredCredential, bookings, boots, machines, offerings,
@@ -145,13 +145,13 @@ impl Provisioner {
         } else {
             Vec::new()
         };
-        let work: Vec<(Slot, Option<String>)> = missing
+        let work: Vec<(Slot, Option<InstanceInfo>)> = missing
             .into_iter()
             .map(|slot| {
                 let found = tagged
                     .iter()
                     .find(|i| i.slot == Some(slot.slot) && i.generation == slot.generation)
-                    .map(|i| i.instance_id.clone());
+                    .cloned();
                 (slot, found)
             })
             .collect();
@@ -163,23 +163,36 @@ impl Provisioner {
         Ok(())
     }
 
-    /// Records the slot's instance: the one `found` by tag, else a new launch. Nothing is
-    /// launched once the booking is no longer being provisioned (cancelled or moved meanwhile).
+    /// Records the slot's instance: the one `found` by tag (as EC2 describes it: its image,
+    /// type and subnet, which a changed configuration may not name any more), else a new
+    /// launch. Nothing is launched once the booking is no longer being provisioned (cancelled
+    /// or moved meanwhile).
     async fn ensure_instance(
         &self,
         booking: &BookingRecord,
         slot: Slot,
-        found: Option<String>,
+        found: Option<InstanceInfo>,
         credentials: &[StoredCredential],
     ) -> Result<(), StageError> {
         let booking_id = booking.booking_id.as_str();
-        let (instance_id, offering) = match found {
+        let (instance_id, image_id, instance_type, subnet_id) = match found {
             Some(existing) => {
-                tracing::info!(slot = slot.slot, instance_id = %existing, "found an instance launched earlier");
-                (existing, None)
+                tracing::info!(slot = slot.slot, instance_id = %existing.instance_id, "found an instance launched earlier");
+                let image = existing.image_id.unwrap_or_else(|| self.ami_id.clone());
+                (
+                    existing.instance_id,
+                    image,
+                    existing.instance_type,
+                    existing.subnet_id,
+                )
             }
             None => match self.launch(booking, &slot, credentials).await? {
-                Some((launched, offering)) => (launched, Some(offering)),
+                Some((launched, offering)) => (
+                    launched,
+                    self.ami_id.clone(),
+                    Some(offering.instance_type),
+                    offering.subnet_id,
+                ),
                 None => {
                     tracing::info!(slot = slot.slot, "the booking changed; not launching");
                     return Ok(());
@@ -188,9 +201,9 @@ impl Provisioner {
         };
         let key = (slot.slot, slot.generation);
         let launch = machines::Launch {
-            image_id: Some(&self.ami_id),
-            instance_type: offering.as_ref().map(|o| o.instance_type.as_str()),
-            subnet_id: offering.as_ref().and_then(|o| o.subnet_id.as_deref()),
+            image_id: Some(&image_id),
+            instance_type: instance_type.as_deref(),
+            subnet_id: subnet_id.as_deref(),
         };
         if slots::record_instance(&self.store.pool, booking_id, key, &instance_id, launch)
             .await?
