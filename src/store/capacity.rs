@@ -48,6 +48,11 @@ pub async fn save<'e>(db: impl sqlx::PgExecutor<'e>, c: &Capacity) -> Result<(),
 
 /// Whether the booking `id` (its window and machines as given) would go over the quota, by
 /// the last reading; `None` when it fits or nothing recent was read.
+///
+/// Called in the transaction that stores the booking (after it is written), it first takes a
+/// lock that every such check takes, held until that transaction ends: two bookings stored at
+/// once by two replicas are counted one after the other, so the second counts the first and a
+/// burst that fits only one at a time is flagged, rather than each missing the other.
 pub async fn check(
     db: &mut PgConnection,
     id: &str,
@@ -65,6 +70,11 @@ pub async fn check(
     let Some((quota_vcpus, other_vcpus, per_machine)) = reading else {
         return Ok(None);
     };
+    // The two-key form: a key space apart from the bookings' own locks (store::intake::lock),
+    // which every intake takes before this one.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('labbook'), hashtext('account capacity'))")
+        .execute(&mut *db)
+        .await?;
     let overlapping: i64 = sqlx::query_scalar(
         "SELECT coalesce(sum(ceil(number_of_users::float8 / $4)), 0)::bigint FROM bookings
          WHERE booking_id <> $1 AND NOT cancelled AND state NOT IN ('failed', 'ended')

@@ -314,3 +314,80 @@ async fn a_booking_over_the_vcpu_quota_is_flagged_at_intake_and_still_provisione
     );
     env.stop().await;
 }
+
+/// A booking stored as the intake stores it, in `tx`: its row, then the capacity check.
+async fn store_and_check(
+    tx: &mut sqlx::PgConnection,
+    id: &str,
+    at: chrono::DateTime<chrono::Utc>,
+    users: i32,
+) -> Option<labbook::store::capacity::OverQuota> {
+    sqlx::query(
+        "INSERT INTO bookings (booking_id, email, booking_time, number_of_users, duration_minutes,
+                               revision, first_revision, schedule_revision)
+         VALUES ($1, 'trainer@example.org', $2, $3, 60, 1, 1, 1)",
+    )
+    .bind(id)
+    .bind(at)
+    .bind(users)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let window = (at, at + chrono::Duration::minutes(60));
+    let machines = i64::from(users / 2);
+    labbook::store::capacity::check(tx, id, window, machines, 2)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_bookings_stored_at_once_are_counted_one_after_the_other() {
+    // Two intakes (two replicas) store a booking each for the same hour, at once. Each fits the
+    // quota of 6 vCPUs alone (2 machines of 2 vCPUs each), together they do not.
+    let env = TestEnv::new().await;
+    let store = env.store().await;
+    let capacity = labbook::ec2::quota::Capacity {
+        quota_vcpus: 6.0,
+        other_vcpus: 0,
+        vcpus_per_machine: 2,
+    };
+    labbook::store::capacity::save(&store.pool, &capacity)
+        .await
+        .unwrap();
+    let at = chrono::Utc::now() + chrono::Duration::days(3);
+    let (first, second) = (unique_id("burst-a"), unique_id("burst-b"));
+    let mut tx1 = store.pool.begin().await.unwrap();
+    assert!(
+        store_and_check(&mut tx1, &first, at, 4).await.is_none(),
+        "the first fits"
+    );
+    // The second's check waits for the first's transaction: a check that did not would count
+    // without the first (not committed yet) and let it through too.
+    let pool = store.pool.clone();
+    let second_id = second.clone();
+    let checking = tokio::spawn(async move {
+        let mut tx2 = pool.begin().await.unwrap();
+        let over = store_and_check(&mut tx2, &second_id, at, 4).await;
+        tx2.commit().await.unwrap();
+        over
+    });
+    // Proven waiting by PostgreSQL itself: the second's session waits on the advisory lock.
+    eventually(Duration::from_secs(10), "the second check waits", || {
+        let pool = store.pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            (waiting == 1).then_some(())
+        }
+    })
+    .await;
+    assert!(!checking.is_finished());
+    tx1.commit().await.unwrap();
+    let over = checking.await.unwrap().expect("the second goes over");
+    assert_eq!((over.needed_vcpus, over.quota_vcpus), (8, 6.0));
+}
