@@ -194,6 +194,16 @@ pub struct AcmeSettings {
     pub email: Option<EmailAddress>,
 }
 
+impl AcmeSettings {
+    /// Whether the directory is Let's Encrypt's (production or staging).
+    pub fn is_lets_encrypt(&self) -> bool {
+        url::Url::parse(&self.directory)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.ends_with(".api.letsencrypt.org")))
+            .unwrap_or(false)
+    }
+}
+
 /// Let's Encrypt's production directory, the default of `LABBOOK_ACME_DIRECTORY`.
 pub const LETS_ENCRYPT_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
@@ -241,13 +251,7 @@ fn check_certificate_outlives_bookings(
     ec2: &Ec2Settings,
     lead: Duration,
 ) -> Result<(), ConfigError> {
-    let Some(acme) = ec2.https.acme() else {
-        return Ok(());
-    };
-    let lets_encrypt = url::Url::parse(&acme.directory)
-        .ok()
-        .and_then(|u| u.host_str().map(|h| h.ends_with(".api.letsencrypt.org")))
-        .unwrap_or(false);
+    let lets_encrypt = ec2.https.acme().is_some_and(AcmeSettings::is_lets_encrypt);
     if ec2.bootstrap != Bootstrap::JupyterHub || !lets_encrypt {
         return Ok(());
     }

@@ -2,14 +2,13 @@
 //! installation (`labbook-lab`, or `labbook-lab-<installation>`), looked for only in the VPC
 //! the machines launch into (the configured subnet's, else the default VPC), tagged
 //! `labbook:managed` and `labbook:installation` when created, and its ingress (SSH, HTTP,
-//! HTTPS from `LABBOOK_ALLOWED_CIDRS`; HTTP from anywhere as well when JupyterHub machines get
-//! certificates, see [`Ec2::ingress`]) checked, and repaired, before it is used.
+//! HTTPS from `LABBOOK_ALLOWED_CIDRS`) checked, and repaired, before it is used.
 
 use aws_sdk_ec2::types::{
     Filter, IpPermission, IpRange, ResourceType, SecurityGroup, Tag, TagSpecification,
 };
 
-use crate::config::Bootstrap;
+use crate::config::{AcmeSettings, Bootstrap};
 
 use super::{
     DEFAULT_INSTALLATION, Ec2, Ec2Error, SECURITY_GROUP_NAME, TAG_INSTALLATION, TAG_MANAGED,
@@ -19,11 +18,8 @@ use super::{
 /// What the group lets in: SSH, and HTTP(S) for JupyterHub.
 const PORTS: [i32; 3] = [22, 80, 443];
 
-/// Every IPv4 address: where an ACME server's validation may come from.
+/// Every IPv4 address: where Let's Encrypt's validation may come from.
 const ANYWHERE: &str = "0.0.0.0/0";
-
-/// The port the ACME `http-01` challenge is answered on.
-const CHALLENGE_PORT: i32 = 80;
 
 impl Ec2 {
     /// This installation's group name.
@@ -34,30 +30,44 @@ impl Ec2 {
         }
     }
 
-    /// What the group lets in, one `(port, range)` each: [`PORTS`] from `LABBOOK_ALLOWED_CIDRS`;
-    /// when JupyterHub machines get certificates (`LABBOOK_HTTPS=letsencrypt`), port 80 from
-    /// anywhere too. The ACME server validates the `http-01` challenge from networks of its own
-    /// choosing (Let's Encrypt: several, unannounced), so a narrowed list would leave every
-    /// machine on plain HTTP; port 80 serves only the challenge and TLJH's redirect to 443, and
-    /// the login page stays behind the list.
+    /// What the group lets in, one `(port, range)` each: [`PORTS`] from every range of
+    /// `LABBOOK_ALLOWED_CIDRS` (a range named twice counts once).
     pub fn ingress(&self) -> Vec<(i32, &str)> {
-        let allowed = &self.settings.allowed_cidrs;
-        let mut rules: Vec<(i32, &str)> = PORTS
-            .into_iter()
-            .flat_map(|port| allowed.iter().map(move |cidr| (port, cidr.as_str())))
-            .collect();
-        let certificates = self.settings.bootstrap == Bootstrap::JupyterHub
-            && self.settings.https.acme().is_some();
-        if certificates && !rules.contains(&(CHALLENGE_PORT, ANYWHERE)) {
-            rules.push((CHALLENGE_PORT, ANYWHERE));
+        let mut rules: Vec<(i32, &str)> = Vec::new();
+        for port in PORTS {
+            for cidr in &self.settings.allowed_cidrs {
+                if !rules.contains(&(port, cidr.as_str())) {
+                    rules.push((port, cidr.as_str()));
+                }
+            }
         }
         rules
+    }
+
+    /// Whether JupyterHub machines ask Let's Encrypt for certificates while the allowed ranges
+    /// keep the internet from port 80: Let's Encrypt validates the `http-01` challenge from
+    /// networks of its own choosing, so every machine would serve plain HTTP. The ranges are
+    /// not widened for it: a machine that got no certificate serves its login page on port 80.
+    fn challenge_shut_out(&self) -> bool {
+        self.settings.bootstrap == Bootstrap::JupyterHub
+            && self
+                .settings
+                .https
+                .acme()
+                .is_some_and(AcmeSettings::is_lets_encrypt)
+            && !self.settings.allowed_cidrs.iter().any(|c| c == ANYWHERE)
     }
 
     /// labbook's group in the launch VPC, its ingress repaired; created if missing.
     pub(super) async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
         let vpc = self.launch_vpc().await?;
         let name = self.group_name();
+        if self.challenge_shut_out() {
+            tracing::warn!(
+                allowed = ?self.settings.allowed_cidrs,
+                "LABBOOK_ALLOWED_CIDRS keeps Let's Encrypt from the machines' port 80: they will get no certificate and serve their lab over plain HTTP (allow 0.0.0.0/0, or set LABBOOK_HTTPS=off)"
+            );
+        }
         if let Some(group) = self.find_group(&name, vpc.as_deref()).await? {
             let id = group.group_id().unwrap_or_default().to_owned();
             self.repair_ingress(&id, &group).await?;
@@ -173,33 +183,32 @@ impl Ec2 {
         self.open_ingress(group_id, &missing).await
     }
 
-    /// Opens each `(port, range)` of `rules` on labbook's group.
+    /// Opens each `(port, range)` of `rules` on labbook's group, one call each: EC2 refuses a
+    /// whole call when one of its rules exists already (another replica, or an operator, opened
+    /// it a moment ago), which would leave the call's other rules closed.
     async fn open_ingress(&self, group_id: &str, rules: &[(i32, &str)]) -> Result<(), Ec2Error> {
-        let permissions: Vec<IpPermission> = rules
-            .iter()
-            .map(|(port, cidr)| {
-                IpPermission::builder()
-                    .ip_protocol("tcp")
-                    .from_port(*port)
-                    .to_port(*port)
-                    .ip_ranges(IpRange::builder().cidr_ip(*cidr).build())
-                    .build()
-            })
-            .collect();
-        let opened = self
-            .client
-            .authorize_security_group_ingress()
-            .group_id(group_id)
-            .set_ip_permissions(Some(permissions))
-            .send()
-            .await;
-        match opened.map_err(|e| classify("AuthorizeSecurityGroupIngress", e)) {
-            Ok(_) => {}
-            // Another replica opened them a moment ago.
-            Err(err) if err.code() == Some("InvalidPermission.Duplicate") => {}
-            Err(err) => return Err(err),
+        for (port, cidr) in rules {
+            let opened = self
+                .client
+                .authorize_security_group_ingress()
+                .group_id(group_id)
+                .ip_permissions(
+                    IpPermission::builder()
+                        .ip_protocol("tcp")
+                        .from_port(*port)
+                        .to_port(*port)
+                        .ip_ranges(IpRange::builder().cidr_ip(*cidr).build())
+                        .build(),
+                )
+                .send()
+                .await;
+            match opened.map_err(|e| classify("AuthorizeSecurityGroupIngress", e)) {
+                Ok(_) => {}
+                Err(err) if err.code() == Some("InvalidPermission.Duplicate") => {}
+                Err(err) => return Err(err),
+            }
+            ok("AuthorizeSecurityGroupIngress");
         }
-        ok("AuthorizeSecurityGroupIngress");
         Ok(())
     }
 }
