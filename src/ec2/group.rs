@@ -8,7 +8,7 @@ use aws_sdk_ec2::types::{
     Filter, IpPermission, IpRange, ResourceType, SecurityGroup, Tag, TagSpecification,
 };
 
-use crate::config::{AcmeSettings, Bootstrap};
+use crate::config::{AcmeSettings, Bootstrap, Ec2Settings};
 
 use super::{
     DEFAULT_INSTALLATION, Ec2, Ec2Error, SECURITY_GROUP_NAME, TAG_INSTALLATION, TAG_MANAGED,
@@ -44,25 +44,11 @@ impl Ec2 {
         rules
     }
 
-    /// Whether JupyterHub machines ask Let's Encrypt for certificates while the allowed ranges
-    /// keep the internet from port 80: Let's Encrypt validates the `http-01` challenge from
-    /// networks of its own choosing, so every machine would serve plain HTTP. The ranges are
-    /// not widened for it: a machine that got no certificate serves its login page on port 80.
-    fn challenge_shut_out(&self) -> bool {
-        self.settings.bootstrap == Bootstrap::JupyterHub
-            && self
-                .settings
-                .https
-                .acme()
-                .is_some_and(AcmeSettings::is_lets_encrypt)
-            && !self.settings.allowed_cidrs.iter().any(|c| c == ANYWHERE)
-    }
-
     /// labbook's group in the launch VPC, its ingress repaired; created if missing.
     pub(super) async fn find_or_create_group(&self) -> Result<String, Ec2Error> {
         let vpc = self.launch_vpc().await?;
         let name = self.group_name();
-        if self.challenge_shut_out() {
+        if challenge_shut_out(&self.settings) {
             tracing::warn!(
                 allowed = ?self.settings.allowed_cidrs,
                 "LABBOOK_ALLOWED_CIDRS keeps Let's Encrypt from the machines' port 80: they will get no certificate and serve their lab over plain HTTP (allow 0.0.0.0/0, or set LABBOOK_HTTPS=off)"
@@ -230,4 +216,60 @@ fn describe(rules: &[(i32, &str)]) -> String {
         .map(|(port, cidr)| format!("{port} from {cidr}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Whether JupyterHub machines ask Let's Encrypt for certificates while the allowed ranges keep
+/// the internet from port 80: Let's Encrypt validates the `http-01` challenge from networks of
+/// its own choosing, so every machine would serve plain HTTP. The ranges are not widened for
+/// it: a machine that got no certificate serves its login page on port 80.
+fn challenge_shut_out(settings: &Ec2Settings) -> bool {
+    settings.bootstrap == Bootstrap::JupyterHub
+        && settings
+            .https
+            .acme()
+            .is_some_and(AcmeSettings::is_lets_encrypt)
+        && !settings.allowed_cidrs.iter().any(|c| c == ANYWHERE)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::config::Settings;
+
+    fn ec2_settings(pairs: &[(&str, &str)]) -> Ec2Settings {
+        let vars: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Settings::from_map(&vars).unwrap().ec2
+    }
+
+    #[test]
+    fn a_narrowed_list_is_flagged_only_where_it_keeps_lets_encrypt_out() {
+        let narrowed = ("LABBOOK_ALLOWED_CIDRS", "198.51.100.0/24");
+        assert!(challenge_shut_out(&ec2_settings(&[narrowed])));
+        let staging = (
+            "LABBOOK_ACME_DIRECTORY",
+            "https://acme-staging-v02.api.letsencrypt.org/directory",
+        );
+        assert!(challenge_shut_out(&ec2_settings(&[narrowed, staging])));
+        assert!(!challenge_shut_out(&ec2_settings(&[])), "0.0.0.0/0");
+        let with_anywhere = ("LABBOOK_ALLOWED_CIDRS", "198.51.100.0/24,0.0.0.0/0");
+        assert!(!challenge_shut_out(&ec2_settings(&[with_anywhere])));
+        for other in [
+            ("LABBOOK_HTTPS", "off"),
+            ("LABBOOK_BOOTSTRAP", "ssh"),
+            (
+                "LABBOOK_ACME_DIRECTORY",
+                "https://acme.internal.example/directory",
+            ),
+        ] {
+            assert!(
+                !challenge_shut_out(&ec2_settings(&[narrowed, other])),
+                "{other:?}"
+            );
+        }
+    }
 }
