@@ -502,23 +502,50 @@ fn opens(group: &aws_sdk_ec2::types::SecurityGroup, port: i32, cidr: &str) -> bo
     })
 }
 
-#[tokio::test]
-async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_repaired() {
+/// A test environment of an installation of its own (so a group of its own) allowing `cidrs`.
+async fn group_env(cidrs: &str) -> (TestEnv, String) {
     let installation = format!("sg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let cidr = "198.51.100.0/24";
     let env = TestEnv::with(&[
         ("LABBOOK_INSTALLATION", installation.as_str()),
-        ("LABBOOK_ALLOWED_CIDRS", cidr),
+        ("LABBOOK_ALLOWED_CIDRS", cidrs),
     ])
     .await;
-    let request = LaunchRequest {
-        booking_id: &unique_id("sg"),
+    (env, installation)
+}
+
+/// Slot 0 of `booking_id`, with empty user-data.
+fn bare_launch<'a>(booking_id: &'a str, offering: &'a labbook::ec2::Offering) -> LaunchRequest<'a> {
+    LaunchRequest {
+        booking_id,
         slot: 0,
         generation: 0,
         user_data: "#cloud-config\n{}",
-        offering: &crate::helpers::default_offering(),
+        offering,
         offering_index: 0,
-    };
+    }
+}
+
+/// Someone closes `port` to `cidr` on the group.
+async fn revoke(group: &aws_sdk_ec2::types::SecurityGroup, port: i32, cidr: &str) {
+    crate::helpers::raw_ec2()
+        .await
+        .revoke_security_group_ingress()
+        .group_id(group.group_id().unwrap())
+        .ip_protocol("tcp")
+        .from_port(port)
+        .to_port(port)
+        .cidr_ip(cidr)
+        .send()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_repaired() {
+    let cidr = "198.51.100.0/24";
+    let (env, installation) = group_env(cidr).await;
+    let (booking, offering) = (unique_id("sg"), crate::helpers::default_offering());
+    let request = bare_launch(&booking, &offering);
     let ec2 = env.ec2().await;
     let name = ec2.group_name();
     assert_eq!(name, format!("labbook-lab-{installation}"));
@@ -564,17 +591,7 @@ async fn labbooks_security_group_is_tagged_in_the_default_vpc_and_its_ingress_re
     }
 
     // Someone closes HTTP; the next provisioner process opens it again before using the group.
-    crate::helpers::raw_ec2()
-        .await
-        .revoke_security_group_ingress()
-        .group_id(group.group_id().unwrap())
-        .ip_protocol("tcp")
-        .from_port(80)
-        .to_port(80)
-        .cidr_ip(cidr)
-        .send()
-        .await
-        .unwrap();
+    revoke(&group, 80, cidr).await;
     assert!(!opens(&security_group(&name).await, 80, cidr));
     env.ec2()
         .await
@@ -594,25 +611,13 @@ const ANYWHERE: &str = "0.0.0.0/0";
 
 #[tokio::test]
 async fn a_range_named_twice_opens_each_port_once_and_every_lost_rule_is_repaired() {
-    let installation = format!("sg-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let (cidr, other) = ("198.51.100.0/24", "203.0.113.0/24");
-    let cidrs = format!("{cidr},{other},{cidr}");
-    let env = TestEnv::with(&[
-        ("LABBOOK_INSTALLATION", installation.as_str()),
-        ("LABBOOK_ALLOWED_CIDRS", cidrs.as_str()),
-    ])
-    .await;
+    let (env, _) = group_env(&format!("{cidr},{other},{cidr}")).await;
     let ec2 = env.ec2().await;
     let rules = ec2.ingress();
     assert_eq!(rules.len(), 6, "{rules:?}");
-    let request = LaunchRequest {
-        booking_id: &unique_id("sg-twice"),
-        slot: 0,
-        generation: 0,
-        user_data: "#cloud-config\n{}",
-        offering: &crate::helpers::default_offering(),
-        offering_index: 0,
-    };
+    let (booking, offering) = (unique_id("sg-twice"), crate::helpers::default_offering());
+    let request = bare_launch(&booking, &offering);
     ec2.launch(&request, "ami-03cf127a").await.unwrap();
     let name = ec2.group_name();
     let group = security_group(&name).await;
@@ -621,17 +626,8 @@ async fn a_range_named_twice_opens_each_port_once_and_every_lost_rule_is_repaire
     }
     // Two rules of one range gone: the next process opens both (one call each, so a rule that
     // another replica opened meanwhile would not keep the other closed).
-    let raw = crate::helpers::raw_ec2().await;
     for port in [80, 443] {
-        raw.revoke_security_group_ingress()
-            .group_id(group.group_id().unwrap())
-            .ip_protocol("tcp")
-            .from_port(port)
-            .to_port(port)
-            .cidr_ip(other)
-            .send()
-            .await
-            .unwrap();
+        revoke(&group, port, other).await;
     }
     env.ec2()
         .await
