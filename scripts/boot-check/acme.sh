@@ -13,8 +13,9 @@
 #   (image.sh).
 # - the pinned certbot's wheels (src/ec2/certbot-requirements.txt, the very file labbook puts in
 #   the user-data), downloaded once from PyPI with their hashes checked (for every platform the
-#   pins are for), those for CPython 3.13 on x86_64 (Debian 13) served by python3's http.server: the stand-in's pip looks there instead
-#   of PyPI (/etc/pip.conf, image.sh), and still checks every hash the user-data pins.
+#   pins are for); those for CPython 3.13 on x86_64 (Debian 13) are served by python3's
+#   http.server, where the stand-in's pip looks instead of PyPI (/etc/pip.conf, image.sh), still
+#   checking every hash the user-data pins.
 #
 # The machine's user network is link-local (ACME_GUEST_NET), as EC2's metadata address is, so
 # that QEMU's guestfwd (which takes addresses of the guest's network only) forwards the guest's
@@ -66,15 +67,20 @@ acme_wheels_ensure() {
   pass "certbot's pinned hashes match PyPI's wheels for CPython 3.12 and 3.13 on x86_64 and aarch64"
 }
 
-# wait_https URL CAFILE WHAT: until URL answers over TLS verified with CAFILE (30 s).
-acme_wait_https() {
-  local _
+# acme_wait WHAT COMMAND...: until COMMAND succeeds (30 s).
+acme_wait() {
+  local what=$1 _
+  shift
   for _ in $(seq 1 60); do
-    curl -fsS --max-time 2 --cacert "$2" -o /dev/null "$1" 2>/dev/null && return 0
+    "$@" >/dev/null 2>&1 && return 0
     sleep 0.5
   done
-  die "$3 did not answer at $1 within 30 s"
+  die "$what did not answer within 30 s"
 }
+
+# A connection to 127.0.0.1:PORT, and no request (the metadata stand-in logs each request, which
+# the checks read).
+acme_port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # Starts the metadata service, the ACME server and the wheel server; sets IMDS_HOST_PORT,
 # ACME_HOST_PORT, ACME_MGMT_PORT and WHEELS_HOST_PORT (the host's ports QEMU forwards the guest
@@ -94,6 +100,7 @@ acme_start() {
   python3 "$HERE/imds.py" "$IMDS_HOST_PORT" "$ACME_PUBLIC_IPV4" "$IMDS_LOG" \
     >"$dir/imds.out" 2>&1 </dev/null &
   IMDS_PID=$!
+  acme_wait "the instance metadata stand-in on 127.0.0.1:$IMDS_HOST_PORT" acme_port_open "$IMDS_HOST_PORT"
   cat >"$dir/pebble.json" <<EOF
 {"pebble": {"listenAddress": "127.0.0.1:$ACME_HOST_PORT",
   "managementListenAddress": "127.0.0.1:$ACME_MGMT_PORT",
@@ -105,16 +112,14 @@ EOF
   PEBBLE_VA_ALWAYS_VALID=1 PEBBLE_VA_NOSLEEP=1 PEBBLE_WFE_NONCEREJECT=0 pebble -config "$dir/pebble.json" \
     >"$dir/pebble.log" 2>&1 </dev/null &
   ACME_PID=$!
-  acme_wait_https "https://127.0.0.1:$ACME_HOST_PORT/dir" "$IMAGE_ACME_CA_DIR/ca.pem" "pebble"
+  acme_wait "pebble at https://127.0.0.1:$ACME_HOST_PORT/dir" curl -fsS --max-time 2 \
+    --cacert "$IMAGE_ACME_CA_DIR/ca.pem" -o /dev/null "https://127.0.0.1:$ACME_HOST_PORT/dir"
   say "certbot's wheels: http.server on 127.0.0.1:$WHEELS_HOST_PORT (the guest's http://$ACME_GUEST_ADDR:$WHEELS_GUEST_PORT/)"
   python3 -m http.server --bind 127.0.0.1 --directory "$WHEELS_DIR" "$WHEELS_HOST_PORT" \
     >"$dir/wheels.log" 2>&1 </dev/null &
   WHEELS_PID=$!
-  for _ in $(seq 1 60); do
-    curl -fsS --max-time 2 -o /dev/null "http://127.0.0.1:$WHEELS_HOST_PORT/" 2>/dev/null && return 0
-    sleep 0.5
-  done
-  die "the wheel server did not answer on 127.0.0.1:$WHEELS_HOST_PORT"
+  acme_wait "the wheel server on 127.0.0.1:$WHEELS_HOST_PORT" curl -fsS --max-time 2 \
+    -o /dev/null "http://127.0.0.1:$WHEELS_HOST_PORT/"
 }
 
 # QEMU's user-network options that take the guest to them.
