@@ -263,8 +263,10 @@ fn check_certificate_outlives_bookings(
     Err(ConfigError::new(
         "LABBOOK_PROVISION_LEAD_SECONDS",
         format!(
-            "{} s is too early with LABBOOK_HTTPS=letsencrypt: Let's Encrypt's certificates for IP addresses last 160 hours and are not renewed, so a machine started that long before a 24-hour booking would lose its HTTPS during it (at most {} s, or LABBOOK_HTTPS=off)",
+            "{} s is too early with LABBOOK_HTTPS=letsencrypt: Let's Encrypt's certificates for IP addresses last {} hours and are not renewed, so a machine started that long before a {}-hour booking would lose its HTTPS during it (at most {} s, or LABBOOK_HTTPS=off)",
             lead.as_secs(),
+            LETS_ENCRYPT_IP_CERTIFICATE.as_secs() / 3600,
+            longest.as_secs() / 3600,
             most.as_secs()
         ),
     ))
@@ -1438,6 +1440,10 @@ mod tests {
         assert!(with(&[("LABBOOK_PROVISION_LEAD_SECONDS", most.as_str())]).is_ok());
         let err = error("LABBOOK_PROVISION_LEAD_SECONDS", &too_early).to_string();
         assert!(err.contains("at most 486000 s"), "{err}");
+        assert!(
+            err.contains("last 160 hours") && err.contains("a 24-hour booking"),
+            "{err}"
+        );
         let staging = "https://acme-staging-v02.api.letsencrypt.org/directory";
         let refused = with(&[
             ("LABBOOK_PROVISION_LEAD_SECONDS", too_early.as_str()),
